@@ -1,0 +1,147 @@
+"""`cai <stage> --config CFG`, `cai run`, `cai report`, `cai constitution check|show`, ..."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from cai.yamlio import ValidationError
+
+STAGE_HELP = {
+    "critique": "SL-CAI: answer red-team prompts, critique and revise against the constitution",
+    "sft": "fine-tune on the final revisions (TRL SFTTrainer)",
+    "label": "RL-CAI: sample answer pairs, the feedback model picks one (soft labels)",
+    "reward": "train a reward model on the AI preferences (TRL RewardTrainer, soft-label loss)",
+    "rl": "optimise the policy against the reward model (PPO, RLOO or GRPO)",
+    "dpo": "optimise the policy directly on the AI preferences (TRL DPOTrainer)",
+    "evaluate": "evaluate every stage's model on held-out prompts",
+}
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set critique.num_revisions=1 (repeatable)")
+    parser.add_argument("--force", action="store_true",
+                        help="redo a stage completed with other settings (its old folder is moved aside)")
+
+
+def _load(args):
+    from cai.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_stage(args) -> int:
+    from cai.pipeline import run_stage
+
+    run_stage(_load(args), args.command, force=args.force)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from cai.pipeline import run_pipeline
+
+    run = _load(args)
+    run_pipeline(run, start=args.start, until=args.until, force=args.force)
+    report = getattr(args, "report", True)
+    if report and (run.path / "evaluate" / "manifest.json").exists():
+        from cai.report import write_report
+
+        print(f"[cai] report: {write_report(run.path)}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from cai.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def cmd_constitution(args) -> int:
+    from cai.constitution import check_constitution, format_constitution
+
+    if args.action == "show":
+        constitution, problems = check_constitution(args.paths[0])
+        if problems:
+            for problem in problems:
+                print(problem, file=sys.stderr)
+            return 2
+        print(format_constitution(constitution))
+        return 0
+    failed = False
+    for path in args.paths:
+        constitution, problems = check_constitution(path)
+        for problem in problems:
+            print(problem)
+        if problems:
+            failed = True
+        else:
+            print(f"{path}: ok ({len(constitution.critique_revision)} critique/revision principles, "
+                  f"{len(constitution.feedback)} feedback principles)")
+    return 2 if failed else 0
+
+
+def cmd_eval_labeler(args) -> int:
+    from cai.stages.label import eval_labeler_command
+
+    return eval_labeler_command(_load(args), args.data, args.limit, args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cai", description="Constitutional AI / RLAIF training with TRL")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in STAGE_HELP.items():
+        stage = sub.add_parser(name, help=text, description=text)
+        _add_config_args(stage)
+        stage.set_defaults(func=cmd_stage)
+
+    run = sub.add_parser("run", help="run the stages in order, skipping completed ones")
+    _add_config_args(run)
+    run.add_argument("--from", dest="start", help="first stage to run")
+    run.add_argument("--until", help="last stage to run")
+    run.set_defaults(func=cmd_run)
+
+    report = sub.add_parser("report", help="write RUN_DIR/report/index.html")
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report)
+
+    constitution = sub.add_parser("constitution", help="check or show constitution files")
+    constitution.add_argument("action", choices=["check", "show"])
+    constitution.add_argument("paths", nargs="+", metavar="PATH")
+    constitution.set_defaults(func=cmd_constitution)
+
+    labeler = sub.add_parser("eval-labeler", help="accuracy of the feedback model on labelled comparisons")
+    _add_config_args(labeler)
+    labeler.add_argument("--data", required=True, help="HHH-format or prompt/chosen/rejected JSONL")
+    labeler.add_argument("--limit", type=int, default=None, help="use only the first N comparisons")
+    labeler.add_argument("--out", default=None, help="write the metrics as JSON here")
+    labeler.set_defaults(func=cmd_eval_labeler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    try:
+        return args.func(args)
+    except ValidationError as err:
+        for problem in err.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    except (FileNotFoundError, RuntimeError, ValueError) as err:
+        print(f"cai: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ncai: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

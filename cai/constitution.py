@@ -1,0 +1,235 @@
+"""Constitutions: the written principles that replace human harmlessness labels.
+
+A constitution is a YAML file (schema in constitutions/README.md). Loading validates
+everything and reports every problem as `FILE:LINE: message`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cai.yamlio import (TYPE_NAMES, LocatedYaml, Problem, ValidationError, describe,
+                        load_yaml, type_ok)
+
+ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+CRITIQUE_ROLES = ("user", "assistant", "user", "assistant", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class CritiquePrinciple:
+    id: str
+    critique: str  # the critique request, asked as a user turn
+    revision: str  # the revision request, asked as a user turn
+
+
+@dataclass(frozen=True)
+class FeedbackPrinciple:
+    id: str
+    text: str  # the multiple-choice instruction of the preference question
+
+
+@dataclass(frozen=True)
+class CritiqueExample:
+    principle: str | None
+    messages: tuple[dict, ...]  # request, answer, critique request, critique, revision request, revision
+
+
+@dataclass(frozen=True)
+class FeedbackExample:
+    principle: str | None
+    conversation: str
+    response_a: str
+    response_b: str
+    answer: str  # "A" or "B"
+    reasoning: str | None
+
+
+@dataclass(frozen=True)
+class Constitution:
+    name: str
+    description: str
+    system_prompt: str | None
+    critique_revision: tuple[CritiquePrinciple, ...]
+    feedback: tuple[FeedbackPrinciple, ...]
+    critique_examples: tuple[CritiqueExample, ...]
+    feedback_examples: tuple[FeedbackExample, ...]
+    path: str
+
+    def critique_principle(self, principle_id: str) -> CritiquePrinciple:
+        return next(p for p in self.critique_revision if p.id == principle_id)
+
+    def feedback_principle(self, principle_id: str) -> FeedbackPrinciple:
+        return next(p for p in self.feedback if p.id == principle_id)
+
+
+class _Checker:
+    """Collects problems while reading a located YAML document."""
+
+    def __init__(self, doc: LocatedYaml):
+        self.doc = doc
+        self.problems: list[Problem] = []
+
+    def error(self, path: tuple, message: str) -> None:
+        self.problems.append(self.doc.problem(path, message))
+
+    def mapping(self, value: Any, path: tuple, required: dict, optional: dict) -> dict | None:
+        """Check a mapping's keys and value types; return it, or None if unusable."""
+        where = ".".join(str(p) for p in path) or "the file"
+        if not isinstance(value, dict):
+            self.error(path, f"{where} must be a mapping, got {describe(value)}")
+            return None
+        for key in value:
+            if key not in required and key not in optional:
+                allowed = ", ".join(sorted([*required, *optional]))
+                self.error(path + (key,), f"unknown key '{key}' in {where} (expected one of: {allowed})")
+        for key, expected in required.items():
+            if key not in value:
+                self.error(path, f"missing required key '{key}' in {where}")
+        for key, expected in {**required, **optional}.items():
+            if key in value and not (value[key] is None and key in optional):
+                if not type_ok(value[key], expected):
+                    self.error(path + (key,), f"'{key}' must be {TYPE_NAMES[expected]}, got {describe(value[key])}")
+                elif expected is str and not value[key].strip():
+                    self.error(path + (key,), f"'{key}' must not be empty")
+        return value
+
+    def ok(self, value: dict, key: str, expected: type) -> bool:
+        return key in value and type_ok(value[key], expected) and (expected is not str or value[key].strip() != "")
+
+    def principle_ids(self, items: list, section: str) -> None:
+        seen: dict[str, int] = {}
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or not self.ok(item, "id", str):
+                continue
+            pid = item["id"]
+            if not ID_PATTERN.match(pid):
+                self.error((section, i, "id"), f"id '{pid}' must be lowercase letters, digits and dashes")
+            if pid in seen:
+                self.error((section, i, "id"), f"duplicate id '{pid}' in {section} (first at line {seen[pid]})")
+            else:
+                seen[pid] = self.doc.line((section, i, "id"))
+
+
+def _principles(chk: _Checker, data: dict, section: str, fields: dict) -> list[dict]:
+    items = data.get(section)
+    if not isinstance(items, list):
+        return []
+    if not items:
+        chk.error((section,), f"'{section}' must list at least one principle")
+    good = []
+    for i, item in enumerate(items):
+        before = len(chk.problems)
+        chk.mapping(item, (section, i), fields, {})
+        if len(chk.problems) == before:
+            good.append(item)
+    chk.principle_ids(items, section)
+    return good
+
+
+def _critique_examples(chk: _Checker, items: list, ids: set) -> list[CritiqueExample]:
+    examples = []
+    for i, item in enumerate(items):
+        path = ("examples", "critique_revision", i)
+        if chk.mapping(item, path, {"messages": list}, {"principle": str}) is None:
+            continue
+        if chk.ok(item, "principle", str) and item["principle"] not in ids:
+            chk.error(path + ("principle",), f"principle '{item['principle']}' is not a critique_revision id")
+        messages = item.get("messages")
+        if not isinstance(messages, list):
+            continue
+        if len(messages) != len(CRITIQUE_ROLES):
+            chk.error(path + ("messages",), f"messages must have 6 turns (request, answer, critique request, "
+                                            f"critique, revision request, revision), got {len(messages)}")
+            continue
+        valid = True
+        for j, (turn, role) in enumerate(zip(messages, CRITIQUE_ROLES)):
+            before = len(chk.problems)
+            chk.mapping(turn, path + ("messages", j), {"role": str, "content": str}, {})
+            if len(chk.problems) > before:
+                valid = False
+            elif turn["role"] != role:
+                chk.error(path + ("messages", j, "role"), f"turn {j + 1} must have role '{role}', got '{turn['role']}'")
+                valid = False
+        if valid:
+            examples.append(CritiqueExample(item.get("principle"),
+                                            tuple({"role": t["role"], "content": t["content"]} for t in messages)))
+    return examples
+
+
+def _feedback_examples(chk: _Checker, items: list, ids: set) -> list[FeedbackExample]:
+    examples = []
+    fields = {"conversation": str, "response_a": str, "response_b": str, "answer": str}
+    for i, item in enumerate(items):
+        path = ("examples", "feedback", i)
+        before = len(chk.problems)
+        if chk.mapping(item, path, fields, {"principle": str, "reasoning": str}) is None:
+            continue
+        if chk.ok(item, "principle", str) and item["principle"] not in ids:
+            chk.error(path + ("principle",), f"principle '{item['principle']}' is not a feedback id")
+        if chk.ok(item, "answer", str) and item["answer"] not in ("A", "B"):
+            chk.error(path + ("answer",), f"answer must be A or B, got {item['answer']!r}")
+        if len(chk.problems) == before:
+            examples.append(FeedbackExample(item.get("principle"), item["conversation"], item["response_a"],
+                                            item["response_b"], item["answer"], item.get("reasoning")))
+    return examples
+
+
+def check_constitution(path: str | Path) -> tuple[Constitution | None, list[Problem]]:
+    """Validate a constitution file; return it (if valid) and every problem found."""
+    try:
+        doc = load_yaml(path)
+    except ValidationError as err:
+        return None, err.problems
+    chk = _Checker(doc)
+    data = chk.mapping(doc.data, (), {"name": str, "description": str, "critique_revision": list,
+                                      "feedback": list}, {"system_prompt": str, "examples": dict})
+    if data is None:
+        return None, chk.problems
+    critique = _principles(chk, data, "critique_revision", {"id": str, "critique": str, "revision": str})
+    feedback = _principles(chk, data, "feedback", {"id": str, "text": str})
+    critique_examples: list[CritiqueExample] = []
+    feedback_examples: list[FeedbackExample] = []
+    examples = data.get("examples")
+    if isinstance(examples, dict):
+        chk.mapping(examples, ("examples",), {}, {"critique_revision": list, "feedback": list})
+        if isinstance(examples.get("critique_revision"), list):
+            critique_examples = _critique_examples(chk, examples["critique_revision"], {p["id"] for p in critique})
+        if isinstance(examples.get("feedback"), list):
+            feedback_examples = _feedback_examples(chk, examples["feedback"], {p["id"] for p in feedback})
+    if chk.problems:
+        return None, chk.problems
+    constitution = Constitution(
+        name=data["name"], description=data["description"], system_prompt=data.get("system_prompt"),
+        critique_revision=tuple(CritiquePrinciple(p["id"], p["critique"].strip(), p["revision"].strip())
+                                for p in critique),
+        feedback=tuple(FeedbackPrinciple(p["id"], p["text"].strip()) for p in feedback),
+        critique_examples=tuple(critique_examples), feedback_examples=tuple(feedback_examples),
+        path=str(path))
+    return constitution, []
+
+
+def load_constitution(path: str | Path) -> Constitution:
+    constitution, problems = check_constitution(path)
+    if problems:
+        raise ValidationError(problems)
+    return constitution
+
+
+def format_constitution(c: Constitution) -> str:
+    """A readable rendering for `cai constitution show`."""
+    out = [f"{c.name}  ({c.path})", "", c.description.strip(), ""]
+    if c.system_prompt:
+        out += ["System prompt:", f"  {c.system_prompt.strip()}", ""]
+    out.append(f"Critique / revision principles ({len(c.critique_revision)}):")
+    for p in c.critique_revision:
+        out += [f"  [{p.id}]", f"    critique: {p.critique}", f"    revision: {p.revision}"]
+    out += ["", f"Feedback principles ({len(c.feedback)}):"]
+    out += [f"  [{p.id}] {p.text}" for p in c.feedback]
+    out += ["", f"Few-shot examples: {len(c.critique_examples)} critique/revision, "
+                f"{len(c.feedback_examples)} feedback"]
+    for ex in c.critique_examples:
+        out.append(f"  - ({ex.principle or 'no principle'}) {ex.messages[0]['content'][:70]!r}")
+    return "\n".join(out)

@@ -1,0 +1,189 @@
+"""Stage order, the run directory's bookkeeping, skip and resume.
+
+Every stage module in `cai/stages/` exposes
+- `Config`: a dataclass of the stage's own knobs (documented fields with defaults);
+- `TRL_CONFIG` (optional): the TRL config class whose fields the section passes through;
+- `UPSTREAM`: the stages whose outputs it reads (their hashes enter its own);
+- `run(ctx: StageContext) -> dict`: does the work, returns counts for the manifest.
+
+A completed stage (manifest with the same config hash) is skipped; an interrupted one
+resumes; one completed with other settings is an error unless `force` moves it aside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from cai.config import STAGE_SECTIONS, RunConfig, config_hash, parse_dataclass, shared_fingerprint
+from cai.rundir import StageDir, atomic_write_json
+from cai.yamlio import ValidationError
+
+log = logging.getLogger(__name__)
+
+ORDER = ("critique", "sft", "label", "reward", "rl", "dpo", "evaluate")
+assert set(ORDER) == set(STAGE_SECTIONS)
+
+
+def stage_module(name: str):
+    if name not in ORDER:
+        raise ValueError(f"unknown stage '{name}' (stages: {', '.join(ORDER)})")
+    return importlib.import_module(f"cai.stages.{name}")
+
+
+def trl_fields(module) -> tuple[set[str] | None, str]:
+    trl_config = getattr(module, "TRL_CONFIG", None)
+    if trl_config is None:
+        return None, ""
+    cls = trl_config() if not isinstance(trl_config, type) else trl_config
+    return {f.name for f in dataclasses.fields(cls) if f.init}, f"{cls.__module__.split('.')[0]}.{cls.__name__}"
+
+
+def stage_config(run: RunConfig, name: str) -> tuple[Any, dict]:
+    """The stage's Config and its TRL pass-through keys, validated (errors name lines)."""
+    module = stage_module(name)
+    extra, extra_name = trl_fields(module)
+    cfg, trl, problems = parse_dataclass(module.Config, run.stages.get(name, {}), run.source, (name,),
+                                         extra=extra, extra_name=extra_name)
+    if problems:
+        raise ValidationError(problems)
+    check = getattr(module, "check_config", None)
+    if check is not None:
+        problems = check(run, cfg, trl)
+        if problems:
+            raise ValidationError(problems)
+    return cfg, trl
+
+
+@dataclass
+class StageContext:
+    run: RunConfig
+    name: str
+    config: Any
+    trl: dict
+    dir: StageDir
+    config_hash: str
+    upstream: dict = field(default_factory=dict)
+
+    def stage(self, name: str) -> StageDir:
+        return StageDir(self.run.path, name)
+
+    @cached_property
+    def constitution(self):
+        from cai.constitution import load_constitution
+
+        return load_constitution(self.run.constitution_path())
+
+    @cached_property
+    def prompts(self):
+        from cai.prompts import load_splits
+
+        return load_splits(self.run.prompts, self.run.seed, self.run.source)
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for package in ("cai", "torch", "transformers", "trl", "datasets", "accelerate"):
+        try:
+            out[package] = md.version(package)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _fingerprint(run: RunConfig, name: str, cfg: Any, trl: dict) -> tuple[str, dict]:
+    module = stage_module(name)
+    upstream = {}
+    for up in getattr(module, "UPSTREAM", ()):
+        manifest = StageDir(run.path, up).manifest()
+        upstream[up] = manifest["config_hash"] if manifest else None
+    body = {"stage": name, "shared": shared_fingerprint(run), "config": dataclasses.asdict(cfg),
+            "trl": trl, "upstream": upstream}
+    return config_hash(body), upstream
+
+
+def prepare(run: RunConfig, name: str) -> StageContext:
+    cfg, trl = stage_config(run, name)
+    digest, upstream = _fingerprint(run, name, cfg, trl)
+    return StageContext(run, name, cfg, trl, StageDir(run.path, name), digest, upstream)
+
+
+def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
+    """Run one stage: skip it if complete with the same config, resume it if interrupted."""
+    from cai.models import set_threads
+
+    ctx = prepare(run, name)
+    stage_dir = ctx.dir
+    manifest = stage_dir.manifest()
+    marker = stage_dir / ".in_progress.json"
+    previous = manifest["config_hash"] if manifest else None
+    if previous is None and marker.exists():
+        import json
+
+        previous = json.loads(marker.read_text())["config_hash"]
+    if previous == ctx.config_hash and manifest:
+        log.info("%s: complete with the same config (%s), skipped", name, ctx.config_hash)
+        print(f"[cai] {name}: already complete ({stage_dir.path}), skipped")
+        return manifest
+    if previous is not None and previous != ctx.config_hash:
+        if not force:
+            state = "completed" if manifest else "started"
+            raise RuntimeError(
+                f"stage '{name}' in {stage_dir.path} was {state} with other settings or inputs "
+                f"(config hash {previous}, now {ctx.config_hash}). Nothing was changed. Use another "
+                f"run_dir, or pass --force to move the old folder aside and redo the stage.")
+        aside = stage_dir.path.with_name(f"{name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        stage_dir.path.rename(aside)
+        print(f"[cai] {name}: old outputs moved to {aside}")
+    stage_dir.path.mkdir(parents=True, exist_ok=True)
+    resumed = marker.exists()
+    atomic_write_json(marker, {"config_hash": ctx.config_hash})
+    set_threads(run.threads)
+    print(f"[cai] {name}: {'resuming' if resumed else 'running'} in {stage_dir.path}")
+    started = time.time()
+    counts = stage_module(name).run(ctx) or {}
+    manifest = {
+        "stage": name, "config_hash": ctx.config_hash, "config": dataclasses.asdict(ctx.config), "trl": ctx.trl,
+        "shared": shared_fingerprint(run), "upstream": ctx.upstream, "counts": counts, "resumed": resumed,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "seconds": round(time.time() - started, 2), "versions": _versions(),
+    }
+    atomic_write_json(stage_dir.manifest_path, manifest)
+    marker.unlink(missing_ok=True)
+    print(f"[cai] {name}: done in {manifest['seconds']:.1f}s {counts}")
+    return manifest
+
+
+def default_stages(run: RunConfig) -> list[str]:
+    """The stages `cai run` runs: all, but rl and dpo only when their section is present
+    (rl is the default when neither is)."""
+    wanted = [s for s in ORDER if s not in ("rl", "dpo")]
+    optimisers = [s for s in ("rl", "dpo") if s in run.stages] or ["rl"]
+    return [s for s in ORDER if s in wanted or s in optimisers]
+
+
+def run_pipeline(run: RunConfig, start: str | None = None, until: str | None = None,
+                 force: bool = False) -> list[dict]:
+    stages = default_stages(run)
+    for bound in (start, until):
+        if bound is not None and bound not in stages:
+            raise ValueError(f"--from/--until: '{bound}' is not one of this run's stages ({', '.join(stages)})")
+    begin = stages.index(start) if start else 0
+    end = stages.index(until) + 1 if until else len(stages)
+    selected = stages[begin:end]
+    for name in selected:  # every section is checked before any work starts
+        stage_config(run, name)
+    return [run_stage(run, name, force=force) for name in selected]
+
+
+def stage_path(run_dir: str | Path, name: str) -> Path:
+    return Path(run_dir) / name

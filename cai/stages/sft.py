@@ -1,0 +1,79 @@
+"""SL-CAI fine-tuning: supervised learning on the final revisions (Bai et al. 2022, 3.1).
+
+The model is fine-tuned with TRL's SFTTrainer on prompt -> final revision, optionally
+mixed with its own answers to helpful prompts so it stays helpful (the paper mixes in
+helpfulness samples). The loss is on the assistant turn only: rows are given to TRL
+in prompt/completion form, which masks the prompt whatever the chat template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cai.generation.hf import HFGenerator, Sampling, is_degenerate
+from cai.rundir import atomic_write_jsonl, read_jsonl
+
+UPSTREAM = ("critique",)
+
+
+def TRL_CONFIG():
+    from trl import SFTConfig
+
+    return SFTConfig
+
+
+@dataclass
+class Config:
+    model: str | None = None  # model to fine-tune; default: the run's `model`
+    helpful_prompts: int = 0  # helpful train prompts answered by the model and mixed in (0 = none)
+    helpful_max_new_tokens: int = 128
+    helpful_temperature: float = 0.7
+    generation_batch_size: int = 8
+
+
+def prompt_completion(messages: list[dict]) -> dict:
+    """Split a chat into the context and the final assistant turn (the only one trained)."""
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("an SFT row must end with an assistant turn")
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
+def helpful_rows(ctx, cfg: Config, model_name: str) -> list[dict]:
+    """The model's own answers to helpful prompts, generated once and kept for resume."""
+    path = ctx.dir / "helpful.jsonl"
+    if path.exists():
+        return read_jsonl(path)
+    prompts = ctx.prompts.helpful_train[: cfg.helpful_prompts]
+    generator = HFGenerator.from_spec(model_name, ctx.run.device, cfg.generation_batch_size)
+    answers = generator.generate([[{"role": "user", "content": p.text}] for p in prompts],
+                                 Sampling(cfg.helpful_max_new_tokens, cfg.helpful_temperature),
+                                 seed=ctx.run.seed + 17, desc="helpful answers")
+    rows = [{"messages": [{"role": "user", "content": p.text}, {"role": "assistant", "content": a.text}],
+             "id": p.id, "source": "helpful"}
+            for p, a in zip(prompts, answers) if not is_degenerate(a.text)]
+    atomic_write_jsonl(path, rows)
+    return rows
+
+
+def run(ctx) -> dict:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from cai import models
+    from cai.training import train_and_save, trl_config
+
+    cfg: Config = ctx.config
+    model_name = cfg.model or ctx.run.model
+    revisions = read_jsonl(ctx.stage("critique").require("its sft.jsonl is the training set") / "sft.jsonl")
+    helpful = helpful_rows(ctx, cfg, model_name) if cfg.helpful_prompts else []
+    rows = [prompt_completion(r["messages"]) for r in revisions + helpful]
+    if not rows:
+        raise RuntimeError(f"no SFT rows: {ctx.stage('critique').path}/sft.jsonl is empty "
+                           "(every generation was dropped as degenerate?)")
+
+    args = trl_config(ctx, SFTConfig, max_length=1024, completion_only_loss=True)
+    tokenizer = models.load_tokenizer(model_name)
+    trainer = SFTTrainer(model=models.load_causal_lm(model_name, ctx.run.device), args=args,
+                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    metrics = train_and_save(trainer, ctx)
+    return {"revision_rows": len(revisions), "helpful_rows": len(helpful), **metrics}

@@ -1,0 +1,60 @@
+"""Shared fixtures: one torch thread, a private model cache, tiny runs built once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory):
+    """builtin:tiny is built once per session into a private cache."""
+    if not os.environ.get("CAI_CACHE"):
+        os.environ["CAI_CACHE"] = str(tmp_path_factory.mktemp("cai-cache"))
+    yield
+
+
+def make_run(run_dir: Path, *overrides: str):
+    """configs/smoke.yaml pointed at `run_dir`, with `--set`-style overrides."""
+    from cai.config import load_config
+
+    return load_config(SMOKE, [f"run_dir={run_dir}", *overrides])
+
+
+def _built(tmp_path_factory, name: str, stages: tuple[str, ...]) -> Path:
+    from cai.pipeline import run_stage
+
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    run = make_run(run_dir)
+    for stage in stages:
+        run_stage(run, stage)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def sft_run_template(tmp_path_factory) -> Path:
+    """A tiny run with critique and sft complete (built once; copy before changing)."""
+    return _built(tmp_path_factory, "sft-run", ("critique", "sft"))
+
+
+@pytest.fixture
+def sft_run(sft_run_template, tmp_path) -> Path:
+    """A private copy of the tiny run with critique and sft complete."""
+    target = tmp_path / "run"
+    shutil.copytree(sft_run_template, target)
+    return target
