@@ -75,6 +75,16 @@ class StageContext:
     def stage(self, name: str) -> StageDir:
         return StageDir(self.run.path, name)
 
+    def model_spec(self, spec: str | None, default: str = "base") -> str:
+        """Resolve a model reference: `base` (the run's model), a stage name whose
+        `model/` folder it means (`sft`, `rl`, `dpo`, `reward`), or any model spec."""
+        spec = spec or default
+        if spec == "base":
+            return self.run.model
+        if spec in ORDER:
+            return str(self.stage(spec).require(f"its model is needed by {self.name}").path / "model")
+        return spec
+
     @cached_property
     def constitution(self):
         from cai.constitution import load_constitution
