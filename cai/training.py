@@ -26,7 +26,9 @@ def trl_config(ctx, cls, **stage_defaults):
         "save_total_limit": 1, "dataloader_num_workers": 0, "use_cpu": not on_gpu,
     }
     if not on_gpu:
-        defaults.update(bf16=False, fp16=False, gradient_checkpointing=False)
+        defaults.update(bf16=False, fp16=False)
+        if not {"gradient_checkpointing", "activation_checkpointing"} & set(ctx.trl):
+            defaults["activation_checkpointing"] = False  # transformers 5's name; the old one is deprecated
     return cls(**{**defaults, **stage_defaults, **ctx.trl})
 
 

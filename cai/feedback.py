@@ -1,0 +1,257 @@
+"""The AI judge of RL-CAI (Bai et al. 2022, section 4.1).
+
+A feedback model is shown a conversation, a feedback principle drawn from the
+constitution and two candidate responses, as a multiple-choice question:
+
+    Consider the following conversation between a human and an assistant:
+
+    Human: ...
+
+    <principle>
+    Options:
+    (A) <response a>
+    (B) <response b>
+
+    The answer is:
+
+The question is the user turn of a chat; the assistant turn is primed with "(" and
+the log-probabilities of the next token being "A" or "B", normalised over the two
+options, are the soft label. The constitution's feedback examples go first as earlier
+chat turns (question -> "(A)" / "(B)"), to show a small model the format.
+
+Small models prefer one slot whatever the content (position bias), so every
+comparison is asked in both orders, in the same batch, and the two answers averaged;
+an ensemble of k principles is averaged too. In chain-of-thought mode the model first
+writes its reasoning ("Let's think step by step"), then the answer cue follows and the
+options are scored; such probabilities are overconfident, so each order's probability
+is clamped to a band (the paper uses 40-60 %).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from cai import models
+from cai.generation.hf import HFGenerator, Sampling
+
+OPTIONS = ("A", "B")
+PRIME = "("  # the assistant turn starts with it; the next token is the option letter
+COT_PRIME = "Let's think step by step:"
+COT_CUE = "So the answer is: ("
+
+
+@dataclass
+class Comparison:
+    p_first: float  # P(first is better): averaged over both orders and over the principles
+    p_order_ab: float  # P(first is better) asked with first as (A): P(A), averaged over the principles
+    p_order_ba: float  # P(first is better) asked with first as (B): P(B), averaged over the principles
+    principles: list[str]  # feedback principle ids used
+    orders_disagree: bool  # the two orders prefer different responses (the model picked the same slot)
+    slot_bias: float = 0.0  # mean P(slot A) over both orders minus 0.5: > 0 leans to (A), < 0 to (B)
+    reasoning: list[str] = field(default_factory=list)  # chain-of-thought texts (cot mode), ab then ba per principle
+
+    @property
+    def p_second(self) -> float:
+        return 1.0 - self.p_first
+
+
+def render_conversation(conversation: list[dict]) -> str:
+    """`Human: ... / Assistant: ...` text of a chat (system turns are left out)."""
+    names = {"user": "Human", "assistant": "Assistant"}
+    return "\n\n".join(f"{names[turn['role']]}: {turn['content'].strip()}"
+                       for turn in conversation if turn["role"] in names)
+
+
+def principle_text(principle) -> str:
+    return principle if isinstance(principle, str) else principle.text
+
+
+def comparison_key(conversation: list[dict]) -> str:
+    """A stable key for principle draws: the conversation itself, not its place in a batch."""
+    return hashlib.sha256(json.dumps(conversation, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def draw_principles(constitution, seed: int, key: str, k: int) -> list:
+    """k distinct feedback principles, each draw seeded by (seed, comparison, index)."""
+    pool = list(constitution.feedback)
+    drawn = []
+    for index in range(min(k, len(pool))):
+        choice = random.Random(f"{seed}:{key}:{index}").choice(pool)
+        pool.remove(choice)
+        drawn.append(choice)
+    return drawn
+
+
+def option_token_ids(tokenizer) -> list[int]:
+    """The ids of "A" and "B" as tokenized right after "(" (the way they follow the prime)."""
+    prime = tokenizer(PRIME, add_special_tokens=False)["input_ids"]
+    ids = []
+    for letter in OPTIONS:
+        both = tokenizer(PRIME + letter, add_special_tokens=False)["input_ids"]
+        if both[:len(prime)] != prime or len(both) != len(prime) + 1:
+            raise ValueError(f"the feedback model's tokenizer does not split {PRIME + letter!r} into {PRIME!r} plus "
+                             f"one token for {letter!r} (got ids {both}); option scoring needs single-token letters")
+        ids.append(both[-1])
+    if ids[0] == ids[1]:
+        raise ValueError(f"the tokenizer maps both option letters to token id {ids[0]}")
+    return ids
+
+
+class FeedbackModel:
+    """A causal LM used as a multiple-choice judge of response pairs."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, few_shot: int = 2, cot: bool = False,
+                 cot_clamp: tuple[float, float] = (0.4, 0.6), cot_max_new_tokens: int = 128,
+                 cot_temperature: float = 0.0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = max(2, batch_size - batch_size % 2)  # even: both orders of a comparison share a batch
+        self.few_shot = few_shot
+        self.cot = cot
+        low, high = cot_clamp
+        if not 0.0 <= low <= 0.5 <= high <= 1.0:
+            raise ValueError(f"cot_clamp must be [low, high] with 0 <= low <= 0.5 <= high <= 1, got {list(cot_clamp)}")
+        self.cot_clamp = (float(low), float(high))
+        self.cot_sampling = Sampling(cot_max_new_tokens, cot_temperature)
+        # The generator renders chats and pads batches for scoring too (one place for both).
+        self.generator = HFGenerator(model, tokenizer, batch_size=self.batch_size)
+        self.option_ids = option_token_ids(tokenizer)
+        self.comparisons = 0
+        self.seconds = 0.0
+
+    @classmethod
+    def from_spec(cls, spec: str, device: str = "auto", batch_size: int = 8, **kwargs) -> "FeedbackModel":
+        tokenizer = models.load_tokenizer(spec, padding_side="left")
+        return cls(models.load_causal_lm(spec, device), tokenizer, batch_size, **kwargs)
+
+    # ------------------------------------------------------------ the question
+
+    def _question_text(self, principle, conversation: str, response_a: str, response_b: str) -> str:
+        ending = "The answer is:" if not self.cot else "Think it through step by step, then give the answer."
+        return ("Consider the following conversation between a human and an assistant:\n\n"
+                f"{conversation}\n\n{principle_text(principle)}\nOptions:\n"
+                f"(A) {response_a.strip()}\n(B) {response_b.strip()}\n\n{ending}")
+
+    def _answer_turn(self, answer: str, reasoning: str | None) -> str:
+        if reasoning is None:
+            return f"{PRIME}{answer})"
+        return f"{COT_PRIME} {reasoning.strip()}\n{COT_CUE}{answer})"
+
+    def _shots(self, constitution, principle) -> list[dict]:
+        turns = []
+        for example in constitution.feedback_examples[: self.few_shot]:
+            shown = constitution.feedback_principle(example.principle) if example.principle else principle
+            reasoning = (example.reasoning or "") if self.cot else None
+            turns += [{"role": "user", "content": self._question_text(
+                          shown, render_conversation([{"role": "user", "content": example.conversation}]),
+                          example.response_a, example.response_b)},
+                      {"role": "assistant", "content": self._answer_turn(example.answer, reasoning)}]
+        return turns
+
+    def question(self, constitution, principle, conversation: list[dict], response_a: str, response_b: str,
+                 reasoning: str | None = None) -> list[dict]:
+        """The chat of one multiple-choice question. It ends in an open assistant turn:
+        "(" (direct), "Let's think step by step:" (cot, reasoning not yet written) or the
+        reasoning followed by the answer cue "... (" (cot, reasoning given)."""
+        messages = self._shots(constitution, principle)
+        messages.append({"role": "user", "content": self._question_text(
+            principle, render_conversation(conversation), response_a, response_b)})
+        if reasoning is not None:
+            opening = f"{COT_PRIME} {reasoning.strip()}\n{COT_CUE}"
+        else:
+            opening = COT_PRIME if self.cot else PRIME
+        messages.append({"role": "assistant", "content": opening})
+        return messages
+
+    # ------------------------------------------------------------ scoring
+
+    def _render(self, messages: list[dict]) -> list[int]:
+        return self.generator.render(messages[:-1], prefill=messages[-1]["content"])
+
+    @torch.inference_mode()
+    def option_probabilities(self, questions: list[list[dict]]) -> list[tuple[float, float]]:
+        """Normalised (P(A), P(B)) of each question's next token: one forward pass per
+        batch of consecutive questions, left-padded, no generation."""
+        results = []
+        for start in range(0, len(questions), self.batch_size):
+            rows = [self._render(q) for q in questions[start:start + self.batch_size]]
+            input_ids, attention = self.generator._batch_tensors(rows)
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)  # as if each row were unpadded
+            began = time.perf_counter()
+            logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                logits_to_keep=1).logits[:, -1, :]
+            self.seconds += time.perf_counter() - began
+            probs = torch.softmax(logits[:, self.option_ids].float(), dim=-1)
+            results += [(a, b) for a, b in probs.tolist()]
+        return results
+
+    def _reasoning(self, questions: list[list[dict]], seed: int) -> list[str]:
+        if not questions:
+            return []
+        began = time.perf_counter()
+        completions = self.generator.generate([q[:-1] for q in questions], self.cot_sampling, seed=seed,
+                                              prefill=questions[0][-1]["content"])
+        self.seconds += time.perf_counter() - began
+        return [c.text for c in completions]
+
+    def compare(self, constitution, conversations: list[list[dict]], first: list[str], second: list[str],
+                seed: int, principles_per_comparison: int = 1) -> list[Comparison]:
+        """Which of `first[i]` / `second[i]` better answers `conversations[i]`, as a soft label.
+
+        Each comparison draws its k principles from (seed, the conversation, index), so
+        the draw is the same whatever the batching or resume."""
+        drawn = [draw_principles(constitution, seed, comparison_key(c), principles_per_comparison)
+                 for c in conversations]
+        return self.compare_with(constitution, conversations, first, second, drawn, seed)
+
+    def compare_with(self, constitution, conversations: list[list[dict]], first: list[str], second: list[str],
+                     principles: list[list], seed: int = 0) -> list[Comparison]:
+        """`compare` with the principles given: `principles[i]` lists comparison i's
+        (FeedbackPrinciple objects, or plain question texts)."""
+        if not (len(conversations) == len(first) == len(second) == len(principles)):
+            raise ValueError("conversations, first, second and principles must have the same length")
+        if any(not drawn for drawn in principles):
+            raise ValueError("every comparison needs at least one feedback principle")
+        # Both orders of a question: first shown as (A), then first shown as (B).
+        asked = [(i, principle) for i in range(len(conversations)) for principle in principles[i]]
+
+        def both_orders(i, principle, reasoning=(None, None)):
+            return (self.question(constitution, principle, conversations[i], first[i], second[i], reasoning[0]),
+                    self.question(constitution, principle, conversations[i], second[i], first[i], reasoning[1]))
+
+        pairs = [both_orders(i, principle) for i, principle in asked]
+        reasoning: list[str] = []
+        if self.cot:  # the model writes its reasoning, then the answer cue follows it
+            reasoning = self._reasoning([q for pair in pairs for q in pair], seed)
+            pairs = [both_orders(i, principle, reasoning[2 * n: 2 * n + 2]) for n, (i, principle) in enumerate(asked)]
+
+        # Longest first so a batch pads little; a pair's two orders stay in one batch.
+        order = sorted(range(len(pairs)), key=lambda n: (-len(self._render(pairs[n][0])), n))
+        scored = self.option_probabilities([q for n in order for q in pairs[n]])
+        p_ab, p_ba = [0.0] * len(pairs), [0.0] * len(pairs)
+        for slot, n in enumerate(order):
+            p_ab[n] = scored[2 * slot][0]  # first shown as (A): P(A)
+            p_ba[n] = scored[2 * slot + 1][1]  # first shown as (B): P(B)
+        if self.cot:  # reasoning makes the model overconfident: keep each order inside the band
+            low, high = self.cot_clamp
+            p_ab = [min(max(p, low), high) for p in p_ab]
+            p_ba = [min(max(p, low), high) for p in p_ba]
+
+        comparisons = []
+        for i in range(len(conversations)):
+            mine = [n for n, (owner, _) in enumerate(asked) if owner == i]
+            ab = sum(p_ab[n] for n in mine) / len(mine)
+            ba = sum(p_ba[n] for n in mine) / len(mine)
+            comparisons.append(Comparison(
+                p_first=(ab + ba) / 2, p_order_ab=ab, p_order_ba=ba,
+                principles=[getattr(asked[n][1], "id", "custom") for n in mine],
+                orders_disagree=(ab - 0.5) * (ba - 0.5) < 0, slot_bias=(ab + (1 - ba)) / 2 - 0.5,
+                reasoning=[text for n in mine for text in reasoning[2 * n: 2 * n + 2]]))
+        self.comparisons += len(comparisons)
+        return comparisons

@@ -1,0 +1,145 @@
+"""Run configs, model specs and prompt sources."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cai import models
+from cai.config import load_config
+from cai.pipeline import stage_config
+from cai.prompts import in_eval_split, load_source, load_splits
+from cai.config import PromptsConfig
+from cai.yamlio import ValidationError
+
+from conftest import ROOT, SMOKE, make_run
+
+
+# ---------------------------------------------------------------- config
+
+def test_shipped_configs_parse_with_every_stage_section():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        run = load_config(path)
+        for name in run.stages:
+            stage_config(run, name)  # raises on any unknown or mistyped key
+
+
+def test_overrides_set_nested_keys_with_yaml_values(tmp_path):
+    run = make_run(tmp_path, "critique.num_revisions=3", "prompts.max_red_team=5", "seed=7")
+    cfg, _ = stage_config(run, "critique")
+    assert cfg.num_revisions == 3 and run.prompts.max_red_team == 5 and run.seed == 7
+
+
+def test_unknown_and_mistyped_keys_name_file_and_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("run_dir: x\nmodel: builtin:tiny\nmodle: typo\nprompts:\n  eval_fraction: lots\n")
+    with pytest.raises(ValidationError) as err:
+        load_config(path)
+    messages = [str(p) for p in err.value.problems]
+    assert f"{path}:3: unknown key 'modle' in the config: not a RunConfig field" in messages
+    assert any(m.startswith(f"{path}:5: 'prompts.eval_fraction' must be float") for m in messages)
+
+
+def test_trl_keys_pass_through_and_unknown_stage_keys_are_errors(tmp_path):
+    run = make_run(tmp_path, "sft.warmup_steps=2")
+    cfg, trl = stage_config(run, "sft")
+    assert trl["warmup_steps"] == 2 and trl["learning_rate"] == pytest.approx(1e-3)
+    run = make_run(tmp_path, "sft.warmup_stepz=2")
+    with pytest.raises(ValidationError) as err:
+        stage_config(run, "sft")
+    assert "unknown key 'warmup_stepz' in sft: not a Config field nor a field of trl.SFTConfig" in str(err.value)
+
+
+def test_missing_run_dir_is_an_error(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: builtin:tiny\n")
+    with pytest.raises(ValidationError, match="missing required key 'run_dir'"):
+        load_config(path)
+
+
+# ---------------------------------------------------------------- models
+
+def test_builtin_tiny_is_deterministic_and_chat_ready():
+    path = Path(models.resolve(models.TINY))
+    assert (path / "model.safetensors").exists() and (path / "config.json").exists()
+    tokenizer = models.load_tokenizer(models.TINY)
+    model = models.load_causal_lm(models.TINY)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    # Built twice (into another cache) it is the same model, bit for bit.
+    other = Path(models._atomic_build(path.parent / "tiny-again", models._build_tiny))
+    again = models.load_causal_lm(str(other))
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_model_specs_resolve_paths_and_hub_ids(tmp_path):
+    assert models.resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    tiny = models.resolve(models.TINY)
+    assert models.resolve(tiny) == tiny
+    with pytest.raises(ValueError, match="unknown builtin model"):
+        models.resolve("builtin:gpt-5")
+    with pytest.raises(ValueError, match="has no config.json"):
+        models.resolve(str(tmp_path))
+    with pytest.raises(ValueError, match="does not exist"):
+        models.resolve("./no/such/model")
+
+
+def test_reward_model_head_has_one_output_and_a_pad_token():
+    tokenizer = models.load_tokenizer(models.TINY)
+    reward = models.load_reward_model(models.TINY, tokenizer)
+    assert reward.config.num_labels == 1 and reward.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_thread_count_is_a_setting():
+    before = torch.get_num_threads()
+    models.set_threads(1)
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- prompts
+
+def test_builtin_prompt_sets():
+    red = load_source("builtin:donotanswer", "red_team")
+    helpful = load_source("builtin:helpful", "helpful")
+    assert len(red) > 900 and len(helpful) >= 150
+    assert len({p.id for p in red}) == len(red)
+    assert {p.category for p in helpful} >= {"coding", "cooking", "writing", "science", "advice"}
+
+
+def test_eval_split_is_by_hash_and_never_leaks(tmp_path):
+    config = PromptsConfig(eval_fraction=0.2, max_red_team=50)
+    a = load_splits(config, seed=0)
+    b = load_splits(config, seed=1)
+    eval_ids = {p.id for p in a.red_team_eval} | {p.id for p in a.helpful_eval}
+    train_ids = {p.id for p in a.red_team_train + a.helpful_train + b.red_team_train + b.helpful_train}
+    assert eval_ids and not eval_ids & train_ids
+    assert {p.id for p in a.red_team_eval} == {p.id for p in b.red_team_eval}  # not seed-dependent
+    assert 0.1 < len(a.red_team_eval) / len(load_source("builtin:donotanswer", "red_team")) < 0.3
+    assert len(a.red_team_train) == 50
+    assert all(in_eval_split(p.text, 0.2) for p in a.red_team_eval)
+
+
+def test_prompt_files_and_dataset_dirs(tmp_path):
+    from datasets import Dataset
+
+    (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\nfirst prompt\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n")
+    Dataset.from_dict({"prompt": ["x", "y"]}).save_to_disk(str(tmp_path / "ds"))
+    assert [p.text for p in load_source(str(tmp_path / "p.txt"), "red_team")] == ["first prompt", "second prompt"]
+    assert [p.text for p in load_source(str(tmp_path / "p.jsonl"), "red_team")] == ["a", "b"]
+    assert [p.text for p in load_source(str(tmp_path / "ds"), "helpful")] == ["x", "y"]
+
+
+def test_bad_prompt_file_names_the_line(tmp_path):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "ok"}) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not a JSON line"):
+        load_source(str(tmp_path / "bad.jsonl"), "red_team")
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"prompt": ""}) + "\n")
+    with pytest.raises(ValueError, match=r"empty.jsonl:1: expected a non-empty 'prompt'"):
+        load_source(str(tmp_path / "empty.jsonl"), "red_team")
