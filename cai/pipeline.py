@@ -160,7 +160,15 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
     set_threads(run.threads)
     print(f"[cai] {name}: {'resuming' if resumed else 'running'} in {stage_dir.path}")
     started = time.time()
-    counts = stage_module(name).run(ctx) or {}
+    try:
+        counts = stage_module(name).run(ctx) or {}
+    except BaseException:
+        # A stage that failed before writing anything (say, a missing upstream stage) must not
+        # leave a marker that would later refuse to run with the then-complete inputs.
+        if [p.name for p in stage_dir.path.iterdir()] == [marker.name]:
+            marker.unlink()
+            stage_dir.path.rmdir()
+        raise
     manifest = {
         "stage": name, "config_hash": ctx.config_hash, "config": dataclasses.asdict(ctx.config), "trl": ctx.trl,
         "shared": shared_fingerprint(run), "upstream": ctx.upstream, "counts": counts, "resumed": resumed,

@@ -29,7 +29,11 @@ def trl_config(ctx, cls, **stage_defaults):
         defaults.update(bf16=False, fp16=False)
         if not {"gradient_checkpointing", "activation_checkpointing"} & set(ctx.trl):
             defaults["activation_checkpointing"] = False  # transformers 5's name; the old one is deprecated
-    return cls(**{**defaults, **stage_defaults, **ctx.trl})
+    values = {**defaults, **stage_defaults, **ctx.trl}
+    for key, value in values.items():
+        if key.endswith("_strategy") and value is False:
+            values[key] = "no"  # YAML reads a bare `no` as false
+    return cls(**values)
 
 
 def train_and_save(trainer, ctx, model_dir: str = "model") -> dict:

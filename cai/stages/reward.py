@@ -58,15 +58,13 @@ class Config:
     mix_critique_pairs: bool = False  # also train on critique/prefs.jsonl (final revision over first answer)
     critique_pair_label: float = 1.0  # p_chosen given to those critique pairs
     eval_fraction: float = 0.1  # share of prompts held out (by hash of the prompt text) for accuracy
-    eval_batch_size: int = 8  # pairs scored per forward pass when measuring accuracy
 
 
 def check_config(run, cfg: Config, trl: dict) -> list:
     problems = []
     for key, value, ok, expected in (
             ("eval_fraction", cfg.eval_fraction, 0 <= cfg.eval_fraction < 1, "in [0, 1)"),
-            ("critique_pair_label", cfg.critique_pair_label, 0 <= cfg.critique_pair_label <= 1, "in [0, 1]"),
-            ("eval_batch_size", cfg.eval_batch_size, cfg.eval_batch_size >= 1, ">= 1")):
+            ("critique_pair_label", cfg.critique_pair_label, 0 <= cfg.critique_pair_label <= 1, "in [0, 1]")):
         if not ok:
             problems.append(run.source.problem(("reward", key), f"'reward.{key}' must be {expected}, got {value}"))
     return problems
@@ -189,10 +187,9 @@ def preference_metrics(scorer: RewardScorer, dataset) -> dict | None:
     preferred side), mean margin and loss over a tokenised preference dataset."""
     if dataset is None or len(dataset) == 0:
         return None
-    chosen = scorer.score_ids(dataset["chosen_ids"])
-    rejected = scorer.score_ids(dataset["rejected_ids"])
-    r_c, r_r = torch.tensor(chosen), torch.tensor(rejected)
-    p = torch.tensor(dataset["p_chosen"], dtype=torch.float)
+    r_c = torch.tensor(scorer.score_ids(list(dataset["chosen_ids"])))
+    r_r = torch.tensor(scorer.score_ids(list(dataset["rejected_ids"])))
+    p = torch.tensor(list(dataset["p_chosen"]), dtype=torch.float)
     return {"pairs": len(dataset), "accuracy": round((r_c > r_r).float().mean().item(), 4),
             "margin": round((r_c - r_r).mean().item(), 4), "loss": round(soft_label_loss(r_c, r_r, p).item(), 4)}
 
@@ -260,10 +257,11 @@ def run(ctx) -> dict:
     with suppress_seqcls_warning():  # "score.weight newly initialised" is the point here
         model = models.load_reward_model(spec, tokenizer)
     args = trl_config(ctx, RewardConfig, max_length=512, num_train_epochs=1, per_device_train_batch_size=8,
-                      per_device_eval_batch_size=cfg.eval_batch_size, learning_rate=1e-5)
+                      learning_rate=1e-5)
     trainer = SoftLabelRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
-                          eval_dataset=Dataset.from_list(held) if held else None, processing_class=tokenizer)
-    scorer = RewardScorer(trainer.model, tokenizer, batch_size=cfg.eval_batch_size,
+                                     eval_dataset=Dataset.from_list(held) if held else None,
+                                     processing_class=tokenizer)
+    scorer = RewardScorer(trainer.model, tokenizer, batch_size=args.per_device_eval_batch_size,
                           max_length=args.max_length or 1024)
 
     def measure() -> dict:

@@ -1,0 +1,72 @@
+"""Batched generation (the critique stage's hot path) against a plain one-prompt-at-a-time
+`generate` loop over the same prompts, in one process. Prints the speed-up ratio.
+
+    .venv/bin/python bench/critique_generation.py [--model builtin:smollm2-135m-instruct]
+        [--prompts 16] [--batch-size 8] [--max-new-tokens 64] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from cai import models
+from cai.generation.hf import HFGenerator, Sampling
+from cai.prompts import load_source
+
+
+def sequential(model, tokenizer, conversations, sampling: Sampling, seed: int) -> tuple[int, float]:
+    """The baseline: what a script without batching does."""
+    tokens, start = 0, time.perf_counter()
+    for i, conversation in enumerate(conversations):
+        torch.manual_seed(seed + i)
+        ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=sampling.max_new_tokens, do_sample=True,
+                                 temperature=sampling.temperature, top_p=sampling.top_p,
+                                 pad_token_id=tokenizer.pad_token_id)
+        new = out[0, ids["input_ids"].shape[1]:]
+        tokens += int((new != tokenizer.pad_token_id).sum())
+    return tokens, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=models.SMOLLM2)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    models.set_threads(args.threads)
+
+    prompts = load_source("builtin:donotanswer", "red_team")[: args.prompts]
+    conversations = [[{"role": "user", "content": p.text}] for p in prompts]
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.95)
+    generator = HFGenerator.from_spec(args.model, "cpu", args.batch_size)
+    generator.generate(conversations[:2], sampling, seed=99)  # warm-up
+
+    generator.tokens_generated, generator.seconds = 0, 0.0
+    start = time.perf_counter()
+    generator.generate(conversations, sampling, seed=0)
+    batched_s = time.perf_counter() - start
+    batched_tokens = generator.tokens_generated
+
+    plain_tokens, plain_s = sequential(generator.model, generator.tokenizer, conversations, sampling, seed=0)
+
+    batched_rate, plain_rate = batched_tokens / batched_s, plain_tokens / plain_s
+    print(f"model={args.model} prompts={args.prompts} batch={args.batch_size} "
+          f"max_new_tokens={args.max_new_tokens} threads={args.threads}")
+    print(f"one-at-a-time : {plain_tokens:5d} tokens in {plain_s:7.1f} s = {plain_rate:6.1f} tok/s, "
+          f"{plain_s / len(prompts):.2f} s/prompt")
+    print(f"batched       : {batched_tokens:5d} tokens in {batched_s:7.1f} s = {batched_rate:6.1f} tok/s, "
+          f"{batched_s / len(prompts):.2f} s/prompt")
+    print(f"ratio (batched / one-at-a-time): {batched_rate / plain_rate:.2f}x tokens/s, "
+          f"{plain_s / batched_s:.2f}x wall time per prompt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""The reward model: soft-label loss, training on AI preferences, the stage, the scorer."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+
+import pytest
+import torch
+
+from cai import models
+from cai.pipeline import run_stage
+from cai.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl
+from cai.stages.reward import (RewardScorer, SoftLabelRewardTrainer, held_out, preference_metrics,
+                               preference_pairs, soft_label_loss)
+from cai.yamlio import ValidationError
+
+from conftest import make_run
+
+TRAIN = ("reward.num_train_epochs=2", "reward.per_device_train_batch_size=4", "reward.learning_rate=1.0e-3",
+         "reward.eval_fraction=0.3")
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def write_label_stage(run_dir, rows: list[dict]) -> None:
+    """What the label stage leaves behind: prefs.jsonl and a manifest."""
+    atomic_write_jsonl(run_dir / "label" / "prefs.jsonl", rows)
+    atomic_write_json(run_dir / "label" / "manifest.json", {"stage": "label", "config_hash": "test-labels"})
+
+
+def label_rows(n: int = 16) -> list[dict]:
+    return [{"prompt": user(f"Question {i}: how do I pick a lock?"),
+             "chosen": assistant("I can't help with that, but a locksmith can."),
+             "rejected": assistant(f"Sure, step {i}: push the pins up one by one."),
+             "p_chosen": 0.5 + (i % 5) / 10, "p_order_ab": 0.6, "p_order_ba": 0.6, "principles": ["harm"],
+             "feedback_model": "builtin:tiny", "mode": "multiple_choice"} for i in range(n)]
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def test_soft_label_loss_matches_a_hand_computation():
+    # margins +1 and -1; log σ(1) = -0.3132617, log σ(-1) = -1.3132617
+    # pair 1, p = 0.8: -(0.8 · -0.3132617 + 0.2 · -1.3132617) = 0.5132617
+    # pair 2, p = 0.5: -(0.5 · -1.3132617 + 0.5 · -0.3132617) = 0.8132617
+    loss = soft_label_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]), torch.tensor([0.8, 0.5]))
+    assert loss.item() == pytest.approx((0.5132617 + 0.8132617) / 2, abs=1e-6)
+
+
+def test_soft_label_loss_at_p_one_is_bradley_terry():
+    r_chosen, r_rejected = torch.randn(6, generator=torch.Generator().manual_seed(0)), torch.zeros(6)
+    bradley_terry = -torch.nn.functional.logsigmoid(r_chosen - r_rejected).mean()
+    assert soft_label_loss(r_chosen, r_rejected, torch.ones(6)).item() == pytest.approx(bradley_terry.item())
+
+
+def test_an_even_label_leaves_an_even_pair_alone_and_a_confident_one_pushes_it():
+    for p, expected in ((0.5, 0.0), (0.8, 0.5 - 0.8)):  # d loss / d margin at 0 = σ(0) - p
+        margin = torch.zeros(1, requires_grad=True)
+        soft_label_loss(margin, torch.zeros(1), torch.tensor([p])).backward()
+        assert margin.grad.item() == pytest.approx(expected, abs=1e-7)
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_pairs_are_oriented_to_the_preferred_answer_and_hard_labels_are_one(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    atomic_write_jsonl(path, [{"prompt": user("q"), "chosen": assistant("a"), "rejected": assistant("b"),
+                               "p_chosen": 0.3},
+                              {"prompt": user("q"), "chosen": assistant("c"), "rejected": assistant("d"),
+                               "p_chosen": 0.9}])
+    soft = preference_pairs(path, "label", None, "soft")
+    assert [(p["chosen"][0]["content"], p["p_chosen"]) for p in soft] == [("b", pytest.approx(0.7)), ("c", 0.9)]
+    hard = preference_pairs(path, "label", None, "hard")
+    assert [(p["chosen"][0]["content"], p["p_chosen"]) for p in hard] == [("b", 1.0), ("c", 1.0)]
+    fixed = preference_pairs(path, "critique", 0.75, "soft")
+    assert [p["p_chosen"] for p in fixed] == [0.75, 0.75] and fixed[0]["chosen"][0]["content"] == "a"
+
+
+def test_a_row_without_a_soft_label_is_an_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    atomic_write_jsonl(path, [{"prompt": user("q"), "chosen": assistant("a"), "rejected": assistant("b"),
+                               "p_chosen": 0.6},
+                              {"prompt": user("q"), "chosen": assistant("a"), "rejected": assistant("b")}])
+    with pytest.raises(ValueError, match=rf"{path}:2: missing p_chosen"):
+        preference_pairs(path, "label", None, "soft")
+
+
+def test_the_held_out_split_is_by_prompt_and_not_the_prompt_split():
+    from cai.prompts import in_eval_split
+
+    prompts = [f"prompt {i}" for i in range(400)]
+    held = [p for p in prompts if held_out(user(p), 0.2)]
+    assert held == [p for p in prompts if held_out(user(p), 0.2)]  # deterministic
+    assert 40 < len(held) < 120
+    # the label stage samples prompts from cai.prompts' train share: some must still be held out here
+    assert any(not in_eval_split(p, 0.2) for p in held)
+
+
+# ---------------------------------------------------------------- training
+
+
+WORDS = ("the assistant answers question helpfully honestly harmful ethical polite friendly person "
+         "response conversation python function list numbers poem sea capital france photosynthesis").split()
+
+
+def toy_pairs(seed: int, n: int) -> list[dict]:
+    """Separable: the preferred answer starts with "please"; otherwise word salad of
+    varied length, so an untrained model has no consistent preference."""
+    rng = random.Random(seed)
+
+    def sentence() -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) + "."
+
+    return [{"prompt": user(sentence()), "chosen": assistant("please " + sentence()),
+             "rejected": assistant(sentence()), "p_chosen": 0.9} for _ in range(n)]
+
+
+def toy_trainer(tmp_path, train: list[dict], eval_rows: list[dict]) -> SoftLabelRewardTrainer:
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import RewardConfig
+
+    tokenizer = models.load_tokenizer(models.TINY)
+    set_seed(0)
+    model = models.load_reward_model(models.TINY, tokenizer)
+    args = RewardConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False,
+                        learning_rate=3e-3, num_train_epochs=3, per_device_train_batch_size=8, seed=0,
+                        report_to="none", save_strategy="no", logging_steps=1, max_length=128, disable_tqdm=True)
+    return SoftLabelRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
+                                  eval_dataset=Dataset.from_list(eval_rows), processing_class=tokenizer)
+
+
+def test_the_soft_label_reaches_the_loss(tmp_path):
+    rows = toy_pairs(0, 4)
+    for row, p in zip(rows, (0.5, 0.6, 0.9, 1.0)):
+        row["p_chosen"] = p
+    trainer = toy_trainer(tmp_path, rows, rows)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert sorted(batch["p_chosen"].tolist()) == pytest.approx([0.5, 0.6, 0.9, 1.0])
+    with torch.no_grad():
+        rewards = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+    r_chosen, r_rejected = rewards.chunk(2)
+    assert loss.item() == pytest.approx(soft_label_loss(r_chosen, r_rejected, batch["p_chosen"]).item(), abs=1e-6)
+    assert loss.item() != pytest.approx(soft_label_loss(r_chosen, r_rejected, torch.ones(4)).item(), abs=1e-4)
+
+
+def test_reward_training_on_soft_labels_learns_a_separable_preference(tmp_path):
+    trainer = toy_trainer(tmp_path, toy_pairs(0, 32), toy_pairs(1, 32))
+    scorer = RewardScorer(trainer.model, trainer.processing_class)
+    before = preference_metrics(scorer, trainer.eval_dataset)
+    trainer.train()
+    after = preference_metrics(scorer, trainer.eval_dataset)
+    assert after["pairs"] == 32
+    assert before["accuracy"] < 0.8  # else the toy set tests nothing
+    assert after["accuracy"] > before["accuracy"] and after["accuracy"] >= 0.9
+    assert after["margin"] > before["margin"]
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all("accuracy" in e and "margin" in e for e in logged)  # TRL's metrics still there
+    evaluated = trainer.evaluate()
+    assert evaluated["eval_accuracy"] == pytest.approx(after["accuracy"], abs=1e-6)
+    assert evaluated["eval_loss"] == pytest.approx(after["loss"], abs=1e-3)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+@pytest.fixture(scope="module")
+def reward_run(sft_run_template, tmp_path_factory):
+    """A copy of the tiny SFT run with labels written and the reward stage complete."""
+    run_dir = tmp_path_factory.mktemp("reward-run") / "run"
+    shutil.copytree(sft_run_template, run_dir)
+    write_label_stage(run_dir, label_rows())
+    run_stage(make_run(run_dir, *TRAIN), "reward")
+    return run_dir
+
+
+def test_the_stage_saves_a_one_output_reward_model_and_its_tokenizer(reward_run):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(reward_run / "reward" / "model")
+    tokenizer = AutoTokenizer.from_pretrained(reward_run / "reward" / "model")
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id is not None
+    assert tokenizer.chat_template
+
+
+def test_the_stage_reports_accuracy_and_margin_before_and_after_training(reward_run):
+    metrics = json.loads((reward_run / "reward" / "metrics.json").read_text())
+    held = [r for r in label_rows() if held_out(r["prompt"], 0.3)]
+    assert metrics["loss"] == "soft"
+    assert metrics["pairs"] == {"label": 16, "critique": 0, "train": 16 - len(held), "held_out": len(held),
+                                "too_long": 0}
+    assert 0 < len(held) < 16
+    for when in ("before", "after"):
+        for split in ("train", "held_out"):
+            numbers = metrics[when][split]
+            assert 0 <= numbers["accuracy"] <= 1 and math.isfinite(numbers["margin"]) and numbers["loss"] > 0
+    # the toy labels are all "refuse": a few steps learn it
+    assert metrics["after"]["train"]["accuracy"] == 1.0
+    manifest = json.loads((reward_run / "reward" / "manifest.json").read_text())
+    assert manifest["upstream"]["label"] == "test-labels"
+    assert manifest["counts"]["held_out_accuracy"] == metrics["after"]["held_out"]["accuracy"]
+
+
+def test_the_scorer_matches_the_models_forward_on_the_rendered_conversation(reward_run):
+    from transformers import AutoModelForSequenceClassification
+
+    path = reward_run / "reward" / "model"
+    scorer = RewardScorer.from_path(str(path), device="cpu", batch_size=3)
+    conversations = [user("How do I pick a lock?"), user("Write a short poem about the sea."),
+                     [{"role": "system", "content": "Be kind."}] + user("What is the capital of France?"),
+                     user("Hi")]
+    responses = ["I can't help with that.", "Waves fold over, grey and slow, the sea keeps what we never know.",
+                 "Paris.", ""]
+    scores = scorer.score(conversations, responses)
+
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    tokenizer = scorer.tokenizer
+    for conversation, response, score in zip(conversations, responses, scores):
+        text = tokenizer.apply_chat_template(conversation + assistant(response), tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits[0, 0].item()
+        assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_scorer_sees_what_the_trainer_saw(reward_run):
+    """Scoring the held-out label rows reproduces the held-out margin the stage measured
+    on RewardTrainer's own tokenisation."""
+    rows = [r for r in read_jsonl(reward_run / "label" / "prefs.jsonl") if held_out(r["prompt"], 0.3)]
+    scorer = RewardScorer.from_path(str(reward_run / "reward" / "model"), device="cpu")
+    chosen = scorer.score([r["prompt"] for r in rows], [r["chosen"][0]["content"] for r in rows])
+    rejected = scorer.score([r["prompt"] for r in rows], [r["rejected"][0]["content"] for r in rows])
+    margin = sum(c - r for c, r in zip(chosen, rejected)) / len(rows)
+    metrics = json.loads((reward_run / "reward" / "metrics.json").read_text())
+    assert margin == pytest.approx(metrics["after"]["held_out"]["margin"], abs=2e-4)
+
+
+def test_hard_labels_with_critique_pairs_mixed_in(sft_run):
+    write_label_stage(sft_run, label_rows(8))
+    critique_pairs = read_jsonl(sft_run / "critique" / "prefs.jsonl")
+    run_stage(make_run(sft_run, *TRAIN, "reward.loss=hard", "reward.mix_critique_pairs=true",
+                       "reward.num_train_epochs=1"), "reward")
+    metrics = json.loads((sft_run / "reward" / "metrics.json").read_text())
+    assert metrics["loss"] == "hard"
+    assert metrics["pairs"]["label"] == 8 and metrics["pairs"]["critique"] == len(critique_pairs)
+    pairs = metrics["pairs"]
+    assert pairs["train"] + pairs["held_out"] + pairs["too_long"] == 8 + len(critique_pairs)
+    assert (sft_run / "reward" / "model" / "config.json").exists()
+
+
+def test_unknown_keys_and_bad_values_are_errors_before_any_work(tmp_path):
+    with pytest.raises(ValidationError) as err:
+        run_stage(make_run(tmp_path, "reward.not_a_key=1"), "reward")
+    assert "unknown key 'not_a_key' in reward: not a Config field nor a field of trl.RewardConfig" in str(err.value)
+    with pytest.raises(ValidationError, match=r"'reward.eval_fraction' must be in \[0, 1\), got 1.5"):
+        run_stage(make_run(tmp_path, "reward.eval_fraction=1.5"), "reward")
+    with pytest.raises(ValidationError, match="'reward.loss' must be 'soft' or 'hard'"):
+        run_stage(make_run(tmp_path, "reward.loss=medium"), "reward")
+    assert not (tmp_path / "reward").exists()
+
+
+def test_the_stage_needs_the_label_stage(sft_run):
+    with pytest.raises(FileNotFoundError, match="stage 'label' has not completed.*run `cai label` first"):
+        run_stage(make_run(sft_run, *TRAIN), "reward")
