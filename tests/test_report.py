@@ -1,0 +1,171 @@
+"""`cai report RUN_DIR`: one self-contained HTML page a person can read offline."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from cai.cli import main
+from cai.pipeline import run_stage
+from cai.report import write_report
+from cai.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl
+
+from conftest import make_run
+
+CHROMIUM = Path("/usr/bin/chromium")
+INJECTED = "<script>alert('x')</script><b>bold?</b>"
+
+
+def add_reward_model(run_dir: Path) -> None:
+    """A reward model as the reward stage leaves it (an untrained head on the SFT model)."""
+    from cai import models
+
+    tokenizer = models.load_tokenizer(str(run_dir / "sft" / "model"))
+    model = models.load_reward_model(str(run_dir / "sft" / "model"), tokenizer)
+    model.save_pretrained(run_dir / "reward" / "model")
+    tokenizer.save_pretrained(run_dir / "reward" / "model")
+    atomic_write_json(run_dir / "reward" / "manifest.json",
+                      {"stage": "reward", "config_hash": "test-reward", "seconds": 1.5, "counts": {"pairs": 6}})
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(sft_run_template, tmp_path_factory) -> Path:
+    """The tiny run, evaluated, plus the files of the stages in between (reward metrics,
+    AI labels, an RL log) in the shapes those stages write them."""
+    run_dir = tmp_path_factory.mktemp("report") / "run"
+    shutil.copytree(sft_run_template, run_dir)
+    records = read_jsonl(run_dir / "critique" / "records.jsonl")
+    records[0]["initial_response"] = INJECTED  # model text must never become markup
+    atomic_write_jsonl(run_dir / "critique" / "records.jsonl", records)
+    add_reward_model(run_dir)
+    atomic_write_json(run_dir / "reward" / "metrics.json",
+                      {"loss": "soft", "model": "sft", "pairs": {"label": 6, "train": 5, "held_out": 1},
+                       "before": {"train": {"pairs": 5, "accuracy": 0.4, "margin": -0.01, "loss": 0.7},
+                                  "held_out": {"pairs": 1, "accuracy": 0.0, "margin": -0.02, "loss": 0.71}},
+                       "after": {"train": {"pairs": 5, "accuracy": 0.8, "margin": 0.05, "loss": 0.66},
+                                 "held_out": {"pairs": 1, "accuracy": 1.0, "margin": 0.01, "loss": 0.69}}})
+    atomic_write_json(run_dir / "reward" / "log_history.json",
+                      [{"loss": 0.69, "step": 1}, {"loss": 0.61, "step": 2}, {"train_loss": 0.65, "step": 2}])
+    atomic_write_json(run_dir / "rl" / "log_history.json",
+                      [{"step": s, "loss": 0.1 / s, "reward": 0.2 * s, "kl": 0.01 * s,
+                        "completions/mean_length": 10.0 + s, "learning_rate": 1e-5} for s in (1, 2, 3)])
+    atomic_write_jsonl(run_dir / "label" / "prefs.jsonl",
+                       [{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
+                         "rejected": [{"role": "assistant", "content": "b"}], "p_chosen": p, "p_order_ab": p,
+                         "p_order_ba": 1 - p if p > 0.7 else p, "principles": ["x"], "feedback_model": "builtin:tiny",
+                         "mode": "direct"} for p in (0.52, 0.55, 0.61, 0.8)])
+    run = make_run(run_dir, "prompts.max_eval=2", "evaluate.max_new_tokens=8", "evaluate.batch_size=4",
+                   "evaluate.few_shot=1", "evaluate.temperature=1.0")
+    run_stage(run, "evaluate")
+    write_report(run_dir)
+    return run_dir
+
+
+class Page(HTMLParser):
+    """The parts of the page the tests look at: section ids, table texts, image sources."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.sections, self.tables, self.images, self.scripts = [], [], [], 0
+        self._table_depth = 0
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.sections.append(attrs.get("id"))
+        elif tag == "table":
+            self._table_depth += 1
+            self.tables.append("")
+        elif tag == "img":
+            self.images.append(attrs.get("src", ""))
+        elif tag in ("script", "link", "iframe"):
+            self.scripts += 1
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._table_depth -= 1
+
+    def handle_data(self, data):
+        if self._table_depth:
+            self.tables[-1] += data + " "
+
+
+def png_sizes(sources: list[str]) -> list[tuple[int, int]]:
+    from PIL import Image
+
+    sizes = []
+    for source in sources:
+        assert source.startswith("data:image/png;base64,"), source[:40]  # embedded, nothing fetched
+        data = base64.b64decode(source.split(",", 1)[1])
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+        sizes.append(Image.open(io.BytesIO(data)).size)
+    return sizes
+
+
+def test_report_shows_every_section_of_a_run(evaluated_run):
+    text = (evaluated_run / "report" / "index.html").read_text(encoding="utf-8")
+    page = Page(text)
+    assert page.sections == ["summary", "evaluation", "answers", "training", "critique", "reward", "label"]
+    assert page.scripts == 0 and "http://" not in text and "https://" not in text  # self-contained
+    models_table = next(t for t in page.tables if "Elo" in t and "Evasive" in t)
+    assert "base" in models_table and "sft" in models_table
+    assert any("row beats column" in t for t in page.tables)  # the win-rate matrix
+    assert any("builtin:tiny" in t and "harmless" in t for t in page.tables)  # run summary
+    # charts: Elo, rewards, training curves of sft, reward and rl, the soft-label histogram
+    assert len(page.images) >= 6
+    assert all(w > 100 and h > 100 for w, h in png_sizes(page.images))
+    for heading in ("Critique and revision chains", "Answers side by side", "Reward model", "AI feedback labels"):
+        assert heading in text
+    assert "Accuracy after" in text and "Orders disagree" in text
+    assert "dpo" in text and "has not completed" in text  # the missing stage is named, not an error
+    assert INJECTED not in text and html.escape(INJECTED, quote=True) in text
+
+
+def test_report_of_an_unevaluated_run_notes_what_is_missing(sft_run):
+    assert main(["report", str(sft_run)]) == 0
+    text = (sft_run / "report" / "index.html").read_text(encoding="utf-8")
+    assert "The evaluate stage has not run" in text
+    assert "The label stage has not run" in text and "The reward stage has not run" in text
+    assert "Critique and revision chains" in text and "data:image/png;base64," in text  # sft's loss curve
+
+
+def test_report_of_a_missing_run_directory_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_report(tmp_path / "nowhere")
+
+
+def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", *args],
+        capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.chromium
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)")
+def test_report_renders_in_a_browser(evaluated_run, tmp_path):
+    url = (evaluated_run / "report" / "index.html").resolve().as_uri()
+    shot = tmp_path / "report.png"
+    chromium(f"--screenshot={shot}", "--window-size=1280,2000", url, profile=tmp_path / "profile-shot")
+    dom = chromium("--dump-dom", url, profile=tmp_path / "profile-dom").stdout
+
+    page = Page(dom)  # what the browser built, not just what was written
+    models_table = next(t for t in page.tables if "Elo" in t and "Evasive" in t)
+    assert "base" in models_table and "sft" in models_table
+    assert len(page.images) >= 6 and all(w > 100 and h > 100 for w, h in png_sizes(page.images))
+
+    from PIL import Image, ImageStat
+
+    assert shot.exists()
+    image = Image.open(shot).convert("L")
+    assert image.size == (1280, 2000)
+    assert ImageStat.Stat(image).stddev[0] > 10  # text, tables and charts, not a blank page
