@@ -2,7 +2,8 @@
 
 Every stage module in `cai/stages/` exposes
 - `Config`: a dataclass of the stage's own knobs (documented fields with defaults);
-- `TRL_CONFIG` (optional): the TRL config class whose fields the section passes through;
+- `TRL_CONFIG()` (optional): the TRL config class whose fields the section passes through
+  (rl's is the union of PPO/RLOO/GRPO configs; its `check_config` narrows it);
 - `UPSTREAM`: the stages whose outputs it reads (their hashes enter its own);
 - `run(ctx: StageContext) -> dict`: does the work, returns counts for the manifest.
 
@@ -54,7 +55,7 @@ def stage_config(run: RunConfig, name: str) -> tuple[Any, dict]:
                                          extra=extra, extra_name=extra_name)
     if problems:
         raise ValidationError(problems)
-    check = getattr(module, "check_config", None)
+    check = getattr(module, "check_config", None)  # stage-specific checks, still before any work
     if check is not None:
         problems = check(run, cfg, trl)
         if problems:

@@ -1,0 +1,319 @@
+"""RL-CAI: reinforcement learning from AI feedback (Bai et al. 2022, section 4.1).
+
+The SFT model is the initial policy and the reference; the preference model trained on
+the AI's soft labels is the reward. The policy answers training prompts, the reward
+model scores each answer, and the policy is updated to raise the score while a KL
+penalty keeps it near the reference. The paper trains on the red-team prompts mixed
+with helpful ones (so the policy does not learn that refusing everything pays), and
+uses PPO; RLOO and GRPO are cheaper alternatives (no value model: the baseline is the
+other samples for the same prompt).
+
+- `ppo`: `trl.experimental.ppo.PPOTrainer` (TRL 1.12, the last release with PPO). A
+  value model, initialised from the reward model, is trained alongside the policy.
+  PPO reads pre-tokenised prompts and scores token ids directly, so the policy and the
+  reward model must share a tokenizer. Updates = total_episodes / batch.
+- `rloo`, `grpo`: `trl.RLOOTrainer` / `trl.GRPOTrainer` with the reward model passed as
+  the reward function (TRL renders prompt + answer with the reward model's own tokenizer
+  and reads its score). A batch counts completions: `num_generations` per prompt.
+
+`kl_coef` and `max_new_tokens` are cai names for the knobs the three TRL configs spell
+differently (PPO: `kl_coef`, `response_length`; RLOO/GRPO: `beta`, `max_completion_length`);
+the TRL key itself, if also set, wins. The penalty's unit follows TRL: PPO and RLOO
+subtract kl_coef x (KL summed over the answer) from the reward, GRPO adds beta x (KL per
+token) to its loss. Every other key of the `rl:` section goes to the algorithm's TRL config.
+
+Logs (`rl/log_history.json`, one entry per optimisation step), by algorithm:
+
+- reward (the reward model's score, mean over the batch): ppo `objective/scores`
+  (`objective/rlhf_reward` is the score minus the KL penalty); rloo, grpo `reward`
+  (and `reward_std`).
+- KL to the reference: ppo `objective/kl` (summed over the answer's tokens); rloo, grpo
+  `kl` (mean per token; logged only when `beta` > 0).
+- answer length in tokens: `completions/mean_length` for all three (for PPO cai counts
+  it from the rollouts: TRL 1.12's PPO logs none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from cai.yamlio import Problem
+
+UPSTREAM = ("sft", "reward")
+
+# algorithm -> (module, TRL config class)
+ALGORITHMS = {
+    "ppo": ("trl.experimental.ppo", "PPOConfig"),
+    "rloo": ("trl", "RLOOConfig"),
+    "grpo": ("trl", "GRPOConfig"),
+}
+# cai knob -> the TRL field it sets, per algorithm
+KNOBS = {
+    "max_new_tokens": {"ppo": "response_length", "rloo": "max_completion_length", "grpo": "max_completion_length"},
+    "kl_coef": {"ppo": "kl_coef", "rloo": "beta", "grpo": "beta"},
+}
+
+
+@dataclass
+class Config:
+    algorithm: Literal["ppo", "rloo", "grpo"] = "ppo"  # the paper uses PPO
+    policy: str | None = None  # the policy to optimise, also the KL reference; default: the sft stage's model
+    reward_model: str | None = None  # default: the reward stage's model
+    max_prompts: int | None = None  # cap on training prompts (red-team + helpful), None = all
+    helpful_fraction: float = 0.5  # share of the training prompts that are helpful ones (0 = red-team only)
+    max_new_tokens: int = 64  # answer length (PPO response_length, RLOO/GRPO max_completion_length)
+    kl_coef: float = 0.05  # KL penalty to the reference (PPO kl_coef, RLOO/GRPO beta)
+
+
+def trl_config_class(algorithm: str):
+    import importlib
+
+    module, name = ALGORITHMS[algorithm]
+    return getattr(importlib.import_module(module), name)
+
+
+@functools.cache
+def _any_algorithm_config():
+    """A stand-in whose fields are the union of the three TRL configs' fields: what the
+    `rl:` section may hold before the algorithm is known; `check_config` narrows it."""
+    names = sorted({f.name for algorithm in ALGORITHMS for f in dataclasses.fields(trl_config_class(algorithm))
+                    if f.init})
+    cls = dataclasses.make_dataclass("PPOConfig, RLOOConfig or GRPOConfig", [(n, Any, None) for n in names])
+    cls.__module__ = "trl"
+    return cls
+
+
+def TRL_CONFIG(section: dict | None = None):
+    """The TRL config class of the section's `algorithm`; without a section (or with an
+    invalid algorithm, which the Config check reports) the union of all three."""
+    algorithm = section.get("algorithm", Config.algorithm) if section is not None else None
+    return trl_config_class(algorithm) if algorithm in ALGORITHMS else _any_algorithm_config()
+
+
+def stage_defaults(cfg: Config) -> dict:
+    """cai's settings for the algorithm's TRL config (the user's `rl:` keys override them)."""
+    defaults = {KNOBS[knob][cfg.algorithm]: getattr(cfg, knob) for knob in KNOBS}
+    defaults["num_train_epochs"] = 1  # one pass over the prompts (TrainingArguments says 3)
+    if cfg.algorithm == "ppo":
+        # TRL's PPO cannot resume from a checkpoint (an interrupted run restarts), so none are written.
+        defaults.update(stop_token="eos", num_sample_generations=0, save_strategy="no")
+    else:
+        defaults.update(num_generations=4 if cfg.algorithm == "grpo" else 2)  # GRPO's 8 is a lot for a CPU
+    return defaults
+
+
+def _merged_settings(cfg: Config, trl: dict) -> dict:
+    cls = trl_config_class(cfg.algorithm)
+    values = {f.name: f.default for f in dataclasses.fields(cls) if f.init and f.default is not dataclasses.MISSING}
+    return {**values, **stage_defaults(cfg), **trl}
+
+
+def check_config(run, cfg: Config, trl: dict) -> list[Problem]:
+    """Problems the algorithm's TRL config or trainer would only find after models are
+    loaded: keys of another algorithm's config, batches that do not split into groups."""
+
+    def problem(key: str, message: str) -> Problem:
+        if run.source is None:
+            return Problem("config", 1, message)
+        return run.source.problem(("rl", key), message)
+
+    problems = []
+    cls = trl_config_class(cfg.algorithm)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in trl:
+        if key not in fields:
+            owners = [a for a in ALGORITHMS if key in {f.name for f in dataclasses.fields(trl_config_class(a))}]
+            problems.append(problem(key, f"'rl.{key}' is not a field of {cls.__name__} (rl.algorithm is "
+                                         f"'{cfg.algorithm}'); it belongs to algorithm {' / '.join(owners)}"))
+    if not 0 <= cfg.helpful_fraction < 1:
+        problems.append(problem("helpful_fraction",
+                                f"'rl.helpful_fraction' must be in [0, 1), got {cfg.helpful_fraction}"))
+    if cfg.max_prompts is not None and cfg.max_prompts < 1:
+        problems.append(problem("max_prompts", f"'rl.max_prompts' must be at least 1, got {cfg.max_prompts}"))
+    if problems:
+        return problems
+
+    s = _merged_settings(cfg, trl)
+    if cfg.algorithm == "ppo":
+        batch = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
+        if batch % s["num_mini_batches"]:
+            problems.append(problem("num_mini_batches", (
+                f"PPO: the batch (rl.per_device_train_batch_size {s['per_device_train_batch_size']} x "
+                f"rl.gradient_accumulation_steps {s['gradient_accumulation_steps']} = {batch}) must be divisible "
+                f"by rl.num_mini_batches ({s['num_mini_batches']})")))
+    else:
+        generations = s["num_generations"]
+        if generations < 2:
+            problems.append(problem("num_generations", f"{cfg.algorithm.upper()}: 'rl.num_generations' must be at "
+                                                       f"least 2 (the baseline is the other answers to the same "
+                                                       f"prompt), got {generations}"))
+        elif s.get("generation_batch_size") is not None:
+            if s["generation_batch_size"] % generations:
+                problems.append(problem("generation_batch_size", (
+                    f"{cfg.algorithm.upper()}: rl.generation_batch_size ({s['generation_batch_size']}) counts "
+                    f"completions and must be divisible by rl.num_generations ({generations})")))
+        else:
+            steps = s.get("steps_per_generation") or s["gradient_accumulation_steps"]
+            batch = s["per_device_train_batch_size"] * steps
+            if batch % generations:
+                problems.append(problem("per_device_train_batch_size", (
+                    f"{cfg.algorithm.upper()}: rl.per_device_train_batch_size counts completions, not prompts: "
+                    f"per_device_train_batch_size ({s['per_device_train_batch_size']}) x "
+                    f"{'steps_per_generation' if s.get('steps_per_generation') else 'gradient_accumulation_steps'} "
+                    f"({steps}) = {batch} must be divisible by rl.num_generations ({generations})")))
+    return problems
+
+
+def training_prompts(ctx, cfg: Config) -> list[dict]:
+    """Red-team training prompts mixed with helpful ones, as one-turn conversations."""
+    red, helpful = ctx.prompts.red_team_train, ctx.prompts.helpful_train
+    if cfg.max_prompts is not None:
+        n_helpful = min(len(helpful), round(cfg.max_prompts * cfg.helpful_fraction))
+        n_red = min(len(red), cfg.max_prompts - n_helpful)
+    else:
+        n_red = len(red)
+        n_helpful = min(len(helpful), round(n_red * cfg.helpful_fraction / (1 - cfg.helpful_fraction)))
+    chosen = red[:n_red] + helpful[:n_helpful]
+    random.Random(ctx.run.seed).shuffle(chosen)
+    return [{"prompt": [{"role": "user", "content": p.text}], "kind": p.kind} for p in chosen]
+
+
+def _check_prompt_count(cfg: Config, args, prompts: list) -> None:
+    if cfg.algorithm == "ppo":
+        needed = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        what = "PPO batch (per_device_train_batch_size x gradient_accumulation_steps)"
+    else:
+        needed = args.generation_batch_size // args.num_generations
+        what = f"{cfg.algorithm.upper()} generation batch (in prompts: generation_batch_size / num_generations)"
+    if len(prompts) < needed:
+        raise ValueError(f"rl: {len(prompts)} training prompts, fewer than one {what} = {needed}; "
+                         "raise rl.max_prompts / prompts.max_red_team or lower the batch")
+
+
+def run(ctx) -> dict:
+    from cai import models
+    from cai.training import train_and_save, trl_config
+
+    cfg: Config = ctx.config
+    policy = ctx.model_spec(cfg.policy, "sft")
+    reward = ctx.model_spec(cfg.reward_model, "reward")
+    prompts = training_prompts(ctx, cfg)
+    args = trl_config(ctx, trl_config_class(cfg.algorithm), **stage_defaults(cfg))
+    _check_prompt_count(cfg, args, prompts)
+
+    if cfg.algorithm == "ppo":
+        trainer = ppo_trainer(ctx, args, policy, reward, prompts)
+    else:
+        from datasets import Dataset
+        from trl import GRPOTrainer, RLOOTrainer
+
+        trainer_class = GRPOTrainer if cfg.algorithm == "grpo" else RLOOTrainer
+        # The reward model is the reward function; TRL renders each prompt + answer with its
+        # own tokenizer. The KL reference is reloaded by TRL from the policy's folder.
+        reward_tokenizer = models.load_tokenizer(reward)
+        trainer = trainer_class(
+            model=models.load_causal_lm(policy, ctx.run.device), args=args,
+            reward_funcs=models.load_reward_model(reward, reward_tokenizer), reward_processing_classes=reward_tokenizer,
+            train_dataset=Dataset.from_list([{"prompt": p["prompt"]} for p in prompts]),
+            processing_class=models.load_tokenizer(policy, padding_side="left"))
+    metrics = train_and_save(trainer, ctx)
+    return {"algorithm": cfg.algorithm, "prompts": len(prompts),
+            "helpful_prompts": sum(p["kind"] == "helpful" for p in prompts), **metrics}
+
+
+# ---------------------------------------------------------------- PPO plumbing
+
+
+def ppo_pad_token(tokenizer) -> None:
+    """TRL's PPO finds padding by token id (`ids != pad_token_id`): a pad token that also
+    ends chat turns (SmolLM2 pads with <|im_end|>) would mask the prompt itself. Pad with
+    another special token the chat template does not use."""
+    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    probe = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                          add_generation_prompt=True)
+    specials = [t.content for _, t in sorted(tokenizer.added_tokens_decoder.items()) if t.special]
+    for token in [tokenizer.unk_token, tokenizer.bos_token, *specials]:
+        if token and token != tokenizer.eos_token and token not in probe:
+            tokenizer.pad_token = token
+            return
+    raise ValueError("PPO needs a pad token distinct from the tokens of the chat template; this tokenizer pads "
+                     f"with {tokenizer.pad_token!r} (its EOS) and has no other special token to pad with. "
+                     "Use algorithm rloo or grpo, which do not have this limit")
+
+
+def check_shared_tokenizer(policy_tokenizer, reward_tokenizer, policy: str, reward: str) -> None:
+    if policy_tokenizer.get_vocab() != reward_tokenizer.get_vocab():
+        raise ValueError(f"rl.algorithm ppo scores the policy's token ids with the reward model, so both need the "
+                         f"same tokenizer, but {policy} and {reward} have different vocabularies. Train the reward "
+                         "model from the same base model, or use algorithm rloo or grpo (they re-tokenise for the "
+                         "reward model)")
+
+
+def ppo_trainer(ctx, args, policy: str, reward: str, prompts: list[dict]):
+    from datasets import Dataset
+
+    from cai import models
+
+    tokenizer = models.load_tokenizer(policy, padding_side="left")
+    check_shared_tokenizer(tokenizer, models.load_tokenizer(reward), policy, reward)
+    ppo_pad_token(tokenizer)
+    query_ids = [tokenizer(tokenizer.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True),
+                           add_special_tokens=False)["input_ids"] for p in prompts]
+    return _ppo_trainer_class()(
+        args=args, processing_class=tokenizer,
+        model=models.load_causal_lm(policy, ctx.run.device), ref_model=models.load_causal_lm(policy, ctx.run.device),
+        reward_model=models.load_reward_model(reward, tokenizer).eval(),
+        value_model=models.load_reward_model(reward, tokenizer),  # the value head starts from the reward model
+        train_dataset=Dataset.from_dict({"input_ids": query_ids}))
+
+
+@functools.cache
+def _ppo_trainer_class():
+    """TRL's PPOTrainer with what cai.training.train_and_save expects of a trainer
+    (`train(resume_from_checkpoint)` returning a TrainOutput) and a completion-length log."""
+    import torch
+    from transformers.trainer_utils import TrainOutput
+    from trl.experimental.ppo import PPOTrainer
+
+    class CaiPPOTrainer(PPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._lengths: list[int] = []
+            self._watch_rollout_lengths(self.policy_model)
+
+        def _watch_rollout_lengths(self, policy) -> None:
+            # TRL 1.12's PPO logs no completion length: count it from the rollouts it generates.
+            # Counted like RLOO/GRPO count theirs: up to and including the stop token.
+            generate, stop = policy.generate, self.stop_token_id
+
+            def counting_generate(*args, **kwargs):
+                output = generate(*args, **kwargs)
+                sequences = output.sequences if hasattr(output, "sequences") else output
+                answers = sequences[:, kwargs["input_ids"].shape[1]:]
+                stops = answers == stop if stop is not None else torch.zeros_like(answers, dtype=torch.bool)
+                lengths = torch.where(stops.any(1), stops.int().argmax(1) + 1, answers.shape[1])
+                self._lengths += lengths.tolist()
+                return output
+
+            policy.generate = counting_generate
+
+        def log(self, logs: dict, start_time: float | None = None) -> None:
+            if self._lengths:
+                logs["completions/mean_length"] = sum(self._lengths) / len(self._lengths)
+                self._lengths = []
+            super().log(logs, start_time)
+
+        def train(self, resume_from_checkpoint=None):  # TRL's PPO cannot resume: an interrupted run restarts
+            started = time.time()
+            super().train()
+            losses = [entry["loss/policy_avg"] for entry in self.state.log_history if "loss/policy_avg" in entry]
+            return TrainOutput(self.state.global_step, sum(losses) / len(losses) if losses else 0.0,
+                               {"train_runtime": time.time() - started})
+
+    return CaiPPOTrainer
