@@ -20,7 +20,7 @@ from cai.yamlio import ValidationError
 from conftest import make_run
 
 TRAIN = ("reward.num_train_epochs=2", "reward.per_device_train_batch_size=4", "reward.learning_rate=1.0e-3",
-         "reward.eval_fraction=0.3")
+         "reward.eval_fraction=0.3", "reward.mix_critique_pairs=false")
 
 
 def user(text: str) -> list[dict]:
