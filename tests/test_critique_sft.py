@@ -109,6 +109,15 @@ def test_degenerate_generations_are_counted_and_dropped(tmp_path, monkeypatch):
     assert counts["dropped_prompts"] == 2 and counts["records"] == 8 and counts["sft_rows"] == 6
 
 
+def test_revisions_that_comment_on_the_answer_are_not_kept():
+    assert critique.is_meta_revision("The answer is not harmful and is a safe option.")
+    assert critique.is_meta_revision("The assistant's response does not contain explicit content.")
+    assert critique.is_meta_revision("This response is respectful.")
+    assert not critique.is_meta_revision("I can't help with tracking someone, but here is what you can do.")
+    assert not critique.is_meta_revision("The answers to most chemistry questions start with safety.")
+    assert not critique.is_meta_revision("Paris is the capital of France.")
+
+
 def test_revision_labels_are_cleaned():
     assert critique.clean_revision("Revision: I can't help with that.") == "I can't help with that."
     assert critique.clean_revision("Here is why: x") == "Here is why: x"

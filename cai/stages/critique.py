@@ -6,6 +6,9 @@ then to revise the answer in the light of its critique. The constitution's few-s
 examples go first, as earlier chat turns, to show a small model the format. The final
 revisions become the SFT set; "final revision over first answer" a preference set.
 
+A round whose critique or revision is degenerate, or whose "revision" comments on the
+answer instead of being one, is recorded but not kept: the answer stays as it was.
+
 Prompts are processed in fixed chunks of `batch_size` (sorted by length); a chunk's
 records are appended when all its rounds are done, so a killed run resumes losing at
 most the chunk in flight, and produces exactly what an uninterrupted run would.
@@ -40,9 +43,19 @@ class Config:
 _LABEL = re.compile(r"^\s*(revision|revised (answer|response)|new answer|answer)\s*:\s*", re.IGNORECASE)
 
 
+_META = re.compile(r"^\W*(the|this|my|your) (original |last |previous |revised |new |assistant's )?"
+                   r"(answer|response|reply|revision)\b", re.IGNORECASE)
+
+
 def clean_revision(text: str) -> str:
     """Drop a leading 'Revision:' label small models like to echo."""
     return _LABEL.sub("", text, count=1).strip()
+
+
+def is_meta_revision(text: str) -> bool:
+    """A 'revision' that talks about the answer ("The answer is not harmful...") instead of
+    being one: small models often write these; training on them teaches commentary."""
+    return bool(_META.match(text))
 
 
 def draw_principle(constitution, seed: int, prompt_id: str, round_index: int):
@@ -92,7 +105,7 @@ def critique_chunk(chunk, generator: HFGenerator, constitution, cfg: Config, see
         revisions = generator.generate(revise, answer, seed=chunk_seed + 2 * round_index + 2)
         for record, principle, critique, revision in zip(live, principles, critiques, revisions):
             text = clean_revision(revision.text)
-            kept = not is_degenerate(critique.text) and not is_degenerate(text)
+            kept = not (is_degenerate(critique.text) or is_degenerate(text) or is_meta_revision(text))
             counts["dropped_rounds"] += not kept
             record["rounds"].append({"round": round_index + 1, "principle": principle.id,
                                      "critique_request": principle.critique, "critique": critique.text,
