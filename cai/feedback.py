@@ -29,6 +29,7 @@ is clamped to a band (the paper uses 40-60 %).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -36,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from cai import models
 from cai.generation.hf import HFGenerator, Sampling
@@ -44,6 +46,7 @@ OPTIONS = ("A", "B")
 PRIME = "("  # the assistant turn starts with it; the next token is the option letter
 COT_PRIME = "Let's think step by step:"
 COT_CUE = "So the answer is: ("
+MIN_SHARED_PREFIX = 16  # tokens; below this, reusing a prefix cache is not worth it
 
 
 @dataclass
@@ -86,6 +89,14 @@ def draw_principles(constitution, seed: int, key: str, k: int) -> list:
         pool.remove(choice)
         drawn.append(choice)
     return drawn
+
+
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """How many leading tokens all rows have in common."""
+    first, length = rows[0], min(len(r) for r in rows)
+    for row in rows[1:]:
+        length = next((j for j in range(length) if row[j] != first[j]), length)
+    return length
 
 
 def option_token_ids(tokenizer) -> list[int]:
@@ -175,17 +186,38 @@ class FeedbackModel:
         return self.generator.render(messages[:-1], prefill=messages[-1]["content"])
 
     @torch.inference_mode()
-    def option_probabilities(self, questions: list[list[dict]]) -> list[tuple[float, float]]:
+    def option_probabilities(self, questions: list[list[dict]], desc: str | None = None) -> list[tuple[float, float]]:
         """Normalised (P(A), P(B)) of each question's next token: one forward pass per
-        batch of consecutive questions, left-padded, no generation."""
+        batch of consecutive questions, left-padded, no generation (plus one pass over
+        the prefix all questions share)."""
+        rows = [self._render(q) for q in questions]
+        if not rows:
+            return []
+        # Every question starts with the same few-shot turns: compute them once and reuse
+        # their key/value cache (about half the tokens of a 2-shot question).
+        shared = min(shared_prefix_length(rows), min(len(r) for r in rows) - 1)
+        prefix = None
+        if shared >= MIN_SHARED_PREFIX:
+            began = time.perf_counter()
+            ids = torch.tensor([rows[0][:shared]], device=self.model.device)
+            prefix = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+            self.seconds += time.perf_counter() - began
+        else:
+            shared = 0
         results = []
-        for start in range(0, len(questions), self.batch_size):
-            rows = [self._render(q) for q in questions[start:start + self.batch_size]]
-            input_ids, attention = self.generator._batch_tensors(rows)
-            positions = (attention.cumsum(-1) - 1).clamp(min=0)  # as if each row were unpadded
+        starts = range(0, len(rows), self.batch_size)
+        for start in tqdm(starts, desc=desc, disable=desc is None, leave=False, unit="batch"):
+            batch = rows[start:start + self.batch_size]
+            input_ids, attention = self.generator.pad_left([r[shared:] for r in batch])
+            positions = shared + (attention.cumsum(-1) - 1).clamp(min=0)  # as if each row were unpadded
+            cache = None
+            if prefix is not None:
+                cache = copy.deepcopy(prefix)
+                cache.batch_repeat_interleave(len(batch))
+                attention = torch.cat([attention.new_ones(len(batch), shared), attention], dim=1)
             began = time.perf_counter()
             logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                logits_to_keep=1).logits[:, -1, :]
+                                past_key_values=cache, use_cache=cache is not None, logits_to_keep=1).logits[:, -1, :]
             self.seconds += time.perf_counter() - began
             probs = torch.softmax(logits[:, self.option_ids].float(), dim=-1)
             results += [(a, b) for a, b in probs.tolist()]
@@ -211,7 +243,7 @@ class FeedbackModel:
         return self.compare_with(constitution, conversations, first, second, drawn, seed)
 
     def compare_with(self, constitution, conversations: list[list[dict]], first: list[str], second: list[str],
-                     principles: list[list], seed: int = 0) -> list[Comparison]:
+                     principles: list[list], seed: int = 0, desc: str | None = None) -> list[Comparison]:
         """`compare` with the principles given: `principles[i]` lists comparison i's
         (FeedbackPrinciple objects, or plain question texts)."""
         if not (len(conversations) == len(first) == len(second) == len(principles)):
@@ -233,7 +265,7 @@ class FeedbackModel:
 
         # Longest first so a batch pads little; a pair's two orders stay in one batch.
         order = sorted(range(len(pairs)), key=lambda n: (-len(self._render(pairs[n][0])), n))
-        scored = self.option_probabilities([q for n in order for q in pairs[n]])
+        scored = self.option_probabilities([q for n in order for q in pairs[n]], desc=desc)
         p_ab, p_ba = [0.0] * len(pairs), [0.0] * len(pairs)
         for slot, n in enumerate(order):
             p_ab[n] = scored[2 * slot][0]  # first shown as (A): P(A)

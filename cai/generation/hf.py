@@ -56,7 +56,7 @@ class HFGenerator:
         ids = self.tokenizer(text + prefill, add_special_tokens=False)["input_ids"]
         return ids[-self.max_prompt_tokens:]
 
-    def _batch_tensors(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def pad_left(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -84,7 +84,7 @@ class HFGenerator:
         bar = tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch")
         for index, batch in enumerate(bar):
             torch.manual_seed(seed * 1_000_003 + index)
-            input_ids, attention = self._batch_tensors([prompts[i] for i in batch])
+            input_ids, attention = self.pad_left([prompts[i] for i in batch])
             start = time.perf_counter()
             output = self.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
             self.seconds += time.perf_counter() - start
