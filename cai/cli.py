@@ -46,8 +46,7 @@ def cmd_run(args) -> int:
 
     run = _load(args)
     run_pipeline(run, start=args.start, until=args.until, force=args.force)
-    report = getattr(args, "report", True)
-    if report and (run.path / "evaluate" / "manifest.json").exists():
+    if (run.path / "evaluate" / "manifest.json").exists():
         from cai.report import write_report
 
         print(f"[cai] report: {write_report(run.path)}")

@@ -40,13 +40,12 @@ import torch
 from tqdm.auto import tqdm
 
 from cai import models
-from cai.generation.hf import HFGenerator, Sampling
+from cai.generation.hf import MIN_SHARED_PREFIX, HFGenerator, Sampling, shared_prefix_length
 
 OPTIONS = ("A", "B")
 PRIME = "("  # the assistant turn starts with it; the next token is the option letter
 COT_PRIME = "Let's think step by step:"
 COT_CUE = "So the answer is: ("
-MIN_SHARED_PREFIX = 16  # tokens; below this, reusing a prefix cache is not worth it
 
 
 @dataclass
@@ -89,14 +88,6 @@ def draw_principles(constitution, seed: int, key: str, k: int) -> list:
         pool.remove(choice)
         drawn.append(choice)
     return drawn
-
-
-def shared_prefix_length(rows: list[list[int]]) -> int:
-    """How many leading tokens all rows have in common."""
-    first, length = rows[0], min(len(r) for r in rows)
-    for row in rows[1:]:
-        length = next((j for j in range(length) if row[j] != first[j]), length)
-    return length
 
 
 def option_token_ids(tokenizer) -> list[int]:

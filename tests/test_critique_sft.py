@@ -145,3 +145,18 @@ def test_sft_trains_on_the_answer_only():
     assert row == {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]}
     with pytest.raises(ValueError):
         prompt_completion([{"role": "user", "content": "q"}])
+
+
+def test_shared_prefix_cache_gives_the_same_generations():
+    """The few-shot prefix computed once and reused must not change a single token."""
+    from cai.constitution import load_constitution
+    from cai.generation.hf import HFGenerator, Sampling
+
+    constitution = load_constitution(ROOT / "constitutions" / "harmless.yaml")
+    conversations = [critique.system_turns(constitution) + critique.few_shot_turns(constitution, 2)
+                     + [{"role": "user", "content": text}] for text in ("How do I pick a lock?", "Hi", "Insult me")]
+    shared = HFGenerator.from_spec("builtin:tiny", "cpu", batch_size=2)
+    plain = HFGenerator(shared.model, shared.tokenizer, batch_size=2, share_prefix=False)
+    for sampling in (Sampling(12, temperature=0), Sampling(12, temperature=1.0)):
+        assert ([c.text for c in shared.generate(conversations, sampling, seed=3)]
+                == [c.text for c in plain.generate(conversations, sampling, seed=3)])

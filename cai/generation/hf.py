@@ -1,12 +1,14 @@
 """Batched chat generation with transformers: the hot path of every data stage.
 
 Conversations are rendered with the tokenizer's chat template, sorted by length so a
-batch pads little, left-padded, and generated with the KV cache. Each batch is seeded
+batch pads little, left-padded, and generated with the KV cache; a prefix all prompts share (the system
+prompt and few-shot turns) is computed once and its cache reused by every batch. Each batch is seeded
 from (seed, batch index), so the same inputs give the same outputs.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -15,6 +17,17 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from cai import models
+
+
+MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is not worth a cache copy
+
+
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """How many leading tokens all rows have in common."""
+    first, length = rows[0], min(len(r) for r in rows)
+    for row in rows[1:]:
+        length = next((j for j in range(length) if row[j] != first[j]), length)
+    return length
 
 
 @dataclass
@@ -33,8 +46,10 @@ class Completion:
 
 
 class HFGenerator:
-    def __init__(self, model, tokenizer, batch_size: int = 8, max_prompt_tokens: int | None = None):
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_prompt_tokens: int | None = None,
+                 share_prefix: bool = True):
         self.model = model
+        self.share_prefix = share_prefix
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         limit = getattr(model.config, "max_position_embeddings", None) or 4096
@@ -80,13 +95,32 @@ class HFGenerator:
             top_k=sampling.top_k if sampling.temperature > 0 else None,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids, use_cache=True)
         results: list[Completion | None] = [None] * len(prompts)
+        # Prompts that open with the same turns (system prompt, few-shot examples) share
+        # that prefix: its key/value cache is computed once and copied into every batch.
+        shared = shared_prefix_length(prompts) if self.share_prefix and prompts else 0
+        shared = min(shared, min((len(p) for p in prompts), default=1) - 1)
+        prefix_ids, prefix_cache = None, None
+        if shared >= MIN_SHARED_PREFIX:
+            start = time.perf_counter()
+            prefix_ids = torch.tensor([prompts[0][:shared]], device=self.model.device)
+            prefix_cache = self.model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1).past_key_values
+            self.seconds += time.perf_counter() - start
+        else:
+            shared = 0
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         bar = tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch")
         for index, batch in enumerate(bar):
             torch.manual_seed(seed * 1_000_003 + index)
-            input_ids, attention = self.pad_left([prompts[i] for i in batch])
+            input_ids, attention = self.pad_left([prompts[i][shared:] for i in batch])
+            cache = None
+            if prefix_cache is not None:  # [prefix][left padding][rest]: the mask hides the padding
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(batch))
+                input_ids = torch.cat([prefix_ids.expand(len(batch), -1), input_ids], dim=1)
+                attention = torch.cat([attention.new_ones(len(batch), shared), attention], dim=1)
             start = time.perf_counter()
-            output = self.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention, past_key_values=cache,
+                                         generation_config=config)
             self.seconds += time.perf_counter() - start
             for row, i in zip(output[:, input_ids.shape[1]:].tolist(), batch):
                 results[i] = self._completion(row)
