@@ -1,14 +1,19 @@
 """Batched generation (the critique stage's hot path) against a plain one-prompt-at-a-time
-`generate` loop over the same prompts, in one process. Prints the speed-up ratio.
+`generate` loop over the same prompts, in one process. Prints the speed-up ratios.
+
+With `--few-shot N` the prompts are critique requests as the critique stage builds them
+(system prompt + N constitution examples + the exchange), and batched generation is also
+timed without the shared-prefix cache.
 
     .venv/bin/python bench/critique_generation.py [--model builtin:smollm2-135m-instruct]
-        [--prompts 16] [--batch-size 8] [--max-new-tokens 64] [--threads 2]
+        [--prompts 16] [--batch-size 8] [--max-new-tokens 64] [--threads 1] [--few-shot 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,12 +44,22 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--few-shot", type=int, default=0)
     args = parser.parse_args()
     models.set_threads(args.threads)
 
     prompts = load_source("builtin:donotanswer", "red_team")[: args.prompts]
     conversations = [[{"role": "user", "content": p.text}] for p in prompts]
+    if args.few_shot:
+        from cai.constitution import load_constitution
+        from cai.stages.critique import few_shot_turns, system_turns
+
+        constitution = load_constitution(Path(__file__).resolve().parent.parent / "constitutions" / "harmless.yaml")
+        principle = constitution.critique_revision[0]
+        conversations = [system_turns(constitution) + few_shot_turns(constitution, args.few_shot)
+                         + c + [{"role": "assistant", "content": "Here is how you could do that."},
+                                {"role": "user", "content": principle.critique}] for c in conversations]
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.95)
     generator = HFGenerator.from_spec(args.model, "cpu", args.batch_size)
     generator.generate(conversations[:2], sampling, seed=99)  # warm-up
@@ -55,15 +70,25 @@ def main() -> None:
     batched_s = time.perf_counter() - start
     batched_tokens = generator.tokens_generated
 
+    unshared_s = None
+    if args.few_shot:
+        generator.share_prefix = False
+        start = time.perf_counter()
+        generator.generate(conversations, sampling, seed=0)
+        unshared_s = time.perf_counter() - start
+        generator.share_prefix = True
+
     plain_tokens, plain_s = sequential(generator.model, generator.tokenizer, conversations, sampling, seed=0)
 
     batched_rate, plain_rate = batched_tokens / batched_s, plain_tokens / plain_s
     print(f"model={args.model} prompts={args.prompts} batch={args.batch_size} "
-          f"max_new_tokens={args.max_new_tokens} threads={args.threads}")
+          f"max_new_tokens={args.max_new_tokens} threads={args.threads} few_shot={args.few_shot}")
     print(f"one-at-a-time : {plain_tokens:5d} tokens in {plain_s:7.1f} s = {plain_rate:6.1f} tok/s, "
           f"{plain_s / len(prompts):.2f} s/prompt")
     print(f"batched       : {batched_tokens:5d} tokens in {batched_s:7.1f} s = {batched_rate:6.1f} tok/s, "
           f"{batched_s / len(prompts):.2f} s/prompt")
+    if unshared_s is not None:
+        print(f"batched, prefix not shared: {unshared_s:7.1f} s; prefix cache speed-up {unshared_s / batched_s:.2f}x")
     print(f"ratio (batched / one-at-a-time): {batched_rate / plain_rate:.2f}x tokens/s, "
           f"{plain_s / batched_s:.2f}x wall time per prompt")
 
