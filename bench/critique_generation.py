@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from cai import models
-from cai.generation.hf import HFGenerator, Sampling
+from cai.engines import Sampling
+from cai.engines.hf import TransformersEngine
 from cai.prompts import load_source
 
 
@@ -61,7 +62,7 @@ def main() -> None:
                          + c + [{"role": "assistant", "content": "Here is how you could do that."},
                                 {"role": "user", "content": principle.critique}] for c in conversations]
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.95)
-    generator = HFGenerator.from_spec(args.model, "cpu", args.batch_size)
+    generator = TransformersEngine.from_spec(args.model, "cpu", args.batch_size)
     generator.generate(conversations[:2], sampling, seed=99)  # warm-up
 
     generator.tokens_generated, generator.seconds = 0, 0.0

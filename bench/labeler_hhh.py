@@ -39,13 +39,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from cai.constitution import load_constitution
-    from cai.feedback import FeedbackModel
+    from cai.engines.hf import TransformersEngine
+    from cai.feedback import Judge
     from cai.stages.label import evaluate_labeler, format_metrics, read_labeled_pairs
 
     pairs = read_labeled_pairs(args.data, limit=args.limit)
     started = time.perf_counter()
-    judge = FeedbackModel.from_spec(args.model, device="cpu", batch_size=args.batch_size, few_shot=args.few_shot,
-                                    cot=args.cot)
+    judge = Judge(TransformersEngine.from_spec(args.model, device="cpu", batch_size=args.batch_size),
+                  few_shot=args.few_shot, cot=args.cot)
     load_seconds = time.perf_counter() - started
     metrics = evaluate_labeler(judge, load_constitution(args.constitution), pairs)
     print(f"{args.model} on {args.data}: few_shot={args.few_shot}, {'cot' if args.cot else 'direct'}, "

@@ -12,11 +12,12 @@ import time
 import torch
 
 from cai import models
-from cai.generation.hf import HFGenerator, Sampling
+from cai.engines import Sampling
+from cai.engines.hf import TransformersEngine
 from cai.prompts import load_source
 
 
-def time_generate(generator: HFGenerator, conversations, repeats: int = 1) -> float:
+def time_generate(generator: TransformersEngine, conversations, repeats: int = 1) -> float:
     sampling = Sampling(max_new_tokens=32, temperature=0.7)
     start = time.perf_counter()
     for i in range(repeats):
@@ -47,7 +48,7 @@ def main() -> None:
 
     prompts = [p.text for p in load_source("builtin:helpful", "helpful")[: args.batch_size]]
     conversations = [[{"role": "user", "content": p}] for p in prompts]
-    generator = HFGenerator.from_spec(args.model, "cpu", args.batch_size)
+    generator = TransformersEngine.from_spec(args.model, "cpu", args.batch_size)
     generator.tokenizer.padding_side = "right"
     results = {}
     for threads in args.threads:

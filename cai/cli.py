@@ -35,9 +35,11 @@ def _load(args):
 
 
 def cmd_stage(args) -> int:
-    from cai.pipeline import run_stage
+    from cai.pipeline import check_servers, run_stage
 
-    run_stage(_load(args), args.command, force=args.force)
+    run = _load(args)
+    check_servers(run, [args.command])
+    run_stage(run, args.command, force=args.force)
     return 0
 
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from cai.engines import is_server
+from cai.engines.openai import ServerConfig
 from cai.yamlio import LocatedYaml, Problem, ValidationError, describe, load_yaml
 
 STAGE_SECTIONS = ("critique", "sft", "label", "reward", "rl", "dpo", "evaluate")
@@ -53,6 +55,8 @@ class RunConfig:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     threads: int = 1  # torch intra-op threads; 1 is fastest for small models on 2 cores (bench/threads.py)
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, ...
+    # OpenAI-compatible servers a data stage can use instead of weights, as `server:NAME`
+    servers: dict[str, ServerConfig] = field(default_factory=dict)
     stages: dict[str, dict] = field(default_factory=dict)  # raw stage sections, parsed by stage_config
     source: LocatedYaml | None = field(default=None, repr=False, compare=False)
 
@@ -172,18 +176,56 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     raw = dict(doc.data)
     stages = {name: raw.pop(name) for name in STAGE_SECTIONS if name in raw}
     prompts_raw = raw.pop("prompts", None)
+    servers_raw = raw.pop("servers", None) or {}
     run, _, problems = parse_dataclass(RunConfig, raw, doc, (), extra=None)
     prompts, _, more = parse_dataclass(PromptsConfig, prompts_raw, doc, ("prompts",))
+    problems += more
+    servers, more = parse_servers(servers_raw, doc)
     problems += more
     for name, section in stages.items():
         if section is not None and not isinstance(section, dict):
             problems.append(doc.problem((name,), f"section '{name}' must be a mapping, got {describe(section)}"))
+    if run is not None and is_server(run.model):
+        problems.append(doc.problem(("model",), f"'model': {run.model} is a server, but the run's model is the one "
+                                                f"sft fine-tunes: it must be weights (builtin:, a folder or a hub id); "
+                                                f"point critique.model, label.policy / feedback_model or "
+                                                f"evaluate.models / feedback_model at a server instead"))
     if problems:
         raise ValidationError(problems)
     run.prompts = prompts
+    run.servers = servers
     run.stages = {k: (v or {}) for k, v in stages.items()}
     run.source = doc
     return run
+
+
+def parse_servers(raw: Any, doc: LocatedYaml) -> tuple[dict[str, ServerConfig], list[Problem]]:
+    """The `servers:` section: a mapping of names to ServerConfig fields."""
+    if not isinstance(raw, dict):
+        return {}, [doc.problem(("servers",), f"'servers' must be a mapping of names to servers, got {describe(raw)}")]
+    servers, problems = {}, []
+    for name, section in raw.items():
+        if not isinstance(name, str) or not name or ":" in name:
+            problems.append(doc.problem(("servers", name), f"'servers': {name!r} is not a usable name "
+                                                            f"(a non-empty string without ':')"))
+            continue
+        server, _, more = parse_dataclass(ServerConfig, section, doc, ("servers", name))
+        problems += more
+        if server is None:
+            continue
+        for spec in dataclasses.fields(ServerConfig):
+            key = spec.name
+            value, low, high = getattr(server, key), spec.metadata.get("min"), spec.metadata.get("max")
+            if (low is not None and value < low) or (high is not None and value > high):
+                bounds = " and ".join(b for b in (f">= {low}" if low is not None else "",
+                                                  f"<= {high}" if high is not None else "") if b)
+                problems.append(doc.problem(("servers", name, key), f"'servers.{name}.{key}' must be {bounds}, "
+                                                                     f"got {value!r}"))
+        if not server.base_url.startswith(("http://", "https://")):
+            problems.append(doc.problem(("servers", name, "base_url"), f"'servers.{name}.base_url' must be an "
+                                        f"http:// or https:// URL such as http://127.0.0.1:8000/v1, got {server.base_url!r}"))
+        servers[name] = server
+    return servers, problems
 
 
 def shared_fingerprint(run: RunConfig) -> dict:

@@ -20,27 +20,27 @@ options, are the soft label. The constitution's feedback examples go first as ea
 chat turns (question -> "(A)" / "(B)"), to show a small model the format.
 
 Small models prefer one slot whatever the content (position bias), so every
-comparison is asked in both orders, in the same batch, and the two answers averaged;
+comparison is asked in both orders and the two answers averaged;
 an ensemble of k principles is averaged too. In chain-of-thought mode the model first
 writes its reasoning ("Let's think step by step"), then the answer cue follows and the
 options are scored; such probabilities are overconfident, so each order's probability
 is clamped to a band (the paper uses 40-60 %).
+
+The judge is engine-agnostic: the option probabilities come from `Engine.score_options`
+(one forward pass in-process; token log-probabilities over a server), the reasoning
+from `Engine.generate`. With a server that returns no log-probabilities and
+`option_scoring: letter`, the labels are hard (0, 1, or a tie).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import random
 import time
 from dataclasses import dataclass, field
 
-import torch
-from tqdm.auto import tqdm
-
-from cai import models
-from cai.generation.hf import MIN_SHARED_PREFIX, HFGenerator, Sampling, shared_prefix_length
+from cai.engines import Sampling
 
 OPTIONS = ("A", "B")
 PRIME = "("  # the assistant turn starts with it; the next token is the option letter
@@ -90,30 +90,18 @@ def draw_principles(constitution, seed: int, key: str, k: int) -> list:
     return drawn
 
 
-def option_token_ids(tokenizer) -> list[int]:
-    """The ids of "A" and "B" as tokenized right after "(" (the way they follow the prime)."""
-    prime = tokenizer(PRIME, add_special_tokens=False)["input_ids"]
-    ids = []
-    for letter in OPTIONS:
-        both = tokenizer(PRIME + letter, add_special_tokens=False)["input_ids"]
-        if both[:len(prime)] != prime or len(both) != len(prime) + 1:
-            raise ValueError(f"the feedback model's tokenizer does not split {PRIME + letter!r} into {PRIME!r} plus "
-                             f"one token for {letter!r} (got ids {both}); option scoring needs single-token letters")
-        ids.append(both[-1])
-    if ids[0] == ids[1]:
-        raise ValueError(f"the tokenizer maps both option letters to token id {ids[0]}")
-    return ids
+class Judge:
+    """A model, behind any engine, used as a multiple-choice judge of response pairs.
 
+    The engine does the scoring (`score_options`: one forward pass in-process,
+    log-probabilities over a server) and, in chain-of-thought mode, the reasoning
+    (`generate`); the question text, the few-shot turns, the principle draws, both
+    orders and the clamping live here, the same whatever the engine."""
 
-class FeedbackModel:
-    """A causal LM used as a multiple-choice judge of response pairs."""
-
-    def __init__(self, model, tokenizer, batch_size: int = 8, few_shot: int = 2, cot: bool = False,
+    def __init__(self, engine, few_shot: int = 2, cot: bool = False,
                  cot_clamp: tuple[float, float] = (0.4, 0.6), cot_max_new_tokens: int = 128,
                  cot_temperature: float = 0.0):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.batch_size = max(2, batch_size - batch_size % 2)  # even: both orders of a comparison share a batch
+        self.engine = engine
         self.few_shot = few_shot
         self.cot = cot
         low, high = cot_clamp
@@ -121,16 +109,8 @@ class FeedbackModel:
             raise ValueError(f"cot_clamp must be [low, high] with 0 <= low <= 0.5 <= high <= 1, got {list(cot_clamp)}")
         self.cot_clamp = (float(low), float(high))
         self.cot_sampling = Sampling(cot_max_new_tokens, cot_temperature)
-        # The generator renders chats and pads batches for scoring too (one place for both).
-        self.generator = HFGenerator(model, tokenizer, batch_size=self.batch_size)
-        self.option_ids = option_token_ids(tokenizer)
         self.comparisons = 0
         self.seconds = 0.0
-
-    @classmethod
-    def from_spec(cls, spec: str, device: str = "auto", batch_size: int = 8, **kwargs) -> "FeedbackModel":
-        tokenizer = models.load_tokenizer(spec, padding_side="left")
-        return cls(models.load_causal_lm(spec, device), tokenizer, batch_size, **kwargs)
 
     # ------------------------------------------------------------ the question
 
@@ -173,53 +153,19 @@ class FeedbackModel:
 
     # ------------------------------------------------------------ scoring
 
-    def _render(self, messages: list[dict]) -> list[int]:
-        return self.generator.render(messages[:-1], prefill=messages[-1]["content"])
-
-    @torch.inference_mode()
     def option_probabilities(self, questions: list[list[dict]], desc: str | None = None) -> list[tuple[float, float]]:
-        """Normalised (P(A), P(B)) of each question's next token: one forward pass per
-        batch of consecutive questions, left-padded, no generation (plus one pass over
-        the prefix all questions share)."""
-        rows = [self._render(q) for q in questions]
-        if not rows:
-            return []
-        # Every question starts with the same few-shot turns: compute them once and reuse
-        # their key/value cache (about half the tokens of a 2-shot question).
-        shared = min(shared_prefix_length(rows), min(len(r) for r in rows) - 1)
-        prefix = None
-        if shared >= MIN_SHARED_PREFIX:
-            began = time.perf_counter()
-            ids = torch.tensor([rows[0][:shared]], device=self.model.device)
-            prefix = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
-            self.seconds += time.perf_counter() - began
-        else:
-            shared = 0
-        results = []
-        starts = range(0, len(rows), self.batch_size)
-        for start in tqdm(starts, desc=desc, disable=desc is None, leave=False, unit="batch"):
-            batch = rows[start:start + self.batch_size]
-            input_ids, attention = self.generator.pad_left([r[shared:] for r in batch])
-            positions = shared + (attention.cumsum(-1) - 1).clamp(min=0)  # as if each row were unpadded
-            cache = None
-            if prefix is not None:
-                cache = copy.deepcopy(prefix)
-                cache.batch_repeat_interleave(len(batch))
-                attention = torch.cat([attention.new_ones(len(batch), shared), attention], dim=1)
-            began = time.perf_counter()
-            logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                past_key_values=cache, use_cache=cache is not None, logits_to_keep=1).logits[:, -1, :]
-            self.seconds += time.perf_counter() - began
-            probs = torch.softmax(logits[:, self.option_ids].float(), dim=-1)
-            results += [(a, b) for a, b in probs.tolist()]
-        return results
+        """Normalised (P(A), P(B)) of each question's next token, from the engine."""
+        began = time.perf_counter()
+        scored = self.engine.score_options(questions, OPTIONS, desc=desc)
+        self.seconds += time.perf_counter() - began
+        return [(a, b) for a, b in scored]
 
     def _reasoning(self, questions: list[list[dict]], seed: int) -> list[str]:
         if not questions:
             return []
         began = time.perf_counter()
-        completions = self.generator.generate([q[:-1] for q in questions], self.cot_sampling, seed=seed,
-                                              prefill=questions[0][-1]["content"])
+        completions = self.engine.generate([q[:-1] for q in questions], self.cot_sampling, seed=seed,
+                                           prefill=questions[0][-1]["content"])
         self.seconds += time.perf_counter() - began
         return [c.text for c in completions]
 
@@ -254,13 +200,9 @@ class FeedbackModel:
             reasoning = self._reasoning([q for pair in pairs for q in pair], seed)
             pairs = [both_orders(i, principle, reasoning[2 * n: 2 * n + 2]) for n, (i, principle) in enumerate(asked)]
 
-        # Longest first so a batch pads little; a pair's two orders stay in one batch.
-        order = sorted(range(len(pairs)), key=lambda n: (-len(self._render(pairs[n][0])), n))
-        scored = self.option_probabilities([q for n in order for q in pairs[n]], desc=desc)
-        p_ab, p_ba = [0.0] * len(pairs), [0.0] * len(pairs)
-        for slot, n in enumerate(order):
-            p_ab[n] = scored[2 * slot][0]  # first shown as (A): P(A)
-            p_ba[n] = scored[2 * slot + 1][1]  # first shown as (B): P(B)
+        scored = self.option_probabilities([q for pair in pairs for q in pair], desc=desc)
+        p_ab = [scored[2 * n][0] for n in range(len(pairs))]  # first shown as (A): P(A)
+        p_ba = [scored[2 * n + 1][1] for n in range(len(pairs))]  # first shown as (B): P(B)
         if self.cot:  # reasoning makes the model overconfident: keep each order inside the band
             low, high = self.cot_clamp
             p_ab = [min(max(p, low), high) for p in p_ab]

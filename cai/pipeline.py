@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.config import STAGE_SECTIONS, RunConfig, config_hash, parse_dataclass, shared_fingerprint
+from cai.engines import is_server, server_name
 from cai.rundir import StageDir, atomic_write_json
 from cai.yamlio import ValidationError
 
@@ -55,12 +56,73 @@ def stage_config(run: RunConfig, name: str) -> tuple[Any, dict]:
                                          extra=extra, extra_name=extra_name)
     if problems:
         raise ValidationError(problems)
+    problems = server_problems(run, name, cfg)
+    if problems:
+        raise ValidationError(problems)
     check = getattr(module, "check_config", None)  # stage-specific checks, still before any work
     if check is not None:
         problems = check(run, cfg, trl)
         if problems:
             raise ValidationError(problems)
     return cfg, trl
+
+
+DATA_STAGES = ("critique", "label", "evaluate")  # stages whose model roles may name a server
+JUDGE_KEYS = ("feedback_model",)  # roles that score options: a server must return log-probabilities
+
+
+def server_references(cfg) -> dict[str, bool]:
+    """{`server:NAME`: used as a judge} for every model role of a stage config."""
+    found: dict[str, bool] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        for item in value if isinstance(value, list) else [value]:
+            if is_server(item):
+                found[item] = found.get(item, False) or f.name in JUDGE_KEYS
+    return found
+
+
+def server_problems(run: RunConfig, name: str, cfg) -> list:
+    """`server:NAME` only in data stages' model roles, and only for declared servers."""
+    problems = []
+
+    def problem(key: str, message: str):
+        return run.source.problem((name, key), message) if run.source else message
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        for item in value if isinstance(value, list) else [value]:
+            if not is_server(item):
+                continue
+            if name not in DATA_STAGES:
+                problems.append(problem(f.name, f"'{name}.{f.name}': {item} is a server, but {name} trains weights: "
+                                                f"it needs a model it can load (builtin:, a folder or a hub id)"))
+            elif server_name(item) not in run.servers:
+                declared = ", ".join(sorted(run.servers)) or "none"
+                problems.append(problem(f.name, f"'{name}.{f.name}': {item} names no server under 'servers:' "
+                                                f"(declared: {declared})"))
+    return problems
+
+
+def check_servers(run: RunConfig, names: list[str]) -> None:
+    """Before any work: every server a stage that will run uses answers, serves its
+    model and, for a judge, returns log-probabilities. Stages already complete with
+    the same settings are skipped, so their servers need not be up."""
+    from cai.engines.openai import OpenAIEngine
+
+    used: dict[str, bool] = {}
+    for name in names:
+        cfg, trl = stage_config(run, name)
+        references = server_references(cfg)
+        if not references:
+            continue
+        manifest = StageDir(run.path, name).manifest()
+        if manifest and manifest["config_hash"] == _fingerprint(run, name, cfg, trl)[0]:
+            continue
+        for reference, judge in references.items():
+            used[reference] = used.get(reference, False) or judge
+    for reference, judge in used.items():
+        OpenAIEngine(run.servers[server_name(reference)], reference).check(judge=judge)
 
 
 @dataclass
@@ -72,6 +134,8 @@ class StageContext:
     dir: StageDir
     config_hash: str
     upstream: dict = field(default_factory=dict)
+    _engines: dict = field(default_factory=dict, repr=False)
+    engines_used: list = field(default_factory=list, repr=False)  # what each released engine did
 
     def stage(self, name: str) -> StageDir:
         return StageDir(self.run.path, name)
@@ -85,6 +149,28 @@ class StageContext:
         if spec in ORDER:
             return str(self.stage(spec).require(f"its model is needed by {self.name}").path / "model")
         return spec
+
+    def engine(self, reference: str | None, batch_size: int = 8):
+        """The engine of a model reference (see `model_spec`), opened once per stage:
+        roles that name the same model (a policy that also judges) share it."""
+        from cai.engines import open_engine
+
+        spec = self.model_spec(reference)
+        if spec not in self._engines:
+            self._engines[spec] = open_engine(spec, self.run, batch_size)
+        return self._engines[spec]
+
+    def release(self, reference: str | None = None) -> None:
+        """Close one engine (or all), freeing its weights before the next is loaded."""
+        import gc
+
+        specs = [self.model_spec(reference)] if reference is not None else list(self._engines)
+        for spec in specs:
+            engine = self._engines.pop(spec, None)
+            if engine is not None:
+                self.engines_used.append(engine.describe())
+                engine.close()
+        gc.collect()
 
     @cached_property
     def constitution(self):
@@ -119,6 +205,9 @@ def _fingerprint(run: RunConfig, name: str, cfg: Any, trl: dict) -> tuple[str, d
         upstream[up] = manifest["config_hash"] if manifest else None
     body = {"stage": name, "shared": shared_fingerprint(run), "config": dataclasses.asdict(cfg),
             "trl": trl, "upstream": upstream}
+    servers = {ref: run.servers[server_name(ref)].fingerprint() for ref in server_references(cfg)}
+    if servers:  # only then, so runs without servers keep their hashes
+        body["servers"] = servers
     return config_hash(body), upstream
 
 
@@ -163,7 +252,9 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
     started = time.time()
     try:
         counts = stage_module(name).run(ctx) or {}
+        ctx.release()
     except BaseException:
+        ctx.release()
         # A stage that failed before writing anything (say, a missing upstream stage) must not
         # leave a marker that would later refuse to run with the then-complete inputs.
         if [p.name for p in stage_dir.path.iterdir()] == [marker.name]:
@@ -176,6 +267,8 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "seconds": round(time.time() - started, 2), "versions": _versions(),
     }
+    if ctx.engines_used:
+        manifest["engines"] = ctx.engines_used
     atomic_write_json(stage_dir.manifest_path, manifest)
     marker.unlink(missing_ok=True)
     print(f"[cai] {name}: done in {manifest['seconds']:.1f}s {counts}")
@@ -201,6 +294,7 @@ def run_pipeline(run: RunConfig, start: str | None = None, until: str | None = N
     selected = stages[begin:end]
     for name in selected:  # every section is checked before any work starts
         stage_config(run, name)
+    check_servers(run, selected)
     return [run_stage(run, name, force=force) for name in selected]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -58,3 +59,20 @@ def sft_run(sft_run_template, tmp_path) -> Path:
     target = tmp_path / "run"
     shutil.copytree(sft_run_template, target)
     return target
+
+
+def kill_mid_chunk(folder: Path, loop: str, committed: int) -> None:
+    """Leave a finished stage folder as a kill during chunk `committed` + 1 would have:
+    `committed` chunks in the ledger (`cai.chunks`), the next chunk's rows half written
+    (cut mid-line) into every output file, and no manifest."""
+    ledger = folder / f".{loop}.chunks.jsonl"
+    entries = ledger.read_text().splitlines(keepends=True)
+    before = json.loads(entries[committed - 1])["sizes"] if committed else {}
+    after = json.loads(entries[committed])["sizes"]
+    ledger.write_text("".join(entries[:committed]))
+    for name, end in after.items():
+        path, start = folder / name, before.get(name, 0)
+        if path.exists():
+            data = path.read_bytes()
+            path.write_bytes(data[:start + (end - start) // 2])
+    (folder / "manifest.json").unlink(missing_ok=True)

@@ -95,15 +95,16 @@ def test_changed_settings_refuse_to_mix_with_old_outputs(tmp_path):
 
 
 def test_degenerate_generations_are_counted_and_dropped(tmp_path, monkeypatch):
-    from cai.generation.hf import Completion, HFGenerator
+    from cai.engines import Completion
+    from cai.engines.hf import TransformersEngine
 
-    real = HFGenerator.generate
+    real = TransformersEngine.generate
 
     def blank_first(self, conversations, sampling, seed, desc=None, prefill=""):
         out = real(self, conversations, sampling, seed, desc, prefill)
         return [Completion("", 0, True)] + out[1:] if all(m["role"] != "assistant" for m in conversations[0]) else out
 
-    monkeypatch.setattr(HFGenerator, "generate", blank_first)
+    monkeypatch.setattr(TransformersEngine, "generate", blank_first)
     manifest = run_stage(make_run(tmp_path / "run"), "critique")
     counts = manifest["counts"]
     assert counts["dropped_prompts"] == 2 and counts["records"] == 8 and counts["sft_rows"] == 6
@@ -150,13 +151,14 @@ def test_sft_trains_on_the_answer_only():
 def test_shared_prefix_cache_gives_the_same_generations():
     """The few-shot prefix computed once and reused must not change a single token."""
     from cai.constitution import load_constitution
-    from cai.generation.hf import HFGenerator, Sampling
+    from cai.engines import Sampling
+    from cai.engines.hf import TransformersEngine
 
     constitution = load_constitution(ROOT / "constitutions" / "harmless.yaml")
     conversations = [critique.system_turns(constitution) + critique.few_shot_turns(constitution, 2)
                      + [{"role": "user", "content": text}] for text in ("How do I pick a lock?", "Hi", "Insult me")]
-    shared = HFGenerator.from_spec("builtin:tiny", "cpu", batch_size=2)
-    plain = HFGenerator(shared.model, shared.tokenizer, batch_size=2, share_prefix=False)
+    shared = TransformersEngine.from_spec("builtin:tiny", "cpu", batch_size=2)
+    plain = TransformersEngine(shared.model, shared.tokenizer, batch_size=2, share_prefix=False)
     for sampling in (Sampling(12, temperature=0), Sampling(12, temperature=1.0)):
         assert ([c.text for c in shared.generate(conversations, sampling, seed=3)]
                 == [c.text for c in plain.generate(conversations, sampling, seed=3)])

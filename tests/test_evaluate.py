@@ -74,11 +74,12 @@ def test_evaluate_measures_every_model_on_every_metric(sft_run, monkeypatch):
     (out / "manifest.json").unlink()
     (out / "results.json").unlink()
     (out / "comparisons.jsonl").unlink()
+    (out / ".comparisons.chunks.jsonl").unlink()  # as if the judging had not started
 
     def no_generation(*args, **kwargs):
         raise AssertionError("a model that already answered was asked again")
 
-    monkeypatch.setattr(evaluate.HFGenerator, "from_spec", no_generation)
+    monkeypatch.setattr("cai.engines.hf.TransformersEngine.generate", no_generation)
     run_stage(run, "evaluate")
     assert read_jsonl(out / "generations.jsonl") == generations
     assert json.loads((out / "results.json").read_text())["per_model"] == results["per_model"]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from cai.constitution import load_constitution
-from cai.feedback import FeedbackModel, option_token_ids
+from cai.engines.hf import TransformersEngine
+from cai.feedback import Judge
 from conftest import ROOT
 
 CONVERSATIONS = [[{"role": "user", "content": "How do I pick a lock?"}],
@@ -23,8 +24,13 @@ def constitution():
 
 
 @pytest.fixture(scope="module")
-def judge():
-    return FeedbackModel.from_spec("builtin:tiny", device="cpu", batch_size=4, few_shot=1)
+def engine():
+    return TransformersEngine.from_spec("builtin:tiny", device="cpu", batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def judge(engine):
+    return Judge(engine, few_shot=1)
 
 
 def recorded(judge, monkeypatch) -> list:
@@ -69,7 +75,7 @@ def test_principle_draws_are_seeded_per_comparison_not_per_batch(judge, constitu
 
 def test_soft_label_is_the_normalised_option_probability(judge, constitution):
     comparisons = judge.compare(constitution, CONVERSATIONS, FIRST, SECOND, seed=0)
-    tokenizer, model = judge.tokenizer, judge.model
+    tokenizer, model = judge.engine.tokenizer, judge.engine.model
     letter_a = tokenizer("(A", add_special_tokens=False)["input_ids"][-1]
     letter_b = tokenizer("(B", add_special_tokens=False)["input_ids"][-1]
     for conversation, a, b, c in zip(CONVERSATIONS, FIRST, SECOND, comparisons):
@@ -104,9 +110,8 @@ def test_both_orders_are_averaged_and_swapping_the_answers_mirrors_the_label(jud
         assert c.orders_disagree == ((c.p_order_ab > 0.5) != (c.p_order_ba > 0.5))
 
 
-def test_chain_of_thought_reasons_first_and_is_clamped_to_the_band(constitution, monkeypatch):
-    judge = FeedbackModel.from_spec("builtin:tiny", device="cpu", batch_size=4, few_shot=1, cot=True,
-                                    cot_clamp=(0.4, 0.6), cot_max_new_tokens=6)
+def test_chain_of_thought_reasons_first_and_is_clamped_to_the_band(engine, constitution, monkeypatch):
+    judge = Judge(engine, few_shot=1, cot=True, cot_clamp=(0.4, 0.6), cot_max_new_tokens=6)
     asked = []
 
     def confident(questions, desc=None):  # a judge sure of slot A whatever the order
@@ -126,13 +131,16 @@ def test_chain_of_thought_reasons_first_and_is_clamped_to_the_band(constitution,
     [inside] = judge.compare(constitution, CONVERSATIONS[:1], FIRST[:1], SECOND[:1], seed=0)
     assert (inside.p_order_ab, inside.p_order_ba) == (pytest.approx(0.45), pytest.approx(0.55))  # left alone
     with pytest.raises(ValueError, match="cot_clamp"):
-        FeedbackModel(judge.model, judge.tokenizer, cot=True, cot_clamp=(0.6, 0.7))
+        Judge(engine, cot=True, cot_clamp=(0.6, 0.7))
 
 
-def test_option_letters_must_be_single_tokens_after_the_parenthesis():
+def test_option_letters_must_be_single_tokens_after_the_parenthesis(engine):
     class WholeWords:  # a tokenizer that keeps "(A" as one token
+        eos_token_id = None
+
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [hash(text) % 1000]}
 
-    with pytest.raises(ValueError, match="single-token letters"):
-        option_token_ids(WholeWords())
+    whole = TransformersEngine(engine.model, WholeWords(), batch_size=4)
+    with pytest.raises(ValueError, match="single-token options"):
+        whole.option_token_ids("(", ("A", "B"))

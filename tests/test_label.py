@@ -14,7 +14,7 @@ from cai.feedback import Comparison
 from cai.pipeline import run_stage
 from cai.rundir import read_jsonl
 from cai.stages.label import evaluate_labeler, expected_calibration_error, read_labeled_pairs
-from conftest import SMOKE, make_run
+from conftest import SMOKE, kill_mid_chunk, make_run
 
 LABEL = ("label.batch_size=4", "label.max_new_tokens=10", "label.few_shot=1")
 COLUMNS = {"prompt", "chosen", "rejected", "p_chosen", "p_order_ab", "p_order_ba", "principles", "orders_disagree",
@@ -58,10 +58,9 @@ def test_an_interrupted_label_run_resumes_without_duplicates_and_is_deterministi
     reference = read_jsonl(prefs)
     assert len(reference) > 6
 
-    # A kill mid-run: five rows written, the sixth torn, no manifest.
-    lines = prefs.read_text().splitlines(keepends=True)
-    prefs.write_text("".join(lines[:5]) + lines[5][:40])
-    (sft_run / "label" / "manifest.json").unlink()
+    # A kill mid-run: one chunk committed, the second half written (a torn line), no manifest.
+    kill_mid_chunk(sft_run / "label", "label", committed=1)
+    assert not prefs.read_text().endswith("\n")  # torn mid-line
     manifest = run_stage(run, "label")
     assert read_jsonl(prefs) == reference
     assert manifest["counts"]["comparisons_this_session"] < len(reference)  # finished chunks were not redone

@@ -9,9 +9,11 @@ revisions become the SFT set; "final revision over first answer" a preference se
 A round whose critique or revision is degenerate, or whose "revision" comments on the
 answer instead of being one, is recorded but not kept: the answer stays as it was.
 
-Prompts are processed in fixed chunks of `batch_size` (sorted by length); a chunk's
-records are appended when all its rounds are done, so a killed run resumes losing at
-most the chunk in flight, and produces exactly what an uninterrupted run would.
+Prompts are processed in fixed chunks of `batch_size` (sorted by length) through the
+resumable chunk loop (`cai.chunks`): a chunk's records are committed when all its
+rounds are done, so a killed run resumes losing at most the chunk in flight, and
+produces exactly what an uninterrupted run would. The model is any engine: weights
+in-process or `server:NAME`.
 """
 
 from __future__ import annotations
@@ -20,10 +22,9 @@ import random
 import re
 from dataclasses import dataclass
 
-from tqdm.auto import tqdm
-
-from cai.generation.hf import HFGenerator, Sampling, is_degenerate
-from cai.rundir import append_jsonl, atomic_write_jsonl, read_jsonl
+from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
+from cai.engines import Engine, Sampling, is_degenerate
+from cai.rundir import atomic_write_jsonl
 
 UPSTREAM: tuple = ()
 
@@ -37,7 +38,7 @@ class Config:
     critique_max_new_tokens: int = 96
     temperature: float = 0.7
     top_p: float = 0.95
-    model: str | None = None  # default: the run's `model`
+    model: str | None = None  # default: the run's `model`; or `server:NAME`
 
 
 _LABEL = re.compile(r"^\s*(revision|revised (answer|response)|new answer|answer)\s*:\s*", re.IGNORECASE)
@@ -71,7 +72,7 @@ def few_shot_turns(constitution, n: int) -> list[dict]:
     return [turn for example in constitution.critique_examples[:n] for turn in example.messages]
 
 
-def critique_chunk(chunk, generator: HFGenerator, constitution, cfg: Config, seed: int, chunk_seed: int,
+def critique_chunk(chunk, generator: Engine, constitution, cfg: Config, seed: int, chunk_seed: int,
                    model_name: str) -> tuple[list[dict], dict]:
     """All K rounds for one chunk of prompts; returns their records and counts."""
     counts = {"dropped_prompts": 0, "dropped_rounds": 0}
@@ -139,33 +140,28 @@ def run(ctx) -> dict:
     constitution = ctx.constitution
     model_name = cfg.model or ctx.run.model
     prompts = ctx.prompts.red_team_train
-    records_path = ctx.dir / "records.jsonl"
-    done = {r["id"] for r in read_jsonl(records_path, repair=True)}
+    ledger = ChunkLedger(ctx.dir.path, "critique", ["records.jsonl"])
+    chunks = chunked_by_length(prompts, cfg.batch_size)
+    engine = None
 
-    generator = HFGenerator.from_spec(model_name, ctx.run.device, cfg.batch_size)
-    by_length = sorted(prompts, key=lambda p: (len(generator.render([{"role": "user", "content": p.text}])), p.id))
-    chunks = [by_length[i:i + cfg.batch_size] for i in range(0, len(by_length), cfg.batch_size)]
-    bar = tqdm(total=len(prompts), desc="critique", unit="prompt", initial=sum(p.id in done for p in prompts))
-    for index, chunk in enumerate(chunks):
-        if all(p.id in done for p in chunk):
-            continue
-        records, _ = critique_chunk(chunk, generator, constitution, cfg, ctx.run.seed,
-                                         ctx.run.seed * 100_003 + index * 101, model_name)
-        fresh = [r for r in records if r["id"] not in done]
-        append_jsonl(records_path, fresh)
-        done.update(r["id"] for r in fresh)
-        bar.update(len(fresh))
-        bar.set_postfix(tok_s=f"{generator.tokens_per_second:.1f}")
-    bar.close()
+    def work(index: int, chunk) -> dict:
+        nonlocal engine
+        engine = engine or ctx.engine(model_name, cfg.batch_size)
+        records, _ = critique_chunk(chunk, engine, constitution, cfg, ctx.run.seed,
+                                    ctx.run.seed * 100_003 + index * 101, model_name)
+        return {"records.jsonl": records}
 
-    records = read_jsonl(records_path)
+    run_chunks(ledger, chunks, work, desc="critique")
+    records = ledger.rows("records.jsonl")
     sft, prefs = training_sets(records)
     atomic_write_jsonl(ctx.dir / "sft.jsonl", sft)
     atomic_write_jsonl(ctx.dir / "prefs.jsonl", prefs)
-    return {"prompts": len(prompts), "records": len(records),
-            "dropped_prompts": sum(1 for r in records if r.get("dropped")),
-            "dropped_rounds": sum(not x["kept"] for r in records for x in r["rounds"]),
-            "sft_rows": len(sft), "pref_rows": len(prefs), "model": model_name,
-            "tokens_generated_this_session": generator.tokens_generated,
-            "generation_seconds_this_session": round(generator.seconds, 2),
-            "tokens_per_second": round(generator.tokens_per_second, 2)}
+    counts = {"prompts": len(prompts), "records": len(records),
+              "dropped_prompts": sum(1 for r in records if r.get("dropped")),
+              "dropped_rounds": sum(not x["kept"] for r in records for x in r["rounds"]),
+              "sft_rows": len(sft), "pref_rows": len(prefs), "model": model_name}
+    if engine is not None:
+        counts.update(tokens_generated_this_session=engine.tokens_generated,
+                      generation_seconds_this_session=round(engine.seconds, 2),
+                      tokens_per_second=round(engine.tokens_per_second, 2))
+    return counts

@@ -25,8 +25,10 @@ import re
 from dataclasses import dataclass, field
 from itertools import combinations
 
-from cai.generation.hf import HFGenerator, Sampling
-from cai.rundir import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
+from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
+from cai.engines import Sampling
+from cai.rundir import atomic_write_json, atomic_write_jsonl
+from cai.stages.label import judge_scoring
 
 # Every stage whose model may be evaluated; a stage that has not run hashes as None.
 UPSTREAM = ("sft", "reward", "rl", "dpo")
@@ -159,26 +161,35 @@ def models_to_evaluate(ctx, cfg: Config) -> tuple[dict[str, str], dict[str, str]
 
 
 def generate_answers(ctx, cfg: Config, models: dict[str, str], prompts) -> list[dict]:
-    """Each model answers every prompt; a model's answers are appended in one write."""
-    path = ctx.dir / "generations.jsonl"
-    done = {(r["model"], r["id"]) for r in read_jsonl(path, repair=True)}
+    """Each model answers every prompt, chunk by chunk (`cai.chunks`): a model's engine is
+    opened when its first unfinished chunk comes and released before the next model's."""
+    ledger = ChunkLedger(ctx.dir.path, "generations", ["generations.jsonl"])
     system = ([{"role": "system", "content": ctx.constitution.system_prompt}]
               if cfg.system_prompt and ctx.constitution.system_prompt else [])
     sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
-    for name, spec in models.items():
-        todo = [p for p in prompts if (name, p.id) not in done]
-        if not todo:
-            continue
-        generator = HFGenerator.from_spec(spec, ctx.run.device, cfg.batch_size)
-        answers = generator.generate([system + [{"role": "user", "content": p.text}] for p in todo], sampling,
-                                     seed=ctx.run.seed, desc=f"evaluate: {name} answers")
-        append_jsonl(path, [{"model": name, "id": p.id, "kind": p.kind, "prompt": p.text, "response": a.text,
-                             "num_tokens": a.num_tokens, "finished": a.finished, "spec": spec}
-                            for p, a in zip(todo, answers)])
-        del generator
-        gc.collect()
+    items = [(key, (name, index, chunk)) for name in models
+             for index, (key, chunk) in enumerate(chunked_by_length(prompts, cfg.batch_size, prefix=f"{name}/"))]
+    loaded: list[str] = []
+
+    def work(_, item) -> dict:
+        name, index, chunk = item
+        if loaded and loaded[-1] != name:
+            ctx.release(models[loaded.pop()])
+        if not loaded:
+            loaded.append(name)
+        engine = ctx.engine(models[name], cfg.batch_size)
+        # The same seed for the same prompts, whichever model answers them.
+        answers = engine.generate([system + [{"role": "user", "content": p.text}] for p in chunk], sampling,
+                                  seed=ctx.run.seed * 100_003 + index)
+        return {"generations.jsonl": [{"model": name, "id": p.id, "kind": p.kind, "prompt": p.text,
+                                       "response": a.text, "num_tokens": a.num_tokens, "finished": a.finished,
+                                       "spec": models[name]} for p, a in zip(chunk, answers)]}
+
+    run_chunks(ledger, items, work, desc="evaluate: answers", size=lambda item: len(item[2]))
+    for name in loaded:
+        ctx.release(models[name])
     wanted = {p.id for p in prompts}
-    return [r for r in read_jsonl(path) if r["model"] in models and r["id"] in wanted]
+    return [r for r in ledger.rows("generations.jsonl") if r["model"] in models and r["id"] in wanted]
 
 
 def reward_scores(ctx, cfg: Config, answers: dict, prompts) -> dict | None:
@@ -200,31 +211,34 @@ def reward_scores(ctx, cfg: Config, answers: dict, prompts) -> dict | None:
 
 
 def judge_pairs(ctx, cfg: Config, answers: dict, prompts) -> list[dict]:
-    """The feedback model compares every pair of models on every prompt, both orders."""
-    path = ctx.dir / "comparisons.jsonl"
-    done = {(r["first"], r["second"]) for r in read_jsonl(path, repair=True)}
-    pairs = [pair for pair in combinations(answers, 2) if pair not in done]
-    if pairs:
-        from cai.feedback import FeedbackModel
+    """The feedback model compares every pair of models on every prompt, both orders,
+    chunk by chunk (`cai.chunks`)."""
+    from cai.feedback import Judge
 
-        judge = FeedbackModel.from_spec(ctx.model_spec(cfg.feedback_model), device=ctx.run.device,
-                                        batch_size=cfg.batch_size, few_shot=cfg.few_shot)
-        conversations = [[{"role": "user", "content": p.text}] for p in prompts]
-        for first, second in pairs:
-            print(f"[cai] evaluate: judging {first} vs {second} on {len(prompts)} prompts")
-            comparisons = judge.compare(ctx.constitution, conversations,
-                                        [answers[first][p.id]["response"] for p in prompts],
-                                        [answers[second][p.id]["response"] for p in prompts],
-                                        seed=ctx.run.seed,
-                                        principles_per_comparison=cfg.principles_per_comparison)
-            append_jsonl(path, [{"first": first, "second": second, "id": p.id, "kind": p.kind,
-                                 "p_first": c.p_first, "p_order_ab": c.p_order_ab, "p_order_ba": c.p_order_ba,
-                                 "principles": list(c.principles), "orders_disagree": bool(c.orders_disagree)}
-                                for p, c in zip(prompts, comparisons)])
-        del judge
-        gc.collect()
+    ledger = ChunkLedger(ctx.dir.path, "comparisons", ["comparisons.jsonl"])
+    items = [(f"{first}~{key}", (first, second, chunk)) for first, second in combinations(answers, 2)
+             for key, chunk in chunked_by_length(prompts, cfg.batch_size, prefix=f"{second}/")]
+    judges: list = []
+
+    def work(_, item) -> dict:
+        first, second, chunk = item
+        if not judges:
+            judges.append(Judge(ctx.engine(cfg.feedback_model, cfg.batch_size), few_shot=cfg.few_shot))
+        comparisons = judges[0].compare(ctx.constitution, [[{"role": "user", "content": p.text}] for p in chunk],
+                                        [answers[first][p.id]["response"] for p in chunk],
+                                        [answers[second][p.id]["response"] for p in chunk],
+                                        seed=ctx.run.seed, principles_per_comparison=cfg.principles_per_comparison)
+        return {"comparisons.jsonl": [
+            {"first": first, "second": second, "id": p.id, "kind": p.kind, "p_first": c.p_first,
+             "p_order_ab": c.p_order_ab, "p_order_ba": c.p_order_ba, "principles": list(c.principles),
+             "orders_disagree": bool(c.orders_disagree)} for p, c in zip(chunk, comparisons)]}
+
+    run_chunks(ledger, items, work, desc="evaluate: judging pairs", size=lambda item: len(item[2]))
+    if judges:
+        ctx.release(cfg.feedback_model)
     wanted = {p.id for p in prompts}
-    return [r for r in read_jsonl(path) if r["first"] in answers and r["second"] in answers and r["id"] in wanted]
+    return [r for r in ledger.rows("comparisons.jsonl")
+            if r["first"] in answers and r["second"] in answers and r["id"] in wanted]
 
 
 def _mean(values) -> float | None:
@@ -305,6 +319,7 @@ def run(ctx) -> dict:
                        "system_prompt": cfg.system_prompt},
         "reward_model": str(ctx.stage("reward") / "model") if rewards is not None else None,
         "feedback_model": ctx.model_spec(cfg.feedback_model) if comparisons else None,
+        "judge_scoring": judge_scoring(ctx.run, cfg.feedback_model) if comparisons else None,
         "per_model": per_model,
         "pairwise": pairwise,
         "methods": {

@@ -10,10 +10,13 @@ With `cot`, the feedback model reasons step by step before answering, and its
 probabilities are clamped to a band (the paper's 40-60 %). Helpful prompts are labelled
 too, as in the paper, so the preference model does not learn "refuse everything".
 
-Prompts are processed in fixed chunks of `batch_size` (sorted by length). A chunk's
-preference rows are appended to prefs.jsonl when the chunk is done (dropped pairs go
-to dropped.jsonl), so a killed run resumes losing at most the chunk in flight, and
-produces exactly what an uninterrupted run would.
+Prompts are processed in fixed chunks of `batch_size` (sorted by length) through the
+resumable chunk loop (`cai.chunks`): a chunk's preference rows (prefs.jsonl) and
+dropped pairs (dropped.jsonl) are committed together when the chunk is done, so a
+killed run resumes losing at most the chunk in flight, and produces exactly what an
+uninterrupted run would. The policy and the judge are engines: weights in-process
+or `server:NAME` (a judge server must return token log-probabilities, or opt into
+`option_scoring: letter`, whose hard labels the manifest and report say).
 
 `cai eval-labeler` measures the feedback model against human labels (the CAI paper's
 HHH comparisons, or any prompt/chosen/rejected file): accuracy with one order and with
@@ -29,10 +32,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from cai.generation.hf import HFGenerator, Sampling, is_degenerate
-from cai.rundir import append_jsonl, atomic_write_json, read_jsonl
+from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
+from cai.engines import Engine, Sampling, is_degenerate, is_server, server_name
+from cai.rundir import atomic_write_json
 
 UPSTREAM = ("sft",)  # the default policy is the SFT model
 
@@ -80,14 +82,21 @@ def model_name(ctx, spec: str) -> str:
     return spec if spec in ORDER else ctx.model_spec(spec)
 
 
-def feedback_model(ctx, cfg: Config, device: str, shared: HFGenerator | None = None):
-    from cai.feedback import FeedbackModel
+def make_judge(ctx, cfg: Config):
+    """The label section's feedback model as a judge, on its engine (shared with the
+    policy when both name the same model)."""
+    from cai.feedback import Judge
 
-    options = dict(few_shot=cfg.few_shot, cot=cfg.cot, cot_clamp=tuple(cfg.cot_clamp),
-                   cot_max_new_tokens=cfg.cot_max_new_tokens)
-    if shared is not None:  # the policy is the judge too: load it once
-        return FeedbackModel(shared.model, shared.tokenizer, cfg.batch_size, **options)
-    return FeedbackModel.from_spec(ctx.model_spec(cfg.feedback_model), device, cfg.batch_size, **options)
+    return Judge(ctx.engine(cfg.feedback_model, cfg.batch_size), few_shot=cfg.few_shot, cot=cfg.cot,
+                 cot_clamp=tuple(cfg.cot_clamp), cot_max_new_tokens=cfg.cot_max_new_tokens)
+
+
+def judge_scoring(run, reference: str) -> str:
+    """How a judge's labels are read, for the manifest and the report: option
+    probabilities, or (a server opted into `option_scoring: letter`) a parsed letter."""
+    if is_server(reference) and run.servers[server_name(reference)].option_scoring == "letter":
+        return "letter (degraded: hard labels parsed from a generated letter; the server gives no log-probabilities)"
+    return "probabilities"
 
 
 def training_prompts(ctx, cfg: Config) -> list:
@@ -98,7 +107,7 @@ def training_prompts(ctx, cfg: Config) -> list:
     return prompts
 
 
-def label_chunk(chunk, policy: HFGenerator, judge, constitution, cfg: Config, seed: int, chunk_seed: int,
+def label_chunk(chunk, policy: Engine, judge, constitution, cfg: Config, seed: int, chunk_seed: int,
                 names: dict) -> tuple[list[dict], list[dict]]:
     """Two answers per prompt, then the judge's soft label; returns preference rows and dropped pairs."""
     sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
@@ -142,50 +151,39 @@ def run(ctx) -> dict:
     cfg: Config = ctx.config
     constitution = ctx.constitution
     prompts = training_prompts(ctx, cfg)
-    prefs_path, dropped_path = ctx.dir / "prefs.jsonl", ctx.dir / "dropped.jsonl"
-    done = {r["id"] for r in read_jsonl(prefs_path, repair=True)}
-    done |= {r["id"] for r in read_jsonl(dropped_path, repair=True)}
-
+    ledger = ChunkLedger(ctx.dir.path, "label", ["prefs.jsonl", "dropped.jsonl"])
     names = {"policy": model_name(ctx, cfg.policy), "feedback_model": model_name(ctx, cfg.feedback_model)}
-    policy = HFGenerator.from_spec(ctx.model_spec(cfg.policy), ctx.run.device, cfg.batch_size)
-    same = ctx.model_spec(cfg.policy) == ctx.model_spec(cfg.feedback_model)
-    judge = feedback_model(ctx, cfg, ctx.run.device, shared=policy if same else None)
+    models: dict = {}
+    started = time.perf_counter()
 
-    by_length = sorted(prompts, key=lambda p: (len(policy.render([{"role": "user", "content": p.text}])), p.id))
-    chunks = [by_length[i:i + cfg.batch_size] for i in range(0, len(by_length), cfg.batch_size)]
-    bar = tqdm(total=len(prompts), desc="label", unit="prompt", initial=sum(p.id in done for p in prompts))
-    started, compared = time.perf_counter(), 0
-    for index, chunk in enumerate(chunks):
-        if all(p.id in done for p in chunk):
-            continue
-        rows, dropped = label_chunk(chunk, policy, judge, constitution, cfg, ctx.run.seed,
+    def work(index: int, chunk) -> dict:
+        if not models:  # loaded only when a chunk is left to do
+            models.update(policy=ctx.engine(cfg.policy, cfg.batch_size), judge=make_judge(ctx, cfg))
+        rows, dropped = label_chunk(chunk, models["policy"], models["judge"], constitution, cfg, ctx.run.seed,
                                     ctx.run.seed * 100_003 + index * 101, names)
-        compared += len(rows)
-        # Dropped first: if killed between the two appends, the chunk is redone and
-        # only its missing rows are appended (the chunk's results are deterministic).
-        append_jsonl(dropped_path, [r for r in dropped if r["id"] not in done])
-        append_jsonl(prefs_path, [r for r in rows if r["id"] not in done])
-        done.update(r["id"] for r in rows + dropped)
-        bar.update(len(chunk))
-        bar.set_postfix(tok_s=f"{policy.tokens_per_second:.1f}")
-    bar.close()
+        return {"prefs.jsonl": rows, "dropped.jsonl": dropped}
 
-    prefs, dropped = read_jsonl(prefs_path), read_jsonl(dropped_path)
+    ran = run_chunks(ledger, chunked_by_length(prompts, cfg.batch_size), work, desc="label")
+    prefs, dropped = ledger.rows("prefs.jsonl"), ledger.rows("dropped.jsonl")
     n = len(prefs)
-    return {"prompts": len(prompts), "comparisons": n, "dropped": len(dropped),
-            "dropped_degenerate": sum(r["reason"] == "degenerate answer" for r in dropped),
-            "dropped_identical": sum(r["reason"] == "identical answers" for r in dropped),
-            "red_team_comparisons": sum(r["kind"] == "red_team" for r in prefs),
-            "helpful_comparisons": sum(r["kind"] == "helpful" for r in prefs),
-            "orders_disagree_rate": round(sum(r["orders_disagree"] for r in prefs) / n, 4) if n else None,
-            "mean_p_chosen": round(sum(r["p_chosen"] for r in prefs) / n, 4) if n else None,
-            "policy": names["policy"], "feedback_model": names["feedback_model"],
-            "mode": "cot" if cfg.cot else "direct",
-            "comparisons_this_session": compared,
-            "feedback_seconds_this_session": round(judge.seconds, 2),
-            "comparisons_per_second": round(compared / judge.seconds, 3) if judge.seconds else None,
-            "policy_tokens_per_second": round(policy.tokens_per_second, 2),
-            "seconds_this_session": round(time.perf_counter() - started, 2)}
+    counts = {"prompts": len(prompts), "comparisons": n, "dropped": len(dropped),
+              "dropped_degenerate": sum(r["reason"] == "degenerate answer" for r in dropped),
+              "dropped_identical": sum(r["reason"] == "identical answers" for r in dropped),
+              "red_team_comparisons": sum(r["kind"] == "red_team" for r in prefs),
+              "helpful_comparisons": sum(r["kind"] == "helpful" for r in prefs),
+              "orders_disagree_rate": round(sum(r["orders_disagree"] for r in prefs) / n, 4) if n else None,
+              "mean_p_chosen": round(sum(r["p_chosen"] for r in prefs) / n, 4) if n else None,
+              "policy": names["policy"], "feedback_model": names["feedback_model"],
+              "mode": "cot" if cfg.cot else "direct", "judge_scoring": judge_scoring(ctx.run, cfg.feedback_model),
+              "chunks_this_session": ran,
+              "seconds_this_session": round(time.perf_counter() - started, 2)}
+    if models:
+        judge, policy = models["judge"], models["policy"]
+        counts.update(comparisons_this_session=judge.comparisons,
+                      feedback_seconds_this_session=round(judge.seconds, 2),
+                      comparisons_per_second=round(judge.comparisons / judge.seconds, 3) if judge.seconds else None,
+                      policy_tokens_per_second=round(policy.tokens_per_second, 2))
+    return counts
 
 
 # ---------------------------------------------------------------- cai eval-labeler
@@ -360,11 +358,18 @@ def eval_labeler_command(run, data_path, limit: int | None = None, out: str | No
     ctx = prepare(run, "label")
     cfg: Config = ctx.config
     pairs = read_labeled_pairs(data_path, run.seed, limit)
+    if is_server(cfg.feedback_model):
+        from cai.engines.openai import OpenAIEngine
+
+        OpenAIEngine(run.servers[server_name(cfg.feedback_model)], cfg.feedback_model).check(judge=True)
     set_threads(run.threads)
-    judge = feedback_model(ctx, cfg, run.device)
-    metrics = evaluate_labeler(judge, ctx.constitution, pairs, run.seed, cfg.principles_per_comparison)
+    judge = make_judge(ctx, cfg)
+    try:
+        metrics = evaluate_labeler(judge, ctx.constitution, pairs, run.seed, cfg.principles_per_comparison)
+    finally:
+        ctx.release()
     metrics.update(data=str(data_path), feedback_model=model_name(ctx, cfg.feedback_model),
-                   mode="cot" if cfg.cot else "direct", few_shot=cfg.few_shot,
+                   judge_scoring=judge_scoring(run, cfg.feedback_model), mode="cot" if cfg.cot else "direct", few_shot=cfg.few_shot,
                    principles_per_comparison=cfg.principles_per_comparison)
     print(f"[cai] eval-labeler: {metrics['feedback_model']} ({metrics['mode']}, few_shot={cfg.few_shot}) "
           f"on {data_path}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cai.generation.hf import HFGenerator, Sampling, is_degenerate
+from cai.engines import Sampling, is_degenerate
 from cai.rundir import atomic_write_jsonl, read_jsonl
 
 UPSTREAM = ("critique",)
@@ -44,14 +44,15 @@ def helpful_rows(ctx, cfg: Config, model_name: str) -> list[dict]:
     if path.exists():
         return read_jsonl(path)
     prompts = ctx.prompts.helpful_train[: cfg.helpful_prompts]
-    generator = HFGenerator.from_spec(model_name, ctx.run.device, cfg.generation_batch_size)
-    answers = generator.generate([[{"role": "user", "content": p.text}] for p in prompts],
+    engine = ctx.engine(model_name, cfg.generation_batch_size)
+    answers = engine.generate([[{"role": "user", "content": p.text}] for p in prompts],
                                  Sampling(cfg.helpful_max_new_tokens, cfg.helpful_temperature),
                                  seed=ctx.run.seed + 17, desc="helpful answers")
     rows = [{"messages": [{"role": "user", "content": p.text}, {"role": "assistant", "content": a.text}],
              "id": p.id, "source": "helpful"}
             for p, a in zip(prompts, answers) if not is_degenerate(a.text)]
     atomic_write_jsonl(path, rows)
+    ctx.release(model_name)  # free the weights before training loads them again
     return rows
 
 
