@@ -31,6 +31,7 @@ import functools
 from dataclasses import dataclass
 from typing import Literal
 
+from cai.config import setting
 from cai.rundir import read_jsonl
 from cai.yamlio import Problem
 
@@ -47,7 +48,7 @@ def TRL_CONFIG():
 class Config:
     policy: str | None = None  # the model to optimise, also the reference; default: the sft stage's model
     soft_labels: Literal["threshold", "weighted"] = "threshold"  # how p_chosen is used (module docstring)
-    min_confidence: float = 0.55  # threshold mode: keep pairs with p_chosen >= this
+    min_confidence: float = setting(0.55, "threshold mode: keep pairs with p_chosen >= this", ge=0.5, le=1)
     mix_critique_pairs: bool = False  # also train on critique/prefs.jsonl (revision over first answer, p = 1)
 
 
@@ -60,9 +61,6 @@ def check_config(run, cfg: Config, trl: dict) -> list[Problem]:
         return run.source.problem(("dpo", key), message)
 
     problems = []
-    if not 0.5 <= cfg.min_confidence <= 1:
-        problems.append(problem("min_confidence",
-                                f"'dpo.min_confidence' must be in [0.5, 1], got {cfg.min_confidence}"))
     if cfg.soft_labels == "weighted":
         loss_type = trl.get("loss_type", ["sigmoid"])
         plain = {"loss_type": (["sigmoid"] if isinstance(loss_type, list) else "sigmoid", loss_type),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cai.config import setting
 from cai.generation.hf import HFGenerator, Sampling, is_degenerate
 from cai.rundir import atomic_write_jsonl, read_jsonl
 
@@ -25,10 +26,10 @@ def TRL_CONFIG():
 @dataclass
 class Config:
     model: str | None = None  # model to fine-tune; default: the run's `model`
-    helpful_prompts: int = 0  # helpful train prompts answered by the model and mixed in (0 = none)
-    helpful_max_new_tokens: int = 128
-    helpful_temperature: float = 0.7
-    generation_batch_size: int = 8
+    helpful_prompts: int = setting(0, "helpful train prompts answered by the model and mixed in (0 = none)", ge=0)
+    helpful_max_new_tokens: int = setting(128, "length of those answers", ge=1)
+    helpful_temperature: float = setting(0.7, "their sampling temperature (0 = greedy)", ge=0)
+    generation_batch_size: int = setting(8, "prompts per generation batch", ge=1)
 
 
 def prompt_completion(messages: list[dict]) -> dict:
