@@ -44,6 +44,13 @@ def TRL_CONFIG():
     return DPOConfig
 
 
+def trl_settings(cfg) -> tuple[type, dict]:
+    """The TRL config class and cai's defaults for it (the user's `dpo:` keys override them)."""
+    from trl import DPOConfig
+
+    return DPOConfig, {"max_length": 1024, "precompute_ref_log_probs": True}
+
+
 @dataclass
 class Config:
     policy: str | None = None  # the model to optimise, also the reference; default: the sft stage's model
@@ -102,7 +109,7 @@ def preference_pairs(ctx, cfg: Config) -> tuple[list[dict], dict]:
 
 def dpo_trainer(ctx, cfg: Config, pairs: list[dict]):
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     from cai import models
     from cai.training import trl_config
@@ -110,7 +117,7 @@ def dpo_trainer(ctx, cfg: Config, pairs: list[dict]):
     # The policy is loaded from its folder, so TRL's reference (config._name_or_path) is the
     # same SFT model; its log-probs are computed once, before training, then dropped.
     policy = ctx.model_spec(cfg.policy, "sft")
-    args = trl_config(ctx, DPOConfig, max_length=1024, precompute_ref_log_probs=True)
+    args = trl_config(ctx, *trl_settings(cfg))
     tokenizer = models.load_tokenizer(policy)
     model = models.load_causal_lm(policy, ctx.run.device)
     if cfg.soft_labels == "weighted":

@@ -52,6 +52,12 @@ def TRL_CONFIG():
     return RewardConfig
 
 
+def trl_settings(cfg) -> tuple[type, dict]:
+    """The TRL config class and cai's defaults for it (the user's `reward:` keys override them)."""
+    return RewardConfig, {"max_length": 512, "num_train_epochs": 1, "per_device_train_batch_size": 8,
+                          "learning_rate": 1e-5}
+
+
 @dataclass
 class Config:
     model: str = "sft"  # initial weights: "sft" (the SFT stage's model), "base" (the run's model), or any spec
@@ -248,8 +254,7 @@ def run(ctx) -> dict:
     set_seed(ctx.run.seed)  # the reward head is freshly initialised
     with suppress_seqcls_warning():  # "score.weight newly initialised" is the point here
         model = models.load_reward_model(spec, tokenizer)
-    args = trl_config(ctx, RewardConfig, max_length=512, num_train_epochs=1, per_device_train_batch_size=8,
-                      learning_rate=1e-5)
+    args = trl_config(ctx, *trl_settings(cfg))
     trainer = SoftLabelRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
                                      eval_dataset=Dataset.from_list(held) if held else None,
                                      processing_class=tokenizer)

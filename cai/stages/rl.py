@@ -109,6 +109,11 @@ def stage_defaults(cfg: Config) -> dict:
     return defaults
 
 
+def trl_settings(cfg: Config) -> tuple[type, dict]:
+    """The algorithm's TRL config class and cai's defaults for it."""
+    return trl_config_class(cfg.algorithm), stage_defaults(cfg)
+
+
 def _merged_settings(cfg: Config, trl: dict) -> dict:
     cls = trl_config_class(cfg.algorithm)
     values = {f.name: f.default for f in dataclasses.fields(cls) if f.init and f.default is not dataclasses.MISSING}
@@ -200,7 +205,7 @@ def run(ctx) -> dict:
     policy = ctx.model_spec(cfg.policy, "sft")
     reward = ctx.model_spec(cfg.reward_model, "reward")
     prompts = training_prompts(ctx, cfg)
-    args = trl_config(ctx, trl_config_class(cfg.algorithm), **stage_defaults(cfg))
+    args = trl_config(ctx, *trl_settings(cfg))
     _check_prompt_count(cfg, args, prompts)
 
     if cfg.algorithm == "ppo":

@@ -23,6 +23,13 @@ def TRL_CONFIG():
     return SFTConfig
 
 
+def trl_settings(cfg) -> tuple[type, dict]:
+    """The TRL config class and cai's defaults for it (the user's `sft:` keys override them)."""
+    from trl import SFTConfig
+
+    return SFTConfig, {"max_length": 1024, "completion_only_loss": True}
+
+
 @dataclass
 class Config:
     model: str | None = None  # model to fine-tune; default: the run's `model`
@@ -58,7 +65,7 @@ def helpful_rows(ctx, cfg: Config, model_name: str) -> list[dict]:
 
 def run(ctx) -> dict:
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from cai import models
     from cai.training import train_and_save, trl_config
@@ -72,7 +79,7 @@ def run(ctx) -> dict:
         raise RuntimeError(f"no SFT rows: {ctx.stage('critique').path}/sft.jsonl is empty "
                            "(every generation was dropped as degenerate?)")
 
-    args = trl_config(ctx, SFTConfig, max_length=1024, completion_only_loss=True)
+    args = trl_config(ctx, *trl_settings(cfg))
     tokenizer = models.load_tokenizer(model_name)
     trainer = SFTTrainer(model=models.load_causal_lm(model_name, ctx.run.device), args=args,
                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
