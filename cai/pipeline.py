@@ -207,17 +207,29 @@ def default_stages(run: RunConfig) -> list[str]:
 def run_pipeline(run: RunConfig, start: str | None = None, until: str | None = None,
                  force: bool = False) -> list[dict]:
     selected = select_stages(run, start, until)
-    problems = []
     # Every section is checked before any work starts, the unselected ones too: the config
     # is one unit, and `--until critique` today is `--from sft` tomorrow.
-    for name in default_stages(run):
+    validate(run, default_stages(run))
+    return [run_stage(run, name, force=force) for name in selected]
+
+
+def validate(run: RunConfig, names: list[str]) -> None:
+    """Every problem of these stages' sections and of the constitution, before any work."""
+    from cai.constitution import check_constitution
+
+    problems = []
+    for name in names:
         try:
             stage_config(run, name)
         except ValidationError as err:
             problems += err.problems
+    path = run.constitution_path()
+    if path.is_file():
+        problems += check_constitution(path)[1]
+    else:
+        problems.append(run.source.problem(("constitution",), f"'constitution': no file {run.constitution}"))
     if problems:
         raise ValidationError(problems)
-    return [run_stage(run, name, force=force) for name in selected]
 
 
 def select_stages(run: RunConfig, start: str | None, until: str | None) -> list[str]:
