@@ -205,6 +205,7 @@ def apply_overrides(doc: LocatedYaml, overrides: list[str]) -> None:
         for depth, part in enumerate(parts[:-1], start=1):
             if node.get(part) is None:
                 node[part] = {}
+                doc.override(tuple(parts[:depth]), argument)
             node = node[part]
             if not isinstance(node, dict):
                 section = ".".join(parts[:depth])

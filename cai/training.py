@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import torch
-from transformers.trainer_utils import get_last_checkpoint
 
 from cai.rundir import atomic_write_json
 
@@ -124,10 +124,7 @@ def trl_build_problems(run, section: str, cls, stage_defaults: dict, trl: dict) 
 def train_and_save(trainer, ctx, model_dir: str = "model") -> dict:
     """Train (resuming from the newest checkpoint if one exists), save the model with
     save_pretrained, and write the trainer's log history next to it."""
-    checkpoint = None
-    output_dir = Path(trainer.args.output_dir)
-    if output_dir.is_dir():
-        checkpoint = get_last_checkpoint(str(output_dir))
+    checkpoint = resume_checkpoint(Path(trainer.args.output_dir), ctx.name)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     target = ctx.dir / model_dir
     staging = target.with_name(model_dir + ".tmp")
@@ -140,6 +137,42 @@ def train_and_save(trainer, ctx, model_dir: str = "model") -> dict:
     atomic_write_json(ctx.dir / "log_history.json", trainer.state.log_history)
     return {"train_loss": round(result.training_loss, 6), "global_steps": trainer.state.global_step,
             "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2)}
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def checkpoint_complete(folder: Path) -> bool:
+    """Weights and a readable trainer_state.json (the Trainer writes the state after the
+    weights and optimizer, so a kill during saving leaves it missing or torn)."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return any((folder / name).is_file() for name in WEIGHT_FILES)
+
+
+def resume_checkpoint(output_dir: Path, stage: str) -> str | None:
+    """The newest complete checkpoint in `output_dir` (None: start at step 0). Incomplete
+    ones are removed, with a message: resuming from one would fail or, worse, load
+    half-written weights, and the Trainer's rotation would count them as checkpoints."""
+    if not output_dir.is_dir():
+        return None
+    found = sorted((int(m.group(1)), p) for p in output_dir.iterdir()
+                   if p.is_dir() and (m := _CHECKPOINT.match(p.name)))
+    complete = [p for _, p in found if checkpoint_complete(p)]
+    for _, path in found:
+        if path not in complete:
+            shutil.rmtree(path)
+            print(f"[cai] {stage}: {path.name} was incomplete (a kill while saving?) and is removed")
+    if not complete:
+        if found:
+            print(f"[cai] {stage}: no complete checkpoint left, training starts at step 0")
+        return None
+    print(f"[cai] {stage}: resuming from {complete[-1].name}")
+    return str(complete[-1])
 
 
 def read_log_history(stage_dir: Path) -> list[dict]:

@@ -181,6 +181,10 @@ def parse_yaml(text: str, file: str) -> LocatedYaml:
                                                        "each key may appear once")
                                    for line, key, first in loader.duplicates])
         data = loader.construct_document(node) if node is not None else None
+    except yaml.reader.ReaderError as err:  # a character YAML does not allow (NUL, other controls)
+        line = text[:err.position].count("\n") + 1
+        raise ValidationError([Problem(file, line, f"YAML syntax error: character #x{err.character:04x} "
+                                                   f"is not allowed ({err.reason})")]) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         line = mark.line + 1 if mark is not None else 1
