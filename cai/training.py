@@ -67,6 +67,7 @@ def trl_value_problems(doc, section: str, cls, trl: dict) -> list:
     import typing
 
     from cai.config import _hint_name, _matches, out_of_range
+    from cai.yamlio import describe
 
     hints = typing.get_type_hints(cls)
     problems = []
@@ -76,8 +77,6 @@ def trl_value_problems(doc, section: str, cls, trl: dict) -> list:
         if key in RESERVED_TRL_KEYS:
             problems.append(doc.problem((section, key), f"'{name}': {RESERVED_TRL_KEYS[key]}"))
         elif _simple(hint) and not _matches(value, hint):
-            from cai.yamlio import describe
-
             problems.append(doc.problem((section, key), f"'{name}' must be {_hint_name(hint)}, got {describe(value)}"))
         elif (expected := out_of_range(value, TRL_RANGES.get(key, {}), hint)) is not None:
             problems.append(doc.problem((section, key), f"'{name}' must be {expected}, got {value}"))
