@@ -6,8 +6,10 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
+import traceback
 
-from cai.yamlio import ValidationError
+from cai.yamlio import Problem, ValidationError
 
 STAGE_HELP = {
     "critique": "SL-CAI: answer red-team prompts, critique and revise against the constitution",
@@ -35,9 +37,10 @@ def _load(args):
 
 
 def cmd_stage(args) -> int:
-    from cai.pipeline import check_servers, run_stage
+    from cai.pipeline import check_servers, run_stage, validate
 
     run = _load(args)
+    validate(run, [args.command])
     check_servers(run, [args.command])
     run_stage(run, args.command, force=args.force)
     return 0
@@ -56,9 +59,15 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from pathlib import Path
+
     from cai.report import write_report
 
-    print(write_report(args.run_dir))
+    run_dir = Path(args.run_dir).expanduser()
+    if not run_dir.is_dir():
+        what = "is a file, not a run folder" if run_dir.exists() else "no such folder"
+        raise ValidationError([Problem(str(run_dir), None, f"{what} (cai report RUN_DIR: the run_dir of a config)")])
+    print(write_report(run_dir))
     return 0
 
 
@@ -142,6 +151,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ncai: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - a bug in cai: one line here, the traceback in a file
+        log_path = _write_traceback()
+        if args.verbose:
+            traceback.print_exc()
+        print(f"cai: internal error: {type(err).__name__}: {str(err)[:300]}\n"
+              f"cai: the traceback is in {log_path}" + ("" if args.verbose else " (-v prints it)"), file=sys.stderr)
+        return 1
+
+
+def _write_traceback() -> str:
+    """Save the current exception's traceback to a fresh file in the temp folder; return its path."""
+    try:
+        fd, path = tempfile.mkstemp(prefix="cai-error-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(" ".join(sys.argv) + "\n\n" + traceback.format_exc())
+        return path
+    except OSError as err:
+        return f"(not saved: {err})"
 
 
 if __name__ == "__main__":

@@ -18,43 +18,55 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cai.engines import is_server
 from cai.engines.openai import ServerConfig
-from cai.yamlio import LocatedYaml, Problem, ValidationError, describe, load_yaml
+from cai.yamlio import LocatedYaml, Problem, ValidationError, describe, load_yaml, parse_yaml
 
 STAGE_SECTIONS = ("critique", "sft", "label", "reward", "rl", "dpo", "evaluate")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
+            **bounds: float) -> Any:
+    """A Config field with its help text and range (`ge`, `gt`, `le`, `lt`), which
+    `parse_dataclass` checks when the config is loaded: `setting(8, "prompts per batch", ge=1)`.
+    A null value (for an `int | None` field) is never out of range."""
+    return field(default=default, default_factory=default_factory, metadata={"help": help, **bounds})
 
 
 @dataclass
 class PromptsConfig:
     """Where prompts come from and how they split into train and eval."""
 
-    red_team: str = "builtin:donotanswer"  # builtin:donotanswer, a .jsonl/.txt file, or a datasets dir
-    helpful: str | None = "builtin:helpful"  # helpful prompts mixed into training and evaluation
-    eval_fraction: float = 0.1  # share of prompts held out for evaluation (by hash of the text)
-    max_red_team: int | None = None  # cap on red-team training prompts (a seeded sample), None = all
-    max_helpful: int | None = None  # cap on helpful training prompts
-    max_eval: int | None = None  # cap on eval prompts per kind
+    red_team: str = setting("builtin:donotanswer", "builtin:donotanswer, a .jsonl/.txt file, or a datasets dir")
+    helpful: str | None = setting("builtin:helpful", "helpful prompts mixed into training and evaluation")
+    eval_fraction: float = setting(0.1, "share of prompts held out for evaluation (by hash of the text)",
+                                   ge=0, lt=1)
+    max_red_team: int | None = setting(None, "cap on red-team training prompts (a seeded sample), null = all",
+                                       ge=1)
+    max_helpful: int | None = setting(None, "cap on helpful training prompts, null = all", ge=1)
+    max_eval: int | None = setting(None, "cap on eval prompts per kind, null = all", ge=1)
 
 
 @dataclass
 class RunConfig:
-    run_dir: str
-    seed: int = 0
-    model: str = "builtin:tiny"
-    constitution: str = "constitutions/harmless.yaml"
+    run_dir: str = setting(help="the run's folder: one subfolder per stage (~ is expanded)")
+    seed: int = setting(0, "seeds sampling, data order and initialisation", ge=0, lt=2**32)
+    model: str = setting("builtin:tiny", "the base model: builtin:NAME, a local folder or a hub id")
+    constitution: str = setting("constitutions/harmless.yaml", "the constitution YAML")
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
-    threads: int = 1  # torch intra-op threads; 1 is fastest for small models on 2 cores (bench/threads.py)
-    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, ...
+    threads: int = setting(1, "torch intra-op threads; 1 is fastest for small models on 2 cores "
+                              "(bench/threads.py)", ge=1)
+    device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
     # OpenAI-compatible servers a data stage can use instead of weights, as `server:NAME`
     servers: dict[str, ServerConfig] = field(default_factory=dict)
     stages: dict[str, dict] = field(default_factory=dict)  # raw stage sections, parsed by stage_config
@@ -113,6 +125,29 @@ def _hint_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+def out_of_range(value: Any, bounds: dict, hint: Any = None) -> str | None:
+    """What a value of the right type was expected to be, if it is outside `bounds` (a
+    field's `ge`/`gt`/`le`/`lt` metadata), else None. Floats must be finite."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    low = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+    high = ("]", bounds["le"]) if "le" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
+    ok = (math.isfinite(value)
+          and (low is None or (value >= low[1] if low[0] == "[" else value > low[1]))
+          and (high is None or (value <= high[1] if high[0] == "]" else value < high[1])))
+    if ok:
+        return None
+    if low and high:
+        expected = f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    elif low:
+        expected = f"at least {low[1]}" if low[0] == "[" else f"more than {low[1]}"
+    elif high:
+        expected = f"at most {high[1]}" if high[0] == "]" else f"less than {high[1]}"
+    else:
+        expected = "a finite number"
+    return expected + (" (or null)" if _matches(None, hint) else "")
+
+
 def parse_dataclass(cls: type, raw: Any, doc: LocatedYaml, path: tuple, extra: set[str] | None = None,
                     extra_name: str = "") -> tuple[Any, dict, list[Problem]]:
     """Build `cls` from a mapping. Keys in `extra` (a TRL config's fields) are returned
@@ -126,10 +161,13 @@ def parse_dataclass(cls: type, raw: Any, doc: LocatedYaml, path: tuple, extra: s
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name not in ("trl",)}
     problems, values, passthrough = [], {}, {}
     for key, value in raw.items():
+        name = ".".join(str(p) for p in path + (key,))
         if key in fields:
             if not _matches(value, hints[key]):
-                problems.append(doc.problem(path + (key,), f"'{where}.{key}' must be {_hint_name(hints[key])}, "
+                problems.append(doc.problem(path + (key,), f"'{name}' must be {_hint_name(hints[key])}, "
                                                            f"got {describe(value)}"))
+            elif (expected := out_of_range(value, fields[key].metadata, hints[key])) is not None:
+                problems.append(doc.problem(path + (key,), f"'{name}' must be {expected}, got {value}"))
             else:
                 values[key] = value
         elif extra is not None and key in extra:
@@ -139,7 +177,7 @@ def parse_dataclass(cls: type, raw: Any, doc: LocatedYaml, path: tuple, extra: s
             problems.append(doc.problem(path + (key,), f"unknown key '{key}' in {where}: not {known}"))
     for name, f in fields.items():
         if (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                and name not in values):
+                and name not in raw):
             problems.append(doc.problem(path, f"missing required key '{name}' in {where}"))
     if problems:
         return None, passthrough, problems
@@ -149,21 +187,88 @@ def parse_dataclass(cls: type, raw: Any, doc: LocatedYaml, path: tuple, extra: s
 # ---------------------------------------------------------------- overrides
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> None:
-    """`--set sft.learning_rate=1e-4`: dotted key, YAML value."""
+def apply_overrides(doc: LocatedYaml, overrides: list[str]) -> None:
+    """`--set sft.learning_rate=1e-4`: dotted key, YAML value (read like the config file,
+    with the same limits). A problem names the `--set` argument; so do later problems
+    with the value it set."""
+    problems = []
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValidationError([Problem("--set", 1, f"expected KEY=VALUE, got {item!r}")])
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
+        argument = f"--set {item if len(item) <= 80 else item[:77] + '...'}"
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            problems.append(Problem(argument, None, "expected KEY=VALUE with a dotted KEY, "
+                                                    "e.g. --set critique.num_revisions=1"))
+            continue
+        try:
+            value = parse_yaml(text, argument).data
+        except ValidationError as err:
+            problems += [Problem(argument, None, p.message) for p in err.problems]
+            continue
+        node = doc.data
+        for depth, part in enumerate(parts[:-1], start=1):
             if node.get(part) is None:
                 node[part] = {}
+                doc.override(tuple(parts[:depth]), argument)
             node = node[part]
             if not isinstance(node, dict):
-                raise ValidationError([Problem("--set", 1, f"{key}: '{part}' is not a section")])
-        node[parts[-1]] = yaml.safe_load(value)
+                section = ".".join(parts[:depth])
+                problems.append(Problem(argument, None, f"'{section}' is {describe(node)}, not a section "
+                                                        f"with keys, so '{key}' cannot be set"))
+                break
+        else:
+            node[parts[-1]] = value
+            doc.override(tuple(parts), argument)
+    if problems:
+        raise ValidationError(problems)
+
+
+# Keys that would make transformers import and run Python files shipped with a model.
+CODE_LOADING_KEYS = ("trust_remote_code",)
+
+
+def code_loading_problems(doc: LocatedYaml) -> list[Problem]:
+    """`trust_remote_code` (or a like key) anywhere in the config, e.g. in a TRL section's
+    `model_init_kwargs`, is refused: cai never runs code that comes with a model."""
+    problems = []
+
+    def visit(value: Any, path: tuple) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key in CODE_LOADING_KEYS and item not in (False, None):
+                    where = ".".join(str(p) for p in path + (key,))
+                    problems.append(doc.problem(path + (key,), f"'{where}': cai never runs code shipped with a "
+                                                               f"model, so {key} must be false or absent"))
+                visit(item, path + (key,))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                visit(item, path + (i,))
+
+    visit(doc.data, ())
+    return problems
+
+
+def run_dir_problem(run_dir: str) -> str | None:
+    """Why `run_dir` cannot hold a run (checked before any stage writes), or None."""
+    if not run_dir.strip():
+        return "'run_dir' is empty: name the run's folder, e.g. runs/demo"
+    if "\x00" in run_dir:
+        return "'run_dir' contains a NUL character"
+    path = Path(run_dir)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():
+            return f"'run_dir' {run_dir}: {existing} is a broken symbolic link"
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is" if existing == path else f"is under {existing}, which is"
+        return f"'run_dir' {run_dir} {where} not a folder"
+    try:  # an anonymous file (O_TMPFILE): proves the folder writable and leaves nothing behind
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return f"'run_dir' {run_dir}: cannot write in {existing} ({err.strerror or err})"
+    return None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -172,7 +277,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         doc.data = {}
     if not isinstance(doc.data, dict):
         raise ValidationError([doc.problem((), "a run config must be a mapping of keys")])
-    apply_overrides(doc.data, overrides or [])
+    apply_overrides(doc, overrides or [])
     raw = dict(doc.data)
     stages = {name: raw.pop(name) for name in STAGE_SECTIONS if name in raw}
     prompts_raw = raw.pop("prompts", None)
@@ -190,6 +295,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
                                                 f"sft fine-tunes: it must be weights (builtin:, a folder or a hub id); "
                                                 f"point critique.model, label.policy / feedback_model or "
                                                 f"evaluate.models / feedback_model at a server instead"))
+    problems += code_loading_problems(doc)
+    if run is not None:
+        run.run_dir = os.path.expanduser(run.run_dir)
+        if (reason := run_dir_problem(run.run_dir)) is not None:
+            problems.append(doc.problem(("run_dir",), reason))
     if problems:
         raise ValidationError(problems)
     run.prompts = prompts
@@ -213,14 +323,6 @@ def parse_servers(raw: Any, doc: LocatedYaml) -> tuple[dict[str, ServerConfig], 
         problems += more
         if server is None:
             continue
-        for spec in dataclasses.fields(ServerConfig):
-            key = spec.name
-            value, low, high = getattr(server, key), spec.metadata.get("min"), spec.metadata.get("max")
-            if (low is not None and value < low) or (high is not None and value > high):
-                bounds = " and ".join(b for b in (f">= {low}" if low is not None else "",
-                                                  f"<= {high}" if high is not None else "") if b)
-                problems.append(doc.problem(("servers", name, key), f"'servers.{name}.{key}' must be {bounds}, "
-                                                                     f"got {value!r}"))
         if not server.base_url.startswith(("http://", "https://")):
             problems.append(doc.problem(("servers", name, "base_url"), f"'servers.{name}.base_url' must be an "
                                         f"http:// or https:// URL such as http://127.0.0.1:8000/v1, got {server.base_url!r}"))

@@ -26,7 +26,7 @@ from typing import Any
 from cai.config import STAGE_SECTIONS, RunConfig, config_hash, parse_dataclass, shared_fingerprint
 from cai.engines import is_server, server_name
 from cai.rundir import StageDir, atomic_write_json
-from cai.yamlio import ValidationError
+from cai.yamlio import Problem, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,11 @@ def trl_fields(module) -> tuple[set[str] | None, str]:
 
 
 def stage_config(run: RunConfig, name: str) -> tuple[Any, dict]:
-    """The stage's Config and its TRL pass-through keys, validated (errors name lines)."""
+    """The stage's Config and its TRL pass-through keys, validated (errors name lines):
+    its own keys, the stage's checks, and for a training stage the TRL config object built
+    as the stage will build it, so a bad TRL value fails now, not after earlier stages."""
+    from cai.training import trl_build_problems, trl_value_problems
+
     module = stage_module(name)
     extra, extra_name = trl_fields(module)
     cfg, trl, problems = parse_dataclass(module.Config, run.stages.get(name, {}), run.source, (name,),
@@ -59,9 +63,19 @@ def stage_config(run: RunConfig, name: str) -> tuple[Any, dict]:
     problems = server_problems(run, name, cfg)
     if problems:
         raise ValidationError(problems)
+    settings = getattr(module, "trl_settings", None)
+    if settings is not None:
+        cls, defaults = settings(cfg)
+        problems = trl_value_problems(run.source, name, cls, trl)
+        if problems:
+            raise ValidationError(problems)
     check = getattr(module, "check_config", None)  # stage-specific checks, still before any work
     if check is not None:
         problems = check(run, cfg, trl)
+        if problems:
+            raise ValidationError(problems)
+    if settings is not None:
+        problems = trl_build_problems(run, name, cls, defaults, trl)
         if problems:
             raise ValidationError(problems)
     return cfg, trl
@@ -285,17 +299,46 @@ def default_stages(run: RunConfig) -> list[str]:
 
 def run_pipeline(run: RunConfig, start: str | None = None, until: str | None = None,
                  force: bool = False) -> list[dict]:
-    stages = default_stages(run)
-    for bound in (start, until):
-        if bound is not None and bound not in stages:
-            raise ValueError(f"--from/--until: '{bound}' is not one of this run's stages ({', '.join(stages)})")
-    begin = stages.index(start) if start else 0
-    end = stages.index(until) + 1 if until else len(stages)
-    selected = stages[begin:end]
-    for name in selected:  # every section is checked before any work starts
-        stage_config(run, name)
+    selected = select_stages(run, start, until)
+    # Every section is checked before any work starts, the unselected ones too: the config
+    # is one unit, and `--until critique` today is `--from sft` tomorrow.
+    validate(run, default_stages(run))
     check_servers(run, selected)
     return [run_stage(run, name, force=force) for name in selected]
+
+
+def validate(run: RunConfig, names: list[str]) -> None:
+    """Every problem of these stages' sections and of the constitution, before any work."""
+    from cai.constitution import check_constitution
+
+    problems = []
+    for name in names:
+        try:
+            stage_config(run, name)
+        except ValidationError as err:
+            problems += err.problems
+    path = run.constitution_path()
+    if path.is_file():
+        problems += check_constitution(path)[1]
+    else:
+        problems.append(run.source.problem(("constitution",), f"'constitution': no file {run.constitution}"))
+    if problems:
+        raise ValidationError(problems)
+
+
+def select_stages(run: RunConfig, start: str | None, until: str | None) -> list[str]:
+    """The stages `--from START --until UNTIL` selects (a usage error names the flag)."""
+    stages = default_stages(run)
+    problems = [Problem(flag, None, f"'{bound}' is not one of this run's stages ({', '.join(stages)})")
+                for flag, bound in (("--from", start), ("--until", until)) if bound is not None and bound not in stages]
+    if not problems and start and until and stages.index(start) > stages.index(until):
+        problems.append(Problem("--from", None, f"'{start}' comes after --until '{until}' "
+                                                f"(stage order: {', '.join(stages)}), so nothing would run"))
+    if problems:
+        raise ValidationError(problems)
+    begin = stages.index(start) if start else 0
+    end = stages.index(until) + 1 if until else len(stages)
+    return stages[begin:end]
 
 
 def stage_path(run_dir: str | Path, name: str) -> Path:

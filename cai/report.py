@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 from cai.rundir import atomic_write_text, read_jsonl
+from cai.yamlio import Problem, ValidationError
 
 STAGES = ("critique", "sft", "label", "reward", "rl", "dpo", "evaluate")
 TRAINING_STAGES = ("sft", "reward", "rl", "dpo")
@@ -114,11 +115,21 @@ def section(anchor: str, title: str, body: str) -> str:
     return f"<section id='{anchor}'><h2>{esc(title)}</h2>{body}</section>"
 
 
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-    except ValueError:
+def read_json(path: Path, kind: type = dict):
+    """A run file's JSON (None if absent); bad JSON or another top-level type than `kind`
+    is a problem naming the file, not a traceback."""
+    if not path.exists():
         return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValidationError([Problem(str(path), None, f"not UTF-8 text ({err.reason})")]) from None
+    except json.JSONDecodeError as err:
+        raise ValidationError([Problem(str(path), err.lineno, f"not valid JSON: {err.msg}")]) from None
+    if not isinstance(value, kind):
+        raise ValidationError([Problem(str(path), 1, f"expected a JSON {'object' if kind is dict else 'list'}, "
+                                                     f"got {type(value).__name__}")])
+    return value
 
 
 def chart(draw, alt: str, width: float = 5.6, height: float = 3.2) -> str:
@@ -182,7 +193,7 @@ def summary_section(run_dir: Path, manifests: dict) -> str:
         manifest = manifests.get(name)
         if manifest:
             counts = manifest.get("counts") or {}
-            shown = ", ".join(f"{k}={fmt(v)}" for k, v in counts.items() if not isinstance(v, (dict, list)))
+            shown = ", ".join(f"{esc(k)}={fmt(v)}" for k, v in counts.items() if not isinstance(v, (dict, list)))
             stage_rows.append([f"<td>{esc(name)}</td>", "<td>complete</td>",
                                f"<td>{esc(manifest.get('started', ''))}</td>", td(manifest.get("seconds")),
                                f"<td class='note'>{shown}</td>"])
@@ -243,7 +254,7 @@ def curves_chart(stage: str, history: list[dict], keys: list[str]) -> str:
 def training_section(run_dir: Path) -> str:
     body, notes = "", []
     for stage in TRAINING_STAGES:
-        history = read_json(run_dir / stage / "log_history.json")
+        history = read_json(run_dir / stage / "log_history.json", list)
         if not history:
             notes.append(stage)
             continue
@@ -251,8 +262,8 @@ def training_section(run_dir: Path) -> str:
         if not keys:
             body += f"<h3>{esc(stage)}</h3><p class='note'>No loss, reward, KL or length values were logged.</p>"
             continue
-        steps = max((e.get("step", 0) for e in history), default=0)
-        body += (f"<h3>{esc(stage)}</h3><p class='note'>{len(history)} log entries, {steps} steps.</p>"
+        steps = max((e.get("step") for e in history if isinstance(e.get("step"), (int, float))), default=0)
+        body += (f"<h3>{esc(stage)}</h3><p class='note'>{len(history)} log entries, {fmt(steps)} steps.</p>"
                  + curves_chart(stage, history, keys))
     if notes:
         body += missing(f"No training log for: {', '.join(notes)} (stage not run).")
@@ -265,7 +276,7 @@ def evaluation_section(results: dict | None) -> str:
     names = results["models"]
     per_model, pairwise = results["per_model"], results["pairwise"]
     kinds = results.get("kinds", [])
-    body = (f"<p>Held-out prompts: {', '.join(f'{n} {KIND_NAMES.get(k, k)}' for k, n in results['prompts'].items() if k != 'all')}. "
+    body = (f"<p>Held-out prompts: {', '.join(f'{fmt(n)} {esc(KIND_NAMES.get(k, k))}' for k, n in results['prompts'].items() if k != 'all')}. "
             f"Answers generated with at most {fmt(results['generation']['max_new_tokens'])} new tokens, "
             f"temperature {fmt(results['generation']['temperature'])}.</p>")
     if results.get("skipped"):
@@ -278,7 +289,7 @@ def evaluation_section(results: dict | None) -> str:
         return top if values.count(top) == 1 and len(values) > 1 else None
 
     header = ["Model", "Elo", "Win rate"]
-    header += [f"Reward ({KIND_NAMES[k]})" for k in kinds] + [f"Evasive ({KIND_NAMES[k]})" for k in kinds]
+    header += [f"Reward ({KIND_NAMES.get(k, k)})" for k in kinds] + [f"Evasive ({KIND_NAMES.get(k, k)})" for k in kinds]
     header += ["Tokens", "Words"]
     rows = []
     for name in names:
@@ -307,7 +318,7 @@ def evaluation_section(results: dict | None) -> str:
     for kind in kinds:
         rewards = {n: per_model[n][kind]["reward"] for n in names}
         if all(isinstance(v, (int, float)) for v in rewards.values()):
-            charts.append(bar_chart(f"Mean reward ({KIND_NAMES[kind]})", rewards, "reward-model score"))
+            charts.append(bar_chart(f"Mean reward ({KIND_NAMES.get(kind, kind)})", rewards, "reward-model score"))
     if charts:
         body += f"<div class='charts'>{''.join(charts)}</div>"
 
@@ -329,10 +340,10 @@ def evaluation_section(results: dict | None) -> str:
                  "option orders: p (order A/B) is the probability that the first model wins when its answer is "
                  "shown as (A), p (order B/A) when it is shown as (B). Orders disagree: the judge picked the "
                  "same slot both times, i.e. it followed position rather than content.</p>"
-                 + table(["Pair", "Prompts", "First wins"] + [f"First wins ({KIND_NAMES[k]})" for k in kinds]
+                 + table(["Pair", "Prompts", "First wins"] + [f"First wins ({KIND_NAMES.get(k, k)})" for k in kinds]
                          + ["p (order A/B)", "p (order B/A)", "Orders disagree"], rows))
     detail = ["Model", "Prompts", "Kind", "Reward", "Win rate", "Elo", "Evasive", "Tokens", "Words", "Finished"]
-    rows = [[f"<td>{esc(n)}</td>", td(m["n"]), f"<td>{esc(KIND_NAMES[k])}</td>", td(m["reward"]),
+    rows = [[f"<td>{esc(n)}</td>", td(m["n"]), f"<td>{esc(KIND_NAMES.get(k, k))}</td>", td(m["reward"]),
              td(m.get("win_rate"), percent=True), td(m.get("elo")), td(m["evasive"], percent=True),
              td(m["tokens"]), td(m["words"]), td(m["finished"], percent=True)]
             for n in names for k in kinds for m in [per_model[n][k]]]
@@ -469,18 +480,40 @@ def write_report(run_dir) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    manifests = {s: read_json(run_dir / s / "manifest.json") for s in STAGES}
+    problems: list[Problem] = []
+
+    def read(path: Path):
+        try:
+            return read_json(path)
+        except ValidationError as err:
+            problems.extend(err.problems)
+
+    manifests = {s: read(run_dir / s / "manifest.json") for s in STAGES}
     manifests = {s: m for s, m in manifests.items() if m}
-    results = read_json(run_dir / "evaluate" / "results.json")
-    sections = [
-        ("summary", "Run", summary_section(run_dir, manifests)),
-        ("evaluation", "Evaluation on held-out prompts", evaluation_section(results)),
-        ("answers", "Answers side by side", answers_section(run_dir, results)),
-        ("training", "Training curves", training_section(run_dir)),
-        ("critique", "Critique and revision chains", critique_section(run_dir)),
-        ("reward", "Reward model", reward_section(run_dir)),
-        ("label", "AI feedback labels", label_section(run_dir)),
+    results = read(run_dir / "evaluate" / "results.json")
+    if problems:
+        raise ValidationError(problems)
+    builders = [
+        ("summary", "Run", "*/manifest.json", lambda: summary_section(run_dir, manifests)),
+        ("evaluation", "Evaluation on held-out prompts", "evaluate/results.json", lambda: evaluation_section(results)),
+        ("answers", "Answers side by side", "evaluate/*.jsonl", lambda: answers_section(run_dir, results)),
+        ("training", "Training curves", "*/log_history.json", lambda: training_section(run_dir)),
+        ("critique", "Critique and revision chains", "critique/records.jsonl", lambda: critique_section(run_dir)),
+        ("reward", "Reward model", "reward/metrics.json", lambda: reward_section(run_dir)),
+        ("label", "AI feedback labels", "label/prefs.jsonl", lambda: label_section(run_dir)),
     ]
+    sections = []
+    for anchor, title, files, build in builders:
+        # A run file with valid JSON but not the shape cai writes: name it, not a traceback.
+        try:
+            sections.append((anchor, title, build()))
+        except ValidationError as err:
+            problems.extend(err.problems)
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as err:
+            problems.append(Problem(str(run_dir / files), None, f"not what cai writes ({type(err).__name__}: "
+                                                                f"{str(err)[:200]}); the report cannot show it"))
+    if problems:
+        raise ValidationError(problems)
     nav = "".join(f"<a href='#{anchor}'>{esc(title)}</a>" for anchor, title, _ in sections)
     title = f"cai run report: {run_dir.resolve().name}"
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"

@@ -236,7 +236,7 @@ def test_server_settings_are_checked_when_the_config_is_loaded(tmp_path):
     for override, message in (("servers={gen: {model: x}}", "missing required key 'base_url'"),
                               ("servers={gen: {base_url: 'localhost:8000', model: x}}", "http:// or https://"),
                               ("servers={gen: {base_url: 'http://h/v1', model: x, max_concurrency: 0}}",
-                               "max_concurrency' must be >= 1"),
+                               "max_concurrency' must be at least 1"),
                               ("servers={gen: {base_url: 'http://h/v1', model: x, option_scoring: guess}}",
                                "option_scoring"),
                               ("model=server:gen", "must be weights")):

@@ -50,18 +50,19 @@ MAX_BACKOFF = 30.0  # seconds between two attempts, at most
 
 @dataclass
 class ServerConfig:
-    """One OpenAI-compatible server, named under `servers:` and used as `server:NAME`."""
+    """One OpenAI-compatible server, named under `servers:` and used as `server:NAME`.
+    (Ranges in the metadata are checked by `cai.config.parse_dataclass`.)"""
 
     base_url: str = field(metadata={"help": "the API root, e.g. http://127.0.0.1:8000/v1"})
     model: str = field(metadata={"help": "the served model name sent with every request"})
     api_key_env: str | None = field(default=None, metadata={
         "help": "name of the environment variable holding the API key (the key itself never goes in a config)"})
-    max_concurrency: int = field(default=8, metadata={"help": "requests in flight at once", "min": 1})
-    timeout: float = field(default=120.0, metadata={"help": "seconds per request", "min": 0.001})
+    max_concurrency: int = field(default=8, metadata={"help": "requests in flight at once", "ge": 1})
+    timeout: float = field(default=120.0, metadata={"help": "seconds per request", "gt": 0})
     max_retries: int = field(default=5, metadata={"help": "retries of a failed request (429, 5xx, timeouts)",
-                                                  "min": 0})
+                                                  "ge": 0})
     retry_backoff: float = field(default=1.0, metadata={
-        "help": "seconds before the first retry, doubled for each next one (at most 30)", "min": 0})
+        "help": "seconds before the first retry, doubled for each next one (at most 30)", "ge": 0})
     assistant_prefill: Literal["continue", "message", "none"] = field(default="continue", metadata={
         "help": "how an open assistant turn (the judge's '(') is sent: 'continue' as the last message with "
                 "continue_final_message (vLLM, SGLang); 'message' as the last message alone (llama.cpp's server "
@@ -71,7 +72,7 @@ class ServerConfig:
                 "a generated letter parsed into a hard label, for servers without logprobs)"})
     top_logprobs: int = field(default=20, metadata={
         "help": "alternatives asked per token when reading option probabilities (vLLM allows up to 20)",
-        "min": 2, "max": 20})
+        "ge": 2, "le": 20})
 
     def fingerprint(self) -> dict:
         """The settings that can change results (not where the server is or how it is reached)."""

@@ -22,6 +22,7 @@ import random
 import re
 from dataclasses import dataclass
 
+from cai.config import setting
 from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
 from cai.engines import Engine, Sampling, is_degenerate
 from cai.rundir import atomic_write_jsonl
@@ -31,13 +32,13 @@ UPSTREAM: tuple = ()
 
 @dataclass
 class Config:
-    num_revisions: int = 2  # K: critique-and-revise rounds per prompt
-    few_shot: int = 2  # how many of the constitution's critique/revision examples go first
-    batch_size: int = 8  # prompts per generation batch (and per resume chunk)
-    max_new_tokens: int = 128  # for answers and revisions
-    critique_max_new_tokens: int = 96
-    temperature: float = 0.7
-    top_p: float = 0.95
+    num_revisions: int = setting(2, "K: critique-and-revise rounds per prompt", ge=1)
+    few_shot: int = setting(2, "how many of the constitution's critique/revision examples go first", ge=0)
+    batch_size: int = setting(8, "prompts per generation batch (and per resume chunk)", ge=1)
+    max_new_tokens: int = setting(128, "for answers and revisions", ge=1)
+    critique_max_new_tokens: int = setting(96, "for critiques", ge=1)
+    temperature: float = setting(0.7, "sampling temperature (0 = greedy)", ge=0)
+    top_p: float = setting(0.95, "nucleus sampling: the smallest token set with this probability", gt=0, le=1)
     model: str | None = None  # default: the run's `model`; or `server:NAME`
 
 

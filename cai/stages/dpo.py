@@ -31,6 +31,7 @@ import functools
 from dataclasses import dataclass
 from typing import Literal
 
+from cai.config import setting
 from cai.rundir import read_jsonl
 from cai.yamlio import Problem
 
@@ -43,11 +44,18 @@ def TRL_CONFIG():
     return DPOConfig
 
 
+def trl_settings(cfg) -> tuple[type, dict]:
+    """The TRL config class and cai's defaults for it (the user's `dpo:` keys override them)."""
+    from trl import DPOConfig
+
+    return DPOConfig, {"max_length": 1024, "precompute_ref_log_probs": True}
+
+
 @dataclass
 class Config:
     policy: str | None = None  # the model to optimise, also the reference; default: the sft stage's model
     soft_labels: Literal["threshold", "weighted"] = "threshold"  # how p_chosen is used (module docstring)
-    min_confidence: float = 0.55  # threshold mode: keep pairs with p_chosen >= this
+    min_confidence: float = setting(0.55, "threshold mode: keep pairs with p_chosen >= this", ge=0.5, le=1)
     mix_critique_pairs: bool = False  # also train on critique/prefs.jsonl (revision over first answer, p = 1)
 
 
@@ -60,9 +68,6 @@ def check_config(run, cfg: Config, trl: dict) -> list[Problem]:
         return run.source.problem(("dpo", key), message)
 
     problems = []
-    if not 0.5 <= cfg.min_confidence <= 1:
-        problems.append(problem("min_confidence",
-                                f"'dpo.min_confidence' must be in [0.5, 1], got {cfg.min_confidence}"))
     if cfg.soft_labels == "weighted":
         loss_type = trl.get("loss_type", ["sigmoid"])
         plain = {"loss_type": (["sigmoid"] if isinstance(loss_type, list) else "sigmoid", loss_type),
@@ -104,7 +109,7 @@ def preference_pairs(ctx, cfg: Config) -> tuple[list[dict], dict]:
 
 def dpo_trainer(ctx, cfg: Config, pairs: list[dict]):
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     from cai import models
     from cai.training import trl_config
@@ -112,7 +117,7 @@ def dpo_trainer(ctx, cfg: Config, pairs: list[dict]):
     # The policy is loaded from its folder, so TRL's reference (config._name_or_path) is the
     # same SFT model; its log-probs are computed once, before training, then dropped.
     policy = ctx.model_spec(cfg.policy, "sft")
-    args = trl_config(ctx, DPOConfig, max_length=1024, precompute_ref_log_probs=True)
+    args = trl_config(ctx, *trl_settings(cfg))
     tokenizer = models.load_tokenizer(policy)
     model = models.load_causal_lm(policy, ctx.run.device)
     if cfg.soft_labels == "weighted":

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from itertools import combinations
 
+from cai.config import setting
 from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
 from cai.engines import Sampling
 from cai.rundir import atomic_write_json, atomic_write_jsonl
@@ -43,16 +44,16 @@ class Config:
     # Models to compare: "base" (the run's model), a policy stage (sft, rl, dpo: skipped
     # when that stage has not run) or any model spec (a path or hub id).
     models: list[str] = field(default_factory=lambda: ["base", "sft", "rl", "dpo"])
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy: differences come from the models, not the sampling
-    top_p: float = 0.95
-    batch_size: int = 8  # prompts per generation batch; also the judge's and reward model's batch
+    max_new_tokens: int = setting(128, "answer length", ge=1)
+    temperature: float = setting(0.0, "0 = greedy: differences come from the models, not the sampling", ge=0)
+    top_p: float = setting(0.95, "nucleus sampling: the smallest token set with this probability", gt=0, le=1)
+    batch_size: int = setting(8, "prompts per generation batch; also the judge's and reward model's batch", ge=1)
     system_prompt: bool = False  # answer with the constitution's system prompt (training data has none)
     win_rates: bool = True  # judge every pair of models (after generation, the slowest part)
     feedback_model: str = "base"  # the judge: "base", a stage name, or any model spec
-    few_shot: int = 2  # the constitution's worked preference examples shown to the judge
-    principles_per_comparison: int = 1  # feedback principles drawn per comparison (averaged)
-    evasive_max_words: int = 40  # a refusal longer than this is never counted as evasive
+    few_shot: int = setting(2, "the constitution's worked preference examples shown to the judge", ge=0)
+    principles_per_comparison: int = setting(1, "feedback principles drawn per comparison (averaged)", ge=1)
+    evasive_max_words: int = setting(40, "a refusal longer than this is never counted as evasive", ge=1)
 
 
 def check_config(run, cfg: Config, trl: dict) -> list:
@@ -68,8 +69,6 @@ def check_config(run, cfg: Config, trl: dict) -> list:
         if name in ("critique", "label", "reward", "evaluate"):
             problems.append(problem("models", f"'evaluate.models': '{name}' has no policy model "
                                               f"(use base, sft, rl, dpo or a model spec)"))
-    if cfg.temperature < 0:
-        problems.append(problem("temperature", "'evaluate.temperature' must be >= 0 (0 = greedy)"))
     return problems
 
 

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cai.config import setting
 from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
 from cai.engines import Engine, Sampling, is_degenerate, is_server, server_name
 from cai.rundir import atomic_write_json
@@ -44,16 +45,18 @@ class Config:
     policy: str = "sft"  # who answers: "sft" (the SL-CAI model), "base", another stage, or any model spec
     feedback_model: str = "base"  # the judge: "base" (the run's model, as the paper's pretrained LM) or any spec
     include_helpful: bool = True  # label answers to the helpful training prompts too (as the paper)
-    max_prompts: int | None = None  # cap on prompts labelled (a seeded sample), None = all
-    principles_per_comparison: int = 1  # k feedback principles drawn per pair; their labels are averaged
-    few_shot: int = 2  # how many of the constitution's feedback examples go first
+    max_prompts: int | None = setting(None, "cap on prompts labelled (a seeded sample), null = all", ge=1)
+    principles_per_comparison: int = setting(1, "k feedback principles drawn per pair; their labels are averaged",
+                                             ge=1)
+    few_shot: int = setting(2, "how many of the constitution's feedback examples go first", ge=0)
     cot: bool = False  # chain of thought: the judge reasons before it answers
     cot_clamp: list[float] = field(default_factory=lambda: [0.4, 0.6])  # band for each order's CoT probability
-    cot_max_new_tokens: int = 128  # length of the judge's reasoning
-    batch_size: int = 8  # prompts per generation batch and resume chunk; questions per scoring batch
-    max_new_tokens: int = 128  # length of the policy's answers
-    temperature: float = 1.0  # sampling temperature of the two answers (high: the pair differs)
-    top_p: float = 0.95
+    cot_max_new_tokens: int = setting(128, "length of the judge's reasoning", ge=1)
+    batch_size: int = setting(8, "prompts per generation batch and resume chunk; questions per scoring batch",
+                              ge=1)
+    max_new_tokens: int = setting(128, "length of the policy's answers", ge=1)
+    temperature: float = setting(1.0, "sampling temperature of the two answers (high: the pair differs)", ge=0)
+    top_p: float = setting(0.95, "nucleus sampling: the smallest token set with this probability", gt=0, le=1)
 
 
 def check_config(run, cfg: Config, trl: dict) -> list:
@@ -65,13 +68,6 @@ def check_config(run, cfg: Config, trl: dict) -> list:
     if len(cfg.cot_clamp) != 2 or not 0.0 <= cfg.cot_clamp[0] <= 0.5 <= cfg.cot_clamp[1] <= 1.0:
         problem("cot_clamp", f"'label.cot_clamp' must be [low, high] with 0 <= low <= 0.5 <= high <= 1, "
                              f"got {cfg.cot_clamp}")
-    for key in ("principles_per_comparison", "batch_size", "max_new_tokens", "cot_max_new_tokens"):
-        if getattr(cfg, key) < 1:
-            problem(key, f"'label.{key}' must be at least 1, got {getattr(cfg, key)}")
-    if cfg.few_shot < 0:
-        problem("few_shot", f"'label.few_shot' must be 0 or more, got {cfg.few_shot}")
-    if cfg.max_prompts is not None and cfg.max_prompts < 1:
-        problem("max_prompts", f"'label.max_prompts' must be at least 1 (or null for all), got {cfg.max_prompts}")
     return problems
 
 

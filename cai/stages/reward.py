@@ -38,6 +38,7 @@ from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference, suppress_seqcls_warning
 
 from cai import models
+from cai.config import setting
 from cai.rundir import atomic_write_json, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -51,23 +52,20 @@ def TRL_CONFIG():
     return RewardConfig
 
 
+def trl_settings(cfg) -> tuple[type, dict]:
+    """The TRL config class and cai's defaults for it (the user's `reward:` keys override them)."""
+    return RewardConfig, {"max_length": 512, "num_train_epochs": 1, "per_device_train_batch_size": 8,
+                          "learning_rate": 1e-5}
+
+
 @dataclass
 class Config:
     model: str = "sft"  # initial weights: "sft" (the SFT stage's model), "base" (the run's model), or any spec
     loss: Literal["soft", "hard"] = "soft"  # soft: cross-entropy on p_chosen; hard: Bradley-Terry (p = 1)
     mix_critique_pairs: bool = False  # also train on critique/prefs.jsonl (final revision over first answer)
-    critique_pair_label: float = 1.0  # p_chosen given to those critique pairs
-    eval_fraction: float = 0.1  # share of prompts held out (by hash of the prompt text) for accuracy
-
-
-def check_config(run, cfg: Config, trl: dict) -> list:
-    problems = []
-    for key, value, ok, expected in (
-            ("eval_fraction", cfg.eval_fraction, 0 <= cfg.eval_fraction < 1, "in [0, 1)"),
-            ("critique_pair_label", cfg.critique_pair_label, 0 <= cfg.critique_pair_label <= 1, "in [0, 1]")):
-        if not ok:
-            problems.append(run.source.problem(("reward", key), f"'reward.{key}' must be {expected}, got {value}"))
-    return problems
+    critique_pair_label: float = setting(1.0, "p_chosen given to those critique pairs", ge=0, le=1)
+    eval_fraction: float = setting(0.1, "share of prompts held out (by hash of the prompt text) for accuracy",
+                                   ge=0, lt=1)
 
 
 # ---------------------------------------------------------------- the loss
@@ -256,8 +254,7 @@ def run(ctx) -> dict:
     set_seed(ctx.run.seed)  # the reward head is freshly initialised
     with suppress_seqcls_warning():  # "score.weight newly initialised" is the point here
         model = models.load_reward_model(spec, tokenizer)
-    args = trl_config(ctx, RewardConfig, max_length=512, num_train_epochs=1, per_device_train_batch_size=8,
-                      learning_rate=1e-5)
+    args = trl_config(ctx, *trl_settings(cfg))
     trainer = SoftLabelRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
                                      eval_dataset=Dataset.from_list(held) if held else None,
                                      processing_class=tokenizer)

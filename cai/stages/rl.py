@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from cai.config import setting
 from cai.yamlio import Problem
 
 UPSTREAM = ("sft", "reward")
@@ -64,10 +65,11 @@ class Config:
     algorithm: Literal["ppo", "rloo", "grpo"] = "ppo"  # the paper uses PPO
     policy: str | None = None  # the policy to optimise, also the KL reference; default: the sft stage's model
     reward_model: str | None = None  # default: the reward stage's model
-    max_prompts: int | None = None  # cap on training prompts (red-team + helpful), None = all
-    helpful_fraction: float = 0.5  # share of the training prompts that are helpful ones (0 = red-team only)
-    max_new_tokens: int = 64  # answer length (PPO response_length, RLOO/GRPO max_completion_length)
-    kl_coef: float = 0.05  # KL penalty to the reference (PPO kl_coef, RLOO/GRPO beta)
+    max_prompts: int | None = setting(None, "cap on training prompts (red-team + helpful), null = all", ge=1)
+    helpful_fraction: float = setting(0.5, "share of the training prompts that are helpful ones (0 = red-team only)",
+                                      ge=0, lt=1)
+    max_new_tokens: int = setting(64, "answer length (PPO response_length, RLOO/GRPO max_completion_length)", ge=1)
+    kl_coef: float = setting(0.05, "KL penalty to the reference (PPO kl_coef, RLOO/GRPO beta)", ge=0)
 
 
 def trl_config_class(algorithm: str):
@@ -107,6 +109,11 @@ def stage_defaults(cfg: Config) -> dict:
     return defaults
 
 
+def trl_settings(cfg: Config) -> tuple[type, dict]:
+    """The algorithm's TRL config class and cai's defaults for it."""
+    return trl_config_class(cfg.algorithm), stage_defaults(cfg)
+
+
 def _merged_settings(cfg: Config, trl: dict) -> dict:
     cls = trl_config_class(cfg.algorithm)
     values = {f.name: f.default for f in dataclasses.fields(cls) if f.init and f.default is not dataclasses.MISSING}
@@ -130,11 +137,6 @@ def check_config(run, cfg: Config, trl: dict) -> list[Problem]:
             owners = [a for a in ALGORITHMS if key in {f.name for f in dataclasses.fields(trl_config_class(a))}]
             problems.append(problem(key, f"'rl.{key}' is not a field of {cls.__name__} (rl.algorithm is "
                                          f"'{cfg.algorithm}'); it belongs to algorithm {' / '.join(owners)}"))
-    if not 0 <= cfg.helpful_fraction < 1:
-        problems.append(problem("helpful_fraction",
-                                f"'rl.helpful_fraction' must be in [0, 1), got {cfg.helpful_fraction}"))
-    if cfg.max_prompts is not None and cfg.max_prompts < 1:
-        problems.append(problem("max_prompts", f"'rl.max_prompts' must be at least 1, got {cfg.max_prompts}"))
     if problems:
         return problems
 
@@ -203,7 +205,7 @@ def run(ctx) -> dict:
     policy = ctx.model_spec(cfg.policy, "sft")
     reward = ctx.model_spec(cfg.reward_model, "reward")
     prompts = training_prompts(ctx, cfg)
-    args = trl_config(ctx, trl_config_class(cfg.algorithm), **stage_defaults(cfg))
+    args = trl_config(ctx, *trl_settings(cfg))
     _check_prompt_count(cfg, args, prompts)
 
     if cfg.algorithm == "ppo":

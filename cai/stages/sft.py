@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cai.config import setting
 from cai.engines import Sampling, is_degenerate
 from cai.rundir import atomic_write_jsonl, read_jsonl
 
@@ -22,13 +23,20 @@ def TRL_CONFIG():
     return SFTConfig
 
 
+def trl_settings(cfg) -> tuple[type, dict]:
+    """The TRL config class and cai's defaults for it (the user's `sft:` keys override them)."""
+    from trl import SFTConfig
+
+    return SFTConfig, {"max_length": 1024, "completion_only_loss": True}
+
+
 @dataclass
 class Config:
     model: str | None = None  # model to fine-tune; default: the run's `model`
-    helpful_prompts: int = 0  # helpful train prompts answered by the model and mixed in (0 = none)
-    helpful_max_new_tokens: int = 128
-    helpful_temperature: float = 0.7
-    generation_batch_size: int = 8
+    helpful_prompts: int = setting(0, "helpful train prompts answered by the model and mixed in (0 = none)", ge=0)
+    helpful_max_new_tokens: int = setting(128, "length of those answers", ge=1)
+    helpful_temperature: float = setting(0.7, "their sampling temperature (0 = greedy)", ge=0)
+    generation_batch_size: int = setting(8, "prompts per generation batch", ge=1)
 
 
 def prompt_completion(messages: list[dict]) -> dict:
@@ -58,7 +66,7 @@ def helpful_rows(ctx, cfg: Config, model_name: str) -> list[dict]:
 
 def run(ctx) -> dict:
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from cai import models
     from cai.training import train_and_save, trl_config
@@ -72,7 +80,7 @@ def run(ctx) -> dict:
         raise RuntimeError(f"no SFT rows: {ctx.stage('critique').path}/sft.jsonl is empty "
                            "(every generation was dropped as degenerate?)")
 
-    args = trl_config(ctx, SFTConfig, max_length=1024, completion_only_loss=True)
+    args = trl_config(ctx, *trl_settings(cfg))
     tokenizer = models.load_tokenizer(model_name)
     trainer = SFTTrainer(model=models.load_causal_lm(model_name, ctx.run.device), args=args,
                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer)

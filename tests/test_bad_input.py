@@ -1,0 +1,319 @@
+"""A bad value never costs a run: every malformed input is refused when the config is
+loaded, before any stage starts or anything is written, with exit 2 and a message that
+names the file and line (or the `--set` argument / flag), never a traceback."""
+
+from __future__ import annotations
+
+import re
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from cai.cli import main
+from cai.yamlio import ValidationError, parse_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE_TEXT = (ROOT / "configs" / "smoke.yaml").read_text(encoding="utf-8")
+HARMLESS_TEXT = (ROOT / "constitutions" / "harmless.yaml").read_text(encoding="utf-8")
+
+# 9 levels of 9 aliases: 2 KB of text, 9^9 (387 million) values if expanded.
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
+DEEP_FLOW = "[" * 3000 + "]" * 3000
+DEEP_BLOCK = "".join("  " * i + f"k{i}:\n" for i in range(150)) + "  " * 150 + "v\n"
+
+
+def smoke(old: str = "", new: str = "", append: str = "") -> str:
+    """configs/smoke.yaml with one edit."""
+    if old:
+        assert old in SMOKE_TEXT, old
+    return (SMOKE_TEXT.replace(old, new, 1) if old else SMOKE_TEXT) + append
+
+
+def line_of(text: str, needle: str, occurrence: int = 1) -> int:
+    index = -1
+    for _ in range(occurrence):
+        index = text.index(needle, index + 1)
+    return text[:index].count("\n") + 1
+
+
+# (id, --set arguments, the part of the message that must appear)
+SET_CASES = [
+    # ranges, declared once in the Config fields' metadata
+    ("critique-rounds-0", ["critique.num_revisions=0"], "'critique.num_revisions' must be at least 1"),
+    ("critique-batch-0", ["critique.batch_size=0"], "'critique.batch_size' must be at least 1"),
+    ("critique-few-shot-neg", ["critique.few_shot=-1"], "'critique.few_shot' must be at least 0"),
+    ("critique-tokens-0", ["critique.max_new_tokens=0"], "'critique.max_new_tokens' must be at least 1"),
+    ("critique-critique-tokens-0", ["critique.critique_max_new_tokens=0"], "critique_max_new_tokens"),
+    ("critique-top-p-0", ["critique.top_p=0"], "'critique.top_p' must be in (0, 1]"),
+    ("critique-top-p-1.5", ["critique.top_p=1.5"], "'critique.top_p' must be in (0, 1]"),
+    ("critique-temperature-neg", ["critique.temperature=-0.1"], "'critique.temperature' must be at least 0"),
+    ("critique-temperature-inf", ["critique.temperature=.inf"], "'critique.temperature' must be at least 0"),
+    ("critique-rounds-float", ["critique.num_revisions=1.5"], "'critique.num_revisions' must be int"),
+    ("critique-batch-bool", ["critique.batch_size=true"], "'critique.batch_size' must be int"),
+    ("critique-typo", ["critique.num_revisons=1"], "unknown key 'num_revisons'"),
+    ("sft-generation-batch-0", ["sft.generation_batch_size=0"], "'sft.generation_batch_size' must be at least 1"),
+    ("sft-helpful-neg", ["sft.helpful_prompts=-1"], "'sft.helpful_prompts' must be at least 0"),
+    ("sft-temperature-neg", ["sft.helpful_temperature=-1"], "'sft.helpful_temperature' must be at least 0"),
+    ("label-batch-0", ["label.batch_size=0"], "'label.batch_size' must be at least 1"),
+    ("label-max-prompts-0", ["label.max_prompts=0"], "'label.max_prompts' must be at least 1 (or null)"),
+    ("label-top-p-0", ["label.top_p=0"], "'label.top_p' must be in (0, 1]"),
+    ("label-k-0", ["label.principles_per_comparison=0"], "'label.principles_per_comparison' must be at least 1"),
+    ("label-cot-clamp", ["label.cot_clamp=[0.6, 0.4]"], "'label.cot_clamp' must be [low, high]"),
+    ("reward-eval-fraction-1", ["reward.eval_fraction=1"], "'reward.eval_fraction' must be in [0, 1)"),
+    ("reward-eval-fraction-neg", ["reward.eval_fraction=-0.1"], "'reward.eval_fraction' must be in [0, 1)"),
+    ("reward-pair-label", ["reward.critique_pair_label=2"], "'reward.critique_pair_label' must be in [0, 1]"),
+    ("rl-helpful-fraction-1", ["rl.helpful_fraction=1"], "'rl.helpful_fraction' must be in [0, 1)"),
+    ("rl-max-prompts-0", ["rl.max_prompts=0"], "'rl.max_prompts' must be at least 1 (or null)"),
+    ("rl-kl-neg", ["rl.kl_coef=-1"], "'rl.kl_coef' must be at least 0"),
+    ("dpo-min-confidence", ["dpo.min_confidence=0.3"], "'dpo.min_confidence' must be in [0.5, 1]"),
+    ("evaluate-batch-0", ["evaluate.batch_size=0"], "'evaluate.batch_size' must be at least 1"),
+    ("evaluate-temperature-neg", ["evaluate.temperature=-1"], "'evaluate.temperature' must be at least 0"),
+    ("evaluate-top-p-2", ["evaluate.top_p=2"], "'evaluate.top_p' must be in (0, 1]"),
+    ("evaluate-few-shot-neg", ["evaluate.few_shot=-1"], "'evaluate.few_shot' must be at least 0"),
+    ("threads-0", ["threads=0"], "'threads' must be at least 1"),
+    ("seed-neg", ["seed=-1"], "'seed' must be in [0, 4294967296)"),
+    ("prompts-eval-fraction-1", ["prompts.eval_fraction=1.0"], "'prompts.eval_fraction' must be in [0, 1)"),
+    ("prompts-eval-fraction-nan", ["prompts.eval_fraction=.nan"], "'prompts.eval_fraction' must be in [0, 1)"),
+    ("prompts-max-eval-0", ["prompts.max_eval=0"], "'prompts.max_eval' must be at least 1 (or null)"),
+    ("prompts-max-red-team-0", ["prompts.max_red_team=0"], "'prompts.max_red_team' must be at least 1"),
+    # TRL values: types, ranges, then the config object built as the stage builds it
+    ("sft-lr-abc", ["sft.learning_rate=abc"], "'sft.learning_rate' must be float, got str 'abc'"),
+    ("sft-scheduler-typo", ["sft.lr_scheduler_type=cosinee"], "'sft.lr_scheduler_type': cosinee is not a valid"),
+    ("reward-optim-typo", ["reward.optim=adamw_foo"], "'reward.optim': adamw_foo is not a valid"),
+    ("sft-batch-0", ["sft.per_device_train_batch_size=0"], "'sft.per_device_train_batch_size' must be at least 1"),
+    ("dpo-accumulation-0", ["dpo.gradient_accumulation_steps=0"], "'dpo.gradient_accumulation_steps' must be"),
+    ("rl-mini-batches-0", ["rl.num_mini_batches=0"], "'rl.num_mini_batches' must be at least 1"),
+    ("rl-batch-str", ["rl.per_device_train_batch_size=four"], "'rl.per_device_train_batch_size' must be int"),
+    ("sft-epochs-neg", ["sft.num_train_epochs=-1"], "'sft.num_train_epochs' must be at least 0"),
+    ("sft-warmup-steps-neg", ["sft.warmup_steps=-1"], "'sft.warmup_steps' must be at least 0"),
+    ("rl-other-algorithm-key", ["rl.num_generations=4"], "'rl.num_generations' is not a field of PPOConfig"),
+    ("sft-output-dir", ["sft.output_dir=/tmp/elsewhere"], "'sft.output_dir': checkpoints always go to the stage"),
+    ("reward-output-dir", ["reward.output_dir=shared"], "'reward.output_dir'"),
+    # code from a model is never run
+    ("sft-trust-remote-code", ["sft.trust_remote_code=true"], "cai never runs code shipped with a model"),
+    ("sft-model-init-kwargs", ["sft.model_init_kwargs={trust_remote_code: true}"],
+     "'sft.model_init_kwargs.trust_remote_code': cai never runs code"),
+    ("dpo-model-init-kwargs", ["dpo.model_init_kwargs={torch_dtype: float32, trust_remote_code: yes}"],
+     "cai never runs code"),
+    ("top-level-trust-remote-code", ["trust_remote_code=true"], "cai never runs code"),
+    # --set itself
+    ("set-syntax", ["critique.num_revisions=[1"], "YAML syntax error"),
+    ("set-python-tag", ["critique.num_revisions=!!python/object/apply:os.system [ls]"], "unsupported YAML"),
+    ("set-bomb", [f"critique.num_revisions={{{BOMB.replace(chr(10), ', ')}}}"], "aliases are expanded"),
+    ("set-deep", [f"critique.num_revisions={DEEP_FLOW}"], "nested more than 100 levels"),
+    ("set-duplicate", ["critique={batch_size: 1, batch_size: 2}"], "duplicate key 'batch_size'"),
+    ("set-no-equals", ["critique.num_revisions"], "expected KEY=VALUE"),
+    ("set-empty-part", ["critique..num_revisions=1"], "expected KEY=VALUE"),
+    ("set-no-key", ["=1"], "expected KEY=VALUE"),
+    ("set-through-scalar", ["model.name=x"], "'model' is str 'builtin:tiny', not a section"),
+    ("set-through-list", ["evaluate.models=[base]", "evaluate.models.0=x"], "'evaluate.models' is list"),
+    ("set-new-section-located", ["evaluate.models.first=x"], "--set evaluate.models.first=x: 'evaluate.models' must be"),
+    ("set-section-scalar", ["critique=3"], "section 'critique' must be a mapping"),
+    # run directories
+    ("run-dir-empty", ["run_dir=''"], "'run_dir' is empty"),
+    ("run-dir-null", ["run_dir=null"], "'run_dir' must be str"),
+    ("run-dir-dev-null", ["run_dir=/dev/null"], "/dev/null is not a folder"),
+    ("run-dir-under-file", ["run_dir={file}/sub"], "which is not a folder"),
+    ("run-dir-is-file", ["run_dir={file}"], "is not a folder"),
+    ("run-dir-nul", ["run_dir=runs/a\x00b"], "character #x0000 is not allowed"),
+    ("run-dir-unwritable", ["run_dir=/proc/cai-run"], "cannot write in /proc"),
+    # files a run reads
+    ("constitution-missing", ["constitution=no/such/constitution.yaml"], "'constitution': no file"),
+    ("device-type", ["device=[cpu]"], "'device' must be str"),
+]
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """An empty working folder with a regular file in it; the run folder must stay absent."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a folder\n")
+    return tmp_path
+
+
+def refused(capsys, argv: list[str], run_dir: Path | None = None) -> str:
+    """Run the CLI in-process; assert exit 2, no traceback, nothing written; return stderr."""
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, f"exit {code}\nstdout: {out}\nstderr: {err}"
+    assert "Traceback" not in out + err
+    if run_dir is not None:
+        assert not run_dir.exists(), f"{run_dir} was written"
+    return err
+
+
+@pytest.mark.parametrize("overrides, expected", [c[1:] for c in SET_CASES], ids=[c[0] for c in SET_CASES])
+def test_set_values_are_refused_before_any_work(workspace, capsys, overrides, expected):
+    run_dir = workspace / "run"
+    overrides = [o.replace("{file}", str(workspace / "a-file")) for o in overrides]
+    argv = ["run", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run_dir={run_dir}"]
+    for item in overrides:
+        argv += ["--set", item]
+    err = refused(capsys, argv, run_dir)
+    assert expected in err
+    if not any(k in overrides[0] for k in ("run_dir", "constitution", "evaluate.models", "..", "=1")):
+        # The message names the --set argument (it was not on a YAML line).
+        key = overrides[0].partition("=")[0]
+        assert f"--set {key}" in err
+    assert not (workspace / "cai-error").exists()
+
+
+# (id, config text, needle whose line the message must name, occurrence, the message part)
+FILE_CASES = [
+    ("duplicate-stage-key", smoke("  few_shot: 1\n", "  few_shot: 1\n  few_shot: 2\n"), "  few_shot: 2", 1,
+     "duplicate key 'few_shot' (first given at line"),
+    ("duplicate-section", smoke(append="\ncritique:\n  num_revisions: 1\n"), "\ncritique:", 2,
+     "duplicate key 'critique'"),
+    ("duplicate-top-key", smoke("seed: 0\n", "seed: 0\nseed: 1\n"), "seed: 1", 1, "duplicate key 'seed'"),
+    ("billion-laughs", smoke(append="\nbomb:\n" + "".join("  " + line + "\n" for line in BOMB.splitlines())),
+     None, 1, "aliases are expanded"),
+    ("deep-flow", smoke(append=f"\ndeep: {DEEP_FLOW}\n"), "deep:", 1, "nested more than 100 levels"),
+    ("deep-block", smoke(append="\n" + DEEP_BLOCK), "k99:", 1, "nested more than 100 levels"),
+    ("self-alias", smoke(append="\nloop: &loop [*loop]\n"), "loop:", 1, "refers to a value that contains it"),
+    ("python-tag", smoke("model: builtin:tiny", "model: !!python/object/apply:os.system [echo hi]"), "model:", 1,
+     "unsupported YAML"),
+    ("unclosed-bracket", smoke("  max_eval: 4\n", "  max_eval: [4\n"), "\ncritique:", 1, "YAML syntax error"),
+    ("tab-indent", smoke("  few_shot: 1\n", "\tfew_shot: 1\n"), "\tfew_shot", 1, "YAML syntax error"),
+    ("undefined-alias", smoke("seed: 0", "seed: *nothing"), "seed:", 1, "undefined alias"),
+    ("two-documents", smoke(append="---\nseed: 1\n"), "---", 1, "single document"),
+    ("not-a-mapping", "- a\n- b\n", "- a", 1, "a run config must be a mapping"),
+    ("nul-character", smoke("seed: 0", "seed: 0\x00"), "seed:", 1, "YAML syntax error"),
+    ("bad-range-line", smoke("  batch_size: 4\n", "  batch_size: -4\n"), "  batch_size: -4", 1,
+     "'critique.batch_size' must be at least 1"),
+    ("bad-trl-line", smoke("  learning_rate: 1.0e-3\n", "  learning_rate: fast\n"), "learning_rate: fast", 1,
+     "'sft.learning_rate' must be float"),
+    ("run-dir-nul-in-file", smoke("run_dir: runs/smoke", 'run_dir: "runs/a\\0b"'), "run_dir:", 1, "NUL"),
+    ("unknown-section", smoke(append="\ncritiqe:\n  num_revisions: 1\n"), "critiqe:", 1, "unknown key 'critiqe'"),
+]
+
+
+@pytest.mark.parametrize("text, needle, occurrence, expected", [c[1:] for c in FILE_CASES],
+                         ids=[c[0] for c in FILE_CASES])
+def test_config_files_are_refused_with_file_and_line(workspace, capsys, text, needle, occurrence, expected):
+    config = workspace / "cfg.yaml"
+    config.write_text(text.replace("run_dir: runs/smoke", f"run_dir: {workspace / 'run'}"), encoding="utf-8")
+    started = time.perf_counter()
+    err = refused(capsys, ["run", "--config", str(config)], workspace / "run")
+    assert time.perf_counter() - started < 2
+    assert expected in err
+    if needle is None:  # the line where the expansion passed the limit
+        assert re.search(rf"{re.escape(str(config))}:\d+: ", err)
+    else:
+        assert f"{config}:{line_of(text, needle, occurrence) + (1 if needle.startswith(chr(10)) else 0)}:" in err
+
+
+@pytest.mark.parametrize("name, edit, needle, expected", [
+    ("duplicate-principle-key", ("  - id: dangerous-help\n", "  - id: dangerous-help\n    id: again\n"),
+     "    id: again", "duplicate key 'id'"),
+    ("duplicate-section", ("critique_revision:\n", "critique_revision: []\ncritique_revision:\n"),
+     "critique_revision:\n  - id", "duplicate key 'critique_revision'"),
+    ("bomb", ("name: harmless\n", "name: harmless\n" + BOMB.replace("a: &a", "x0: &a")), "f: &f",
+     "more than 100,000 values once aliases are expanded"),
+])
+def test_constitution_problems_are_refused_before_the_first_stage(workspace, capsys, name, edit, needle, expected):
+    constitution = workspace / "constitution.yaml"
+    text = HARMLESS_TEXT.replace(*edit, 1)
+    constitution.write_text(text, encoding="utf-8")
+    err = refused(capsys, ["run", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set",
+                           f"run_dir={workspace / 'run'}", "--set", f"constitution={constitution}"], workspace / "run")
+    assert f"{constitution}:{line_of(text, needle)}: {expected}" in err
+
+
+def test_missing_unreadable_and_binary_config_files(workspace, capsys):
+    assert "file not found" in refused(capsys, ["run", "--config", str(workspace / "nope.yaml")])
+    assert "is a folder" in refused(capsys, ["run", "--config", str(workspace)])
+    (workspace / "binary.yaml").write_bytes(b"seed: \xff\xfe\n")
+    assert "not UTF-8" in refused(capsys, ["run", "--config", str(workspace / "binary.yaml")])
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--from", "rl", "--until", "label"], "--from: 'rl' comes after --until 'label'"),
+    (["--from", "nonsense"], "--from: 'nonsense' is not one of this run's stages"),
+    (["--until", "critiqe"], "--until: 'critiqe' is not one of this run's stages"),
+])
+def test_stage_range_flags(workspace, capsys, flags, expected):
+    run_dir = workspace / "run"
+    argv = ["run", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run_dir={run_dir}", *flags]
+    assert expected in refused(capsys, argv, run_dir)
+
+
+@pytest.mark.parametrize("setup, expected", [
+    ("file", "is a file, not a run folder"),
+    ("missing", "no such folder"),
+    ("bad-manifest", "sft/manifest.json:1: not valid JSON"),
+    ("list-results", "evaluate/results.json:1: expected a JSON object, got list"),
+    ("wrong-shape-results", "evaluate/results.json: not what cai writes (KeyError"),
+    ("bad-log-history", "sft/log_history.json:1: expected a JSON list"),
+])
+def test_report_on_bad_run_folders(workspace, capsys, setup, expected):
+    run_dir = workspace / "run"
+    if setup == "file":
+        run_dir = workspace / "a-file"
+    elif setup != "missing":
+        (run_dir / "sft").mkdir(parents=True)
+        (run_dir / "evaluate").mkdir()
+        files = {"bad-manifest": ("sft/manifest.json", "{bad"), "list-results": ("evaluate/results.json", "[1]"),
+                 "wrong-shape-results": ("evaluate/results.json", '{"models": ["base"]}'),
+                 "bad-log-history": ("sft/log_history.json", '{"step": 1}')}
+        name, content = files[setup]
+        (run_dir / name).write_text(content)
+    err = refused(capsys, ["report", str(run_dir)])
+    assert expected in err
+    assert not (run_dir / "report").exists()
+
+
+def test_yaml_bombs_are_refused_fast_and_small():
+    for text in (BOMB, DEEP_FLOW, "[" * 100_000, DEEP_BLOCK, "x: &x " + "[*x, " * 50):
+        tracemalloc.start()
+        started = time.perf_counter()
+        with pytest.raises(ValidationError) as err:
+            parse_yaml(text, "bomb.yaml")
+        seconds = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert seconds < 2 and peak < 50e6, (text[:40], seconds, peak)
+        assert re.match(r"bomb\.yaml:\d+: ", str(err.value))
+
+
+def test_a_wide_document_under_the_limits_still_loads():
+    text = "x: &x [" + ", ".join(["1"] * 1000) + "]\n" + "".join(f"k{i}: *x\n" for i in range(50))
+    data = parse_yaml(text, "wide.yaml").data
+    assert len(data) == 51 and data["k49"] == [1] * 1000
+    assert parse_yaml("lr: 1e-4\nexp: 2E+3\nword: 1e5x\n", "f.yaml").data == {"lr": 1e-4, "exp": 2e3, "word": "1e5x"}
+
+
+def test_merge_keys_are_not_duplicates():
+    data = parse_yaml("base: &b {x: 1, y: 2}\nthis: {<<: *b, x: 3}\n", "m.yaml").data
+    assert data["this"] == {"x": 3, "y": 2}
+
+
+def test_an_internal_error_prints_one_line_and_saves_the_traceback(workspace, capsys, monkeypatch):
+    import cai.pipeline
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cai.pipeline, "run_pipeline", broken)
+    argv = ["run", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run_dir={workspace / 'run'}"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cai: internal error: ZeroDivisionError: a bug" in err
+    log = Path(re.search(r"the traceback is in (\S+)", err).group(1))
+    assert "Traceback" in log.read_text() and "ZeroDivisionError" in log.read_text()
+    log.unlink()
+    assert main(["-v", *argv]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err
+    Path(re.search(r"the traceback is in (\S+)", err).group(1)).unlink()
+
+
+def test_run_dir_tilde_is_expanded(workspace, monkeypatch):
+    from cai.config import load_config
+
+    monkeypatch.setenv("HOME", str(workspace))
+    run = load_config(ROOT / "configs" / "smoke.yaml", ["run_dir=~/runs/x"])
+    assert run.run_dir == str(workspace / "runs" / "x")
+    assert not (workspace / "runs").exists()
