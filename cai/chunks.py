@@ -9,6 +9,12 @@ sizes of the last committed chunk: rows of a chunk that did not finish (a kill
 mid-write, a torn last line, a server that stopped answering) are dropped and the
 chunk is redone. So a rerun ends with files identical to an uninterrupted run's, with
 nothing lost and nothing doubled, whatever the engine and wherever the kill came.
+
+Under several processes (`cai.distributed`) the pending chunks are dealt out in rounds:
+in each round process k works on the round's k-th chunk, the main process gathers the
+rows and commits them in chunk order. A chunk's rows depend only on the chunk and its
+index (its seeds), never on which process made them, so N processes write exactly the
+files one process writes.
 """
 
 from __future__ import annotations
@@ -18,19 +24,27 @@ from typing import Callable, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
+from cai import distributed
 from cai.rundir import append_jsonl, read_jsonl
 
 
 class ChunkLedger:
-    """The output files of one resumable loop, and which of its chunks are committed."""
+    """The output files of one resumable loop, and which of its chunks are committed.
+    Only the main process reads and repairs the files; the others learn the committed
+    chunks from it (`run_chunks`)."""
 
     def __init__(self, folder: Path, loop: str, files: Sequence[str]):
         self.paths = {name: Path(folder) / name for name in files}
         self.ledger = Path(folder) / f".{loop}.chunks.jsonl"
+        self.committed: set[str] = set()
+        self.cut_bytes = 0
+        if distributed.is_main():
+            self._repair()
+
+    def _repair(self) -> None:
         entries = read_jsonl(self.ledger, repair=True)
         self.committed = {entry["chunk"] for entry in entries}
         sizes = entries[-1]["sizes"] if entries else {}
-        self.cut_bytes = 0
         for name, path in self.paths.items():
             keep, size = sizes.get(name, 0), path.stat().st_size if path.exists() else 0
             if size < keep:
@@ -67,21 +81,29 @@ def chunked_by_length(prompts, size: int, prefix: str = "") -> list[tuple[str, l
 def run_chunks(ledger: ChunkLedger, chunks: Iterable[tuple[str, object]], work: Callable[[int, object], dict],
                desc: str, total: int | None = None, size: Callable[[object], int] = len) -> int:
     """Run `work(index, chunk) -> {file: rows}` for every chunk not yet committed, in
-    order, committing each. Returns how many chunks ran in this call."""
+    order, committing each (`index` is the chunk's place in `chunks`, the same on every
+    run). Returns how many chunks ran. Under several processes every process calls this
+    with the same chunks; they share the work and all return after the last commit."""
     chunks = list(chunks)
-    initial = sum(size(chunk) for key, chunk in chunks if ledger.done(key))
+    ledger.committed = distributed.broadcast(ledger.committed)
+    pending = [i for i, (key, _) in enumerate(chunks) if not ledger.done(key)]
     if ledger.cut_bytes:
         print(f"[cai] {desc}: dropped {ledger.cut_bytes} bytes of an unfinished chunk; redoing it")
         ledger.cut_bytes = 0
-    bar = tqdm(total=total if total is not None else sum(size(c) for _, c in chunks), initial=initial, desc=desc)
-    ran = 0
+    initial = sum(size(chunk) for i, (_, chunk) in enumerate(chunks) if i not in pending)
+    bar = tqdm(total=total if total is not None else sum(size(c) for _, c in chunks), initial=initial, desc=desc,
+               disable=not distributed.is_main())
+    processes, me = distributed.world_size(), distributed.rank()
     try:
-        for index, (key, chunk) in enumerate(chunks):
-            if ledger.done(key):
-                continue
-            ledger.commit(key, work(index, chunk))
-            ran += 1
-            bar.update(size(chunk))
+        for start in range(0, len(pending), processes):
+            batch = pending[start:start + processes]
+            mine = batch[me] if me < len(batch) else None
+            rows = work(mine, chunks[mine][1]) if mine is not None else None
+            gathered = distributed.gather(rows) if processes > 1 else [rows]
+            for index, chunk_rows in zip(batch, gathered):
+                ledger.commit(chunks[index][0], chunk_rows)
+                bar.update(size(chunks[index][1]))
     finally:
         bar.close()
-    return ran
+    distributed.barrier()  # the files are complete before anyone reads them
+    return len(pending)

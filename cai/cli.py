@@ -51,7 +51,9 @@ def cmd_run(args) -> int:
 
     run = _load(args)
     run_pipeline(run, start=args.start, until=args.until, force=args.force)
-    if (run.path / "evaluate" / "manifest.json").exists():
+    from cai import distributed
+
+    if distributed.is_main() and (run.path / "evaluate" / "manifest.json").exists():
         from cai.report import write_report
 
         print(f"[cai] report: {write_report(run.path)}")
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    _quiet_unless_main()
     try:
         return args.func(args)
     except ValidationError as err:
@@ -146,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         return 2
     except (FileNotFoundError, RuntimeError, ValueError) as err:
+        if args.verbose:
+            traceback.print_exc()
         print(f"cai: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -158,6 +163,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cai: internal error: {type(err).__name__}: {str(err)[:300]}\n"
               f"cai: the traceback is in {log_path}" + ("" if args.verbose else " (-v prints it)"), file=sys.stderr)
         return 1
+
+
+def _quiet_unless_main() -> None:
+    """Under `accelerate launch` / `torchrun`, only the main process prints progress
+    (errors still reach stderr from every process)."""
+    from cai import distributed
+
+    if distributed.distributed() and not distributed.is_main():
+        os.environ["TQDM_DISABLE"] = "1"
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 
 def _write_traceback() -> str:

@@ -179,8 +179,13 @@ def load_tokenizer(spec: str, padding_side: str | None = None):
 
 
 def device_for(preference: str = "auto") -> torch.device:
+    """`auto`: this process's GPU (LOCAL_RANK under a launcher), else the CPU."""
     if preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        from cai.distributed import local_rank
+
+        return torch.device(f"cuda:{local_rank() % torch.cuda.device_count()}")
     return torch.device(preference)
 
 

@@ -23,8 +23,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from cai import distributed
 from cai.config import STAGE_SECTIONS, RunConfig, config_hash, parse_dataclass, shared_fingerprint
-from cai.engines import is_server, server_name
+from cai.engines import EngineError, is_server, server_name
 from cai.rundir import StageDir, atomic_write_json
 from cai.yamlio import Problem, ValidationError
 
@@ -135,8 +136,16 @@ def check_servers(run: RunConfig, names: list[str]) -> None:
             continue
         for reference, judge in references.items():
             used[reference] = used.get(reference, False) or judge
-    for reference, judge in used.items():
-        OpenAIEngine(run.servers[server_name(reference)], reference).check(judge=judge)
+    error = None
+    if distributed.is_main():  # one probe per server, not one per process
+        try:
+            for reference, judge in used.items():
+                OpenAIEngine(run.servers[server_name(reference)], reference).check(judge=judge)
+        except EngineError as err:
+            error = str(err)
+    error = distributed.broadcast(error)
+    if error:
+        raise EngineError(error)
 
 
 @dataclass
@@ -237,30 +246,24 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
 
     ctx = prepare(run, name)
     stage_dir = ctx.dir
-    manifest = stage_dir.manifest()
     marker = stage_dir / ".in_progress.json"
-    previous = manifest["config_hash"] if manifest else None
-    if previous is None and marker.exists():
-        import json
-
-        previous = json.loads(marker.read_text())["config_hash"]
-    if previous == ctx.config_hash and manifest:
+    # The main process decides (skip, refuse, move aside) and sets the folder up; the
+    # others follow its decision once it has (several processes: cai.distributed).
+    decision = distributed.broadcast(_decide(ctx, force) if distributed.is_main() else None)
+    if decision["action"] == "skip":
         log.info("%s: complete with the same config (%s), skipped", name, ctx.config_hash)
         print(f"[cai] {name}: already complete ({stage_dir.path}), skipped")
-        return manifest
-    if previous is not None and previous != ctx.config_hash:
-        if not force:
-            state = "completed" if manifest else "started"
-            raise RuntimeError(
-                f"stage '{name}' in {stage_dir.path} was {state} with other settings or inputs "
-                f"(config hash {previous}, now {ctx.config_hash}). Nothing was changed. Use another "
-                f"run_dir, or pass --force to move the old folder aside and redo the stage.")
-        aside = stage_dir.path.with_name(f"{name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        stage_dir.path.rename(aside)
-        print(f"[cai] {name}: old outputs moved to {aside}")
-    stage_dir.path.mkdir(parents=True, exist_ok=True)
-    resumed = marker.exists()
-    atomic_write_json(marker, {"config_hash": ctx.config_hash})
+        return decision["manifest"]
+    if decision["action"] == "refuse":
+        raise RuntimeError(decision["message"])
+    if distributed.is_main():
+        if decision.get("aside"):
+            stage_dir.path.rename(decision["aside"])
+            print(f"[cai] {name}: old outputs moved to {decision['aside']}")
+        stage_dir.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(marker, {"config_hash": ctx.config_hash})
+    distributed.barrier()
+    resumed = decision["resumed"]
     set_threads(run.threads)
     print(f"[cai] {name}: {'resuming' if resumed else 'running'} in {stage_dir.path}")
     started = time.time()
@@ -271,7 +274,7 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
         ctx.release()
         # A stage that failed before writing anything (say, a missing upstream stage) must not
         # leave a marker that would later refuse to run with the then-complete inputs.
-        if [p.name for p in stage_dir.path.iterdir()] == [marker.name]:
+        if distributed.is_main() and [p.name for p in stage_dir.path.iterdir()] == [marker.name]:
             marker.unlink()
             stage_dir.path.rmdir()
         raise
@@ -281,12 +284,40 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "seconds": round(time.time() - started, 2), "versions": _versions(),
     }
+    if distributed.distributed():
+        manifest["processes"] = distributed.world_size()
     if ctx.engines_used:
         manifest["engines"] = ctx.engines_used
-    atomic_write_json(stage_dir.manifest_path, manifest)
-    marker.unlink(missing_ok=True)
+    if distributed.is_main():
+        atomic_write_json(stage_dir.manifest_path, manifest)
+        marker.unlink(missing_ok=True)
+    distributed.barrier()  # the next stage reads this one's manifest and outputs
     print(f"[cai] {name}: done in {manifest['seconds']:.1f}s {counts}")
     return manifest
+
+
+def _decide(ctx: StageContext, force: bool) -> dict:
+    """Skip (complete with the same config), refuse (other settings, no --force) or run
+    (resuming if a marker says it started), and where a replaced folder goes."""
+    import json
+
+    manifest = ctx.dir.manifest()
+    marker = ctx.dir / ".in_progress.json"
+    previous = manifest["config_hash"] if manifest else None
+    if previous is None and marker.exists():
+        previous = json.loads(marker.read_text())["config_hash"]
+    if previous == ctx.config_hash and manifest:
+        return {"action": "skip", "manifest": manifest}
+    aside = None
+    if previous is not None and previous != ctx.config_hash:
+        if not force:
+            state = "completed" if manifest else "started"
+            return {"action": "refuse", "message": (
+                f"stage '{ctx.name}' in {ctx.dir.path} was {state} with other settings or inputs "
+                f"(config hash {previous}, now {ctx.config_hash}). Nothing was changed. Use another "
+                f"run_dir, or pass --force to move the old folder aside and redo the stage.")}
+        aside = str(ctx.dir.path.with_name(f"{ctx.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
+    return {"action": "run", "aside": aside, "resumed": marker.exists() and aside is None}
 
 
 def default_stages(run: RunConfig) -> list[str]:

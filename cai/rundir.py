@@ -3,6 +3,9 @@
 A stage folder holds its outputs and, once complete, `manifest.json`. Files are either
 written whole to a temp file and renamed (never half-written) or appended line by line
 (a kill leaves at most one torn last line, which `read_jsonl` repairs).
+
+Under several processes only the main one writes: the writers here do nothing in the
+others (`cai.distributed`), which read what the main process wrote after a barrier.
 """
 
 from __future__ import annotations
@@ -13,8 +16,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from cai import distributed
+
 
 def atomic_write_text(path: Path, text: str) -> None:
+    if not distributed.is_main():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
@@ -41,7 +48,7 @@ def atomic_write_jsonl(path: Path, rows: Iterable[dict]) -> int:
 def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
     """Append rows in one write, flushed to disk before returning."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    if not text:
+    if not text or not distributed.is_main():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
@@ -69,8 +76,9 @@ def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
             good_bytes += len(raw)
         except ValueError as err:
             if repair and last:
-                with open(path, "r+b") as f:
-                    f.truncate(good_bytes)
+                if distributed.is_main():
+                    with open(path, "r+b") as f:
+                        f.truncate(good_bytes)
                 break
             raise ValueError(f"{path}:{number}: not a JSON line ({err})") from None
     return rows

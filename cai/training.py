@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from cai import distributed
 from cai.rundir import atomic_write_json
 
 
@@ -120,20 +121,43 @@ def trl_build_problems(run, section: str, cls, stage_defaults: dict, trl: dict) 
     return [run.source.problem((section, key), f"'{section}.{key}': {message}") for key, message in culprits.items()]
 
 
+def shared_dataset(ctx, name: str, rows: list[dict]):
+    """A `datasets.Dataset` of `rows`, saved in the stage folder and memory-mapped from
+    there, so the caches TRL writes beside it (DPO's precomputed reference
+    log-probabilities) sit where every process finds them; an in-memory dataset would
+    put them in each process's own temp folder."""
+    from datasets import Dataset, load_from_disk
+
+    folder = ctx.dir / "datasets" / name
+    if distributed.is_main():
+        shutil.rmtree(folder, ignore_errors=True)
+        Dataset.from_list(rows).save_to_disk(str(folder))
+    distributed.barrier()
+    return load_from_disk(str(folder))
+
+
 def train_and_save(trainer, ctx, model_dir: str = "model") -> dict:
     """Train (resuming from the newest checkpoint if one exists), save the model with
     save_pretrained, and write the trainer's log history next to it."""
-    checkpoint = resume_checkpoint(Path(trainer.args.output_dir), ctx.name)
+    main = distributed.is_main()
+    checkpoint = distributed.broadcast(resume_checkpoint(Path(trainer.args.output_dir), ctx.name) if main else None)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     target = ctx.dir / model_dir
     staging = target.with_name(model_dir + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(str(staging))
-    if trainer.processing_class is not None:
-        trainer.processing_class.save_pretrained(str(staging))
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+    distributed.barrier()
+    # Sharded weights (FSDP, ZeRO-3) are gathered by every process, the main one writes;
+    # with whole copies (DDP) the main process saves alone.
+    if main or getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+        trainer.save_model(str(staging))
+    if main:
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(str(staging))
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
     atomic_write_json(ctx.dir / "log_history.json", trainer.state.log_history)
+    distributed.barrier()
     return {"train_loss": round(result.training_loss, 6), "global_steps": trainer.state.global_step,
             "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2)}
 

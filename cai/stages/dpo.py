@@ -108,11 +108,10 @@ def preference_pairs(ctx, cfg: Config) -> tuple[list[dict], dict]:
 
 
 def dpo_trainer(ctx, cfg: Config, pairs: list[dict]):
-    from datasets import Dataset
     from trl import DPOTrainer
 
     from cai import models
-    from cai.training import trl_config
+    from cai.training import shared_dataset, trl_config
 
     # The policy is loaded from its folder, so TRL's reference (config._name_or_path) is the
     # same SFT model; its log-probs are computed once, before training, then dropped.
@@ -121,10 +120,11 @@ def dpo_trainer(ctx, cfg: Config, pairs: list[dict]):
     tokenizer = models.load_tokenizer(policy)
     model = models.load_causal_lm(policy, ctx.run.device)
     if cfg.soft_labels == "weighted":
-        return soft_label_dpo_trainer()(model=model, args=args, train_dataset=Dataset.from_list(pairs),
+        return soft_label_dpo_trainer()(model=model, args=args, train_dataset=shared_dataset(ctx, "train", pairs),
                                         processing_class=tokenizer, data_collator=soft_label_collator(tokenizer, args))
     hard = [{k: v for k, v in pair.items() if k != "p_chosen"} for pair in pairs]
-    return DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(hard), processing_class=tokenizer)
+    return DPOTrainer(model=model, args=args, train_dataset=shared_dataset(ctx, "train", hard),
+                      processing_class=tokenizer)
 
 
 def run(ctx) -> dict:

@@ -311,6 +311,16 @@ def _ppo_trainer_class():
                 self._lengths = []
             super().log(logs, start_time)
 
+        def save_model(self, output_dir=None, _internal_call=False):
+            # Under DDP the policy-and-value model is wrapped: TRL 1.12 then misses its
+            # `.policy` and saves both halves. Save from the unwrapped model.
+            wrapped = self.model
+            self.model = self.accelerator.unwrap_model(wrapped)
+            try:
+                super().save_model(output_dir, _internal_call)
+            finally:
+                self.model = wrapped
+
         def train(self, resume_from_checkpoint=None):  # TRL's PPO cannot resume: an interrupted run restarts
             started = time.time()
             super().train()

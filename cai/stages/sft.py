@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from cai.config import setting
 from cai.engines import Sampling, is_degenerate
-from cai.rundir import atomic_write_jsonl, read_jsonl
+from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
+from cai.rundir import read_jsonl
 
 UPSTREAM = ("critique",)
 
@@ -47,21 +48,23 @@ def prompt_completion(messages: list[dict]) -> dict:
 
 
 def helpful_rows(ctx, cfg: Config, model_name: str) -> list[dict]:
-    """The model's own answers to helpful prompts, generated once and kept for resume."""
-    path = ctx.dir / "helpful.jsonl"
-    if path.exists():
-        return read_jsonl(path)
+    """The model's own answers to helpful prompts, made chunk by chunk (`cai.chunks`:
+    resumable, shared across processes) and kept for resume."""
     prompts = ctx.prompts.helpful_train[: cfg.helpful_prompts]
-    engine = ctx.engine(model_name, cfg.generation_batch_size)
-    answers = engine.generate([[{"role": "user", "content": p.text}] for p in prompts],
-                                 Sampling(cfg.helpful_max_new_tokens, cfg.helpful_temperature),
-                                 seed=ctx.run.seed + 17, desc="helpful answers")
-    rows = [{"messages": [{"role": "user", "content": p.text}, {"role": "assistant", "content": a.text}],
-             "id": p.id, "source": "helpful"}
-            for p, a in zip(prompts, answers) if not is_degenerate(a.text)]
-    atomic_write_jsonl(path, rows)
+    ledger = ChunkLedger(ctx.dir.path, "helpful", ["helpful.jsonl"])
+    sampling = Sampling(cfg.helpful_max_new_tokens, cfg.helpful_temperature)
+
+    def work(index: int, chunk) -> dict:
+        engine = ctx.engine(model_name, cfg.generation_batch_size)
+        answers = engine.generate([[{"role": "user", "content": p.text}] for p in chunk], sampling,
+                                  seed=(ctx.run.seed + 17) * 100_003 + index)
+        return {"helpful.jsonl": [
+            {"messages": [{"role": "user", "content": p.text}, {"role": "assistant", "content": a.text}],
+             "id": p.id, "source": "helpful"} for p, a in zip(chunk, answers) if not is_degenerate(a.text)]}
+
+    run_chunks(ledger, chunked_by_length(prompts, cfg.generation_batch_size), work, desc="sft: helpful answers")
     ctx.release(model_name)  # free the weights before training loads them again
-    return rows
+    return ledger.rows("helpful.jsonl")
 
 
 def run(ctx) -> dict:
