@@ -198,7 +198,8 @@ def reward_scores(ctx, cfg: Config, answers: dict, prompts) -> dict | None:
         return None
     from cai.stages.reward import RewardScorer
 
-    scorer = RewardScorer.from_path(str(stage / "model"), device=ctx.run.device, batch_size=cfg.batch_size)
+    scorer = RewardScorer.from_path(str(stage / "model"), device=ctx.run.device, batch_size=cfg.batch_size,
+                                    options=ctx.model_options)
     keys = [(name, p.id) for name in answers for p in prompts]
     scores = scorer.score([[{"role": "user", "content": p.text}] for _ in answers for p in prompts],
                           [answers[name][p.id]["response"] for name in answers for p in prompts])
