@@ -373,8 +373,9 @@ def stage_model_options(run, stage: str) -> tuple[ModelOptions | None, list]:
         problems.append(problem("use_peft", "needs the peft package: pip install peft"))
     task = "SEQ_CLS" if stage == "reward" else "CAUSAL_LM"
     if options.lora_task_type not in (None, task):
-        problems.append(problem("lora_task_type", f"{stage} trains a {'sequence-classification' if task == 'SEQ_CLS' else 'causal language'} "
-                                                  f"model: lora_task_type must be {task} (or null)"))
+        kind = "a sequence-classification" if task == "SEQ_CLS" else "a causal language"
+        problems.append(problem("lora_task_type", f"{stage} trains {kind} model: lora_task_type must be {task} "
+                                                  "(or null)"))
     return (None if problems else options), problems
 
 

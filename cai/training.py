@@ -285,7 +285,7 @@ def write_model_card(folder: Path, ctx, trainer, base: str, data: dict[str, int]
     lines = [
         f"# cai {ctx.name} model ({what})", "",
         f"Trained by cai's `{ctx.name}` stage ({type(trainer).__name__}, Constitutional AI / RLAIF).", "",
-        f"- base model: {base or 'unknown'}" + (f" (resolved to `{resolved}`)" if resolved and resolved != base else ""),
+        f"- base model: {base or 'unknown'}" + (f" (resolved to `{resolved}`)" if resolved not in ("", base) else ""),
         "- data: " + (", ".join(f"{name} ({rows} rows)" for name, rows in data.items()) or "see the stage's manifest"),
         f"- constitution: {constitution}",
         f"- dtype: {options.dtype}; method: {method}",
