@@ -69,6 +69,8 @@ class RunConfig:
     device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
     # OpenAI-compatible servers a data stage can use instead of weights, as `server:NAME`
     servers: dict[str, ServerConfig] = field(default_factory=dict)
+    # top-level cai.models.ModelOptions keys (dtype, use_peft, ...), for every stage; resolved per stage
+    model_options: dict[str, Any] = field(default_factory=dict, init=False)
     stages: dict[str, dict] = field(default_factory=dict)  # raw stage sections, parsed by stage_config
     source: LocatedYaml | None = field(default=None, repr=False, compare=False)
 
@@ -282,7 +284,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     stages = {name: raw.pop(name) for name in STAGE_SECTIONS if name in raw}
     prompts_raw = raw.pop("prompts", None)
     servers_raw = raw.pop("servers", None) or {}
+    from cai.models import ModelOptions, split_model_options
+
+    model_options, raw = split_model_options(raw)
     run, _, problems = parse_dataclass(RunConfig, raw, doc, (), extra=None)
+    problems += parse_dataclass(ModelOptions, model_options, doc, ())[2]
     prompts, _, more = parse_dataclass(PromptsConfig, prompts_raw, doc, ("prompts",))
     problems += more
     servers, more = parse_servers(servers_raw, doc)
@@ -304,6 +310,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ValidationError(problems)
     run.prompts = prompts
     run.servers = servers
+    run.model_options = model_options
     run.stages = {k: (v or {}) for k, v in stages.items()}
     run.source = doc
     return run

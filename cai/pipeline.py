@@ -53,12 +53,15 @@ def stage_config(run: RunConfig, name: str) -> tuple[Any, dict]:
     """The stage's Config and its TRL pass-through keys, validated (errors name lines):
     its own keys, the stage's checks, and for a training stage the TRL config object built
     as the stage will build it, so a bad TRL value fails now, not after earlier stages."""
+    from cai.models import split_model_options, stage_model_options
     from cai.training import trl_build_problems, trl_value_problems
 
     module = stage_module(name)
     extra, extra_name = trl_fields(module)
-    cfg, trl, problems = parse_dataclass(module.Config, run.stages.get(name, {}), run.source, (name,),
+    _, section = split_model_options(run.stages.get(name))  # ModelOptions keys: checked apart, never passed to TRL
+    cfg, trl, problems = parse_dataclass(module.Config, section, run.source, (name,),
                                          extra=extra, extra_name=extra_name)
+    problems += stage_model_options(run, name)[1]
     if problems:
         raise ValidationError(problems)
     problems = server_problems(run, name, cfg)
@@ -157,6 +160,7 @@ class StageContext:
     dir: StageDir
     config_hash: str
     upstream: dict = field(default_factory=dict)
+    model_options: Any = None  # cai.models.ModelOptions: the run's top-level keys, then the stage's
     _engines: dict = field(default_factory=dict, repr=False)
     engines_used: list = field(default_factory=list, repr=False)  # what each released engine did
 
@@ -170,7 +174,10 @@ class StageContext:
         if spec == "base":
             return self.run.model
         if spec in ORDER:
-            return str(self.stage(spec).require(f"its model is needed by {self.name}").path / "model")
+            folder = self.stage(spec).require(f"its model is needed by {self.name}").path
+            # a LoRA stage saved with merge_adapter: false has only its adapter
+            return str(folder / ("model" if (folder / "model").exists() or not (folder / "adapter").exists()
+                                 else "adapter"))
         return spec
 
     def engine(self, reference: str | None, batch_size: int = 8):
@@ -180,7 +187,7 @@ class StageContext:
 
         spec = self.model_spec(reference)
         if spec not in self._engines:
-            self._engines[spec] = open_engine(spec, self.run, batch_size)
+            self._engines[spec] = open_engine(spec, self.run, batch_size, self.model_options)
         return self._engines[spec]
 
     def release(self, reference: str | None = None) -> None:
@@ -231,13 +238,26 @@ def _fingerprint(run: RunConfig, name: str, cfg: Any, trl: dict) -> tuple[str, d
     servers = {ref: run.servers[server_name(ref)].fingerprint() for ref in server_references(cfg)}
     if servers:  # only then, so runs without servers keep their hashes
         body["servers"] = servers
+    model_options = _model_options(run, name).fingerprint()
+    if model_options:  # only settings other than the defaults, so existing runs keep their hashes
+        body["model_options"] = model_options
     return config_hash(body), upstream
+
+
+def _model_options(run: RunConfig, name: str):
+    from cai.models import stage_model_options
+
+    options, problems = stage_model_options(run, name)
+    if problems:
+        raise ValidationError(problems)
+    return options
 
 
 def prepare(run: RunConfig, name: str) -> StageContext:
     cfg, trl = stage_config(run, name)
     digest, upstream = _fingerprint(run, name, cfg, trl)
-    return StageContext(run, name, cfg, trl, StageDir(run.path, name), digest, upstream)
+    return StageContext(run, name, cfg, trl, StageDir(run.path, name), digest, upstream,
+                        model_options=_model_options(run, name))
 
 
 def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
@@ -354,7 +374,7 @@ def validate(run: RunConfig, names: list[str]) -> None:
     else:
         problems.append(run.source.problem(("constitution",), f"'constitution': no file {run.constitution}"))
     if problems:
-        raise ValidationError(problems)
+        raise ValidationError(list(dict.fromkeys(problems)))  # a top-level key's problem once, not per stage
 
 
 def select_stages(run: RunConfig, start: str | None, until: str | None) -> list[str]:

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from cai import distributed
-from cai.rundir import atomic_write_json
+from cai.models import ModelOptions
+from cai.rundir import atomic_write_json, atomic_write_text
 
 
 def trl_config(ctx, cls, stage_defaults: dict | None = None):
@@ -136,30 +137,208 @@ def shared_dataset(ctx, name: str, rows: list[dict]):
     return load_from_disk(str(folder))
 
 
-def train_and_save(trainer, ctx, model_dir: str = "model") -> dict:
-    """Train (resuming from the newest checkpoint if one exists), save the model with
-    save_pretrained, and write the trainer's log history next to it."""
+def reference_loading(args, options: ModelOptions) -> None:
+    """A trainer that reloads its KL reference from the policy's folder (RLOO, GRPO, DPO
+    without precomputed log-probs) loads it like the policy: same dtype, attention and
+    revision (TRL's default is float32). The user's own `model_init_kwargs` win. With
+    LoRA there is no reference to load (the adapter is disabled instead)."""
+    if options.use_peft or getattr(args, "precompute_ref_log_probs", False):
+        return
+    kwargs = options.reference_kwargs()
+    if kwargs and hasattr(args, "model_init_kwargs"):
+        args.model_init_kwargs = {**kwargs, **(args.model_init_kwargs or {})}
+
+
+def train_and_save(trainer, ctx, model_dir: str = "model", base: str = "", data: dict[str, int] | None = None) -> dict:
+    """Train (resuming from the newest checkpoint if one exists), save the model, write
+    the trainer's log history next to it, and delete the checkpoints (unless the stage's
+    `keep_checkpoints`). `base`: the spec the stage trained from; `data`: {file: rows}
+    it trained on (both for the model card)."""
     main = distributed.is_main()
     checkpoint = distributed.broadcast(resume_checkpoint(Path(trainer.args.output_dir), ctx.name) if main else None)
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    target = ctx.dir / model_dir
-    staging = target.with_name(model_dir + ".tmp")
-    if main:
-        shutil.rmtree(staging, ignore_errors=True)
-    distributed.barrier()
-    # Sharded weights (FSDP, ZeRO-3) are gathered by every process, the main one writes;
-    # with whole copies (DDP) the main process saves alone.
-    if main or getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
-        trainer.save_model(str(staging))
-    if main:
-        if trainer.processing_class is not None:
-            trainer.processing_class.save_pretrained(str(staging))
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+    saved = save_trained_model(trainer, ctx, model_dir, base, data or {})
     atomic_write_json(ctx.dir / "log_history.json", trainer.state.log_history)
+    options = getattr(ctx, "model_options", None) or ModelOptions()
+    if main and not options.keep_checkpoints:
+        shutil.rmtree(trainer.args.output_dir, ignore_errors=True)  # the model is saved: they only cost disk
     distributed.barrier()
     return {"train_loss": round(result.training_loss, 6), "global_steps": trainer.state.global_step,
-            "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2)}
+            "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2), **saved}
+
+
+def trained_model(trainer):
+    """The model the trainer optimised, unwrapped (PPO's policy, without its value head)."""
+    model = getattr(trainer, "model", None)
+    if model is None:
+        return None
+    accelerator = getattr(trainer, "accelerator", None)
+    model = accelerator.unwrap_model(model) if accelerator is not None else model
+    return getattr(model, "policy", model)
+
+
+def save_trained_model(trainer, ctx, model_dir: str, base: str, data: dict[str, int]) -> dict:
+    """Save with save_pretrained, in the dtype the stage trained in, each folder written
+    aside and renamed into place, with a model card (README.md):
+
+    - full fine-tuning: STAGE/model/;
+    - LoRA (`use_peft`): the adapter in STAGE/adapter/ (its `base_model_name_or_path` an
+      absolute path, so it loads from any working folder) and, with `merge_adapter`, the
+      adapter merged into a fresh, unquantised copy of its base in STAGE/model/, which
+      AutoModel loads like any model (later stages and evaluate read it unchanged).
+
+    The saved config's pad token is the saved tokenizer's (PPO may pad with another token
+    than the one the model was loaded with).
+
+    Several processes: only the main one writes; with sharded weights (FSDP, ZeRO-3) the
+    others take part in the trainer's save, which gathers them."""
+    from accelerate.utils import is_peft_model
+
+    from cai import models
+
+    main = distributed.is_main()
+    if not main and not _sharded(trainer):
+        return {}
+    options = getattr(ctx, "model_options", None) or ModelOptions()
+    tokenizer = trainer.processing_class
+    model = trained_model(trainer)
+    if model is not None and tokenizer is not None:
+        align_pad_token(model, tokenizer)
+    if model is None or not is_peft_model(model):
+        _write_folder(ctx.dir / model_dir, lambda out: _save(trainer, tokenizer, out))
+        write_model_card(ctx.dir / model_dir, ctx, trainer, base, data, adapter=False)
+        return {}
+
+    adapter_dir = ctx.dir / "adapter"
+
+    def save_adapter(out: Path) -> None:
+        _save(trainer, tokenizer, out)
+        config = out / models.ADAPTER_CONFIG
+        settings = json.loads(config.read_text(encoding="utf-8"))
+        base_path = Path(settings.get("base_model_name_or_path") or "")
+        if main and base_path.exists():  # a relative path would depend on the working folder
+            settings["base_model_name_or_path"] = str(base_path.resolve())
+            config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    _write_folder(adapter_dir, save_adapter)
+    write_model_card(adapter_dir, ctx, trainer, base, data, adapter=True)
+    if not main:
+        return {}
+    if not options.merge_adapter:
+        shutil.rmtree(ctx.dir / model_dir, ignore_errors=True)  # no stale merged model from an earlier attempt
+        return {"adapter": str(adapter_dir)}
+    seq_cls = models.adapter_task(str(adapter_dir)) == "SEQ_CLS"
+    if seq_cls:
+        merged = models.load_reward_model(str(adapter_dir), tokenizer, options)
+    else:
+        merged = models.load_causal_lm(str(adapter_dir), "cpu", options)
+    align_pad_token(merged, tokenizer)
+
+    def save_merged(out: Path) -> None:
+        merged.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+
+    _write_folder(ctx.dir / model_dir, save_merged)
+    write_model_card(ctx.dir / model_dir, ctx, trainer, base, data, adapter=False, merged=True)
+    return {"adapter": str(adapter_dir)}
+
+
+def _sharded(trainer) -> bool:
+    return bool(getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False))
+
+
+def _save(trainer, tokenizer, out: Path) -> None:
+    trainer.save_model(str(out))  # the Trainer writes on the main process only
+    if tokenizer is not None and distributed.is_main():
+        tokenizer.save_pretrained(str(out))
+
+
+def _write_folder(target: Path, write) -> None:
+    """Write a folder aside and rename it into place (a kill leaves the old one or none).
+    The main process prepares and renames; every process that got here runs `write`."""
+    staging = target.with_name(target.name + ".tmp")
+    if distributed.is_main():
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
+    write(staging)
+    if distributed.is_main():
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+
+
+def align_pad_token(model, tokenizer) -> None:
+    """The model's config (and generation config) pad with the tokenizer's pad token."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        return
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model.config.pad_token_id = pad
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.pad_token_id = pad
+
+
+def write_model_card(folder: Path, ctx, trainer, base: str, data: dict[str, int], adapter: bool,
+                     merged: bool = False) -> None:
+    """A short README.md: where the weights come from, on what, with which settings, and
+    how to load them."""
+    from cai import models
+
+    options = getattr(ctx, "model_options", None) or ModelOptions()
+    args = trainer.args
+    run = getattr(ctx, "run", None)
+    seq_cls = (folder / "config.json").is_file() and "ForSequenceClassification" in (folder / "config.json").read_text()
+    if adapter:
+        seq_cls = models.adapter_task(str(folder)) == "SEQ_CLS"
+    auto = "AutoModelForSequenceClassification" if seq_cls else "AutoModelForCausalLM"
+    try:
+        resolved = models.resolve(base) if base else ""
+    except ValueError:
+        resolved = ""
+    try:
+        constitution = f"{ctx.constitution.name} ({run.constitution})"
+    except (AttributeError, OSError, ValueError):
+        constitution = getattr(run, "constitution", "unknown")
+    if options.use_peft:
+        method = (f"LoRA r={options.lora_r}, alpha={options.lora_alpha}, dropout={options.lora_dropout}, "
+                  f"target modules {options.lora_target_modules or 'peft default'}"
+                  + (", base quantised to 4 bits (QLoRA)" if options.load_in_4bit else "")
+                  + (", base quantised to 8 bits" if options.load_in_8bit else ""))
+    else:
+        method = "full fine-tuning"
+    schedule = [f"learning rate {getattr(args, 'learning_rate', '?')}",
+                f"epochs {getattr(args, 'num_train_epochs', '?')}"]
+    if getattr(args, "max_steps", -1) and getattr(args, "max_steps", -1) > 0:
+        schedule.append(f"max steps {args.max_steps}")
+    if getattr(args, "total_episodes", None):
+        schedule.append(f"total episodes {args.total_episodes}")
+    schedule.append(f"steps trained {trainer.state.global_step}")
+    what = ("the LoRA adapter" if adapter else "the adapter merged into its base" if merged else "the weights")
+    lines = [
+        f"# cai {ctx.name} model ({what})", "",
+        f"Trained by cai's `{ctx.name}` stage ({type(trainer).__name__}, Constitutional AI / RLAIF).", "",
+        f"- base model: {base or 'unknown'}" + (f" (resolved to `{resolved}`)" if resolved not in ("", base) else ""),
+        "- data: " + (", ".join(f"{name} ({rows} rows)" for name, rows in data.items()) or "see the stage's manifest"),
+        f"- constitution: {constitution}",
+        f"- dtype: {options.dtype}; method: {method}",
+        f"- {', '.join(schedule)}",
+        f"- seed {getattr(run, 'seed', '?')}; config hash {getattr(ctx, 'config_hash', '?')} "
+        "(the stage's manifest.json has every setting)", "",
+        "## Loading", "", "```python",
+    ]
+    if adapter:
+        lines += [f"from peft import AutoPeftModel{'ForSequenceClassification' if seq_cls else 'ForCausalLM'}", "",
+                  f"model = AutoPeftModel{'ForSequenceClassification' if seq_cls else 'ForCausalLM'}"
+                  f".from_pretrained(\"{folder.resolve()}\")",
+                  "```", "", "The base model is `base_model_name_or_path` in adapter_config.json. In a cai config "
+                  "this folder is a model spec: cai loads the base and merges the adapter."]
+    else:
+        lines += [f"from transformers import {auto}, AutoTokenizer", "",
+                  f"model = {auto}.from_pretrained(\"{folder.resolve()}\"" + ")",
+                  f"tokenizer = AutoTokenizer.from_pretrained(\"{folder.resolve()}\")", "```", "",
+                  "In a cai config this folder (or the stage name) is a model spec."]
+    atomic_write_text(folder / "README.md", "\n".join(lines) + "\n")
 
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

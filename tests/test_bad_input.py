@@ -92,6 +92,25 @@ SET_CASES = [
     ("rl-other-algorithm-key", ["rl.num_generations=4"], "'rl.num_generations' is not a field of PPOConfig"),
     ("sft-output-dir", ["sft.output_dir=/tmp/elsewhere"], "'sft.output_dir': checkpoints always go to the stage"),
     ("reward-output-dir", ["reward.output_dir=shared"], "'reward.output_dir'"),
+    # model options (TRL's ModelConfig names), at the top level or in a stage's section
+    ("lora-r-0", ["sft.lora_r=0"], "'sft.lora_r' must be at least 1"),
+    ("top-lora-r-0", ["lora_r=0"], "'lora_r' must be at least 1"),
+    ("lora-alpha-float", ["dpo.lora_alpha=0.5"], "'dpo.lora_alpha' must be int"),
+    ("lora-dropout-1", ["rl.lora_dropout=1"], "'rl.lora_dropout' must be in [0, 1)"),
+    ("dtype-float13", ["dtype=float13"], "'dtype' must be 'auto' or 'bfloat16' or 'float16' or 'float32'"),
+    ("stage-dtype-float13", ["critique.dtype=float13"], "'critique.dtype' must be"),
+    ("use-peft-maybe", ["reward.use_peft=maybe"], "'reward.use_peft' must be bool"),
+    ("target-modules-int", ["lora_target_modules=3"], "'lora_target_modules' must be"),
+    ("load-in-4bit-cpu", ["load_in_4bit=true", "use_peft=true", "device=cpu"],
+     "bitsandbytes quantisation needs a CUDA GPU and the bitsandbytes package"),
+    ("load-in-8bit-no-lora", ["sft.load_in_8bit=true"], "quantised base weights cannot be trained in full"),
+    ("load-in-both", ["sft.load_in_8bit=true", "sft.load_in_4bit=true", "sft.use_peft=true"], "are exclusive"),
+    ("flash-attention-cpu", ["attn_implementation=flash_attention_2", "device=cpu"], "runs on CUDA GPUs only"),
+    ("attention-unknown", ["label.attn_implementation=fastest"], "unknown attention implementation 'fastest'"),
+    ("lora-in-a-data-stage", ["critique.use_peft=true"], "'critique.use_peft': critique only generates"),
+    ("reward-task-type", ["reward.lora_task_type=CAUSAL_LM"], "'reward.lora_task_type': reward trains a sequence"),
+    ("task-type-typo", ["sft.lora_task_type=causal"], "'sft.lora_task_type' must be"),
+    ("keep-checkpoints-str", ["keep_checkpoints=sometimes"], "'keep_checkpoints' must be bool"),
     # code from a model is never run
     ("sft-trust-remote-code", ["sft.trust_remote_code=true"], "cai never runs code shipped with a model"),
     ("sft-model-init-kwargs", ["sft.model_init_kwargs={trust_remote_code: true}"],
@@ -187,6 +206,14 @@ FILE_CASES = [
      "'sft.learning_rate' must be float"),
     ("run-dir-nul-in-file", smoke("run_dir: runs/smoke", 'run_dir: "runs/a\\0b"'), "run_dir:", 1, "NUL"),
     ("unknown-section", smoke(append="\ncritiqe:\n  num_revisions: 1\n"), "critiqe:", 1, "unknown key 'critiqe'"),
+    ("top-level-dtype", smoke("threads: 1\n", "threads: 1\ndtype: float13\n"), "dtype: float13", 1,
+     "'dtype' must be 'auto' or"),
+    ("stage-lora-r", smoke("  helpful_prompts: 4\n", "  helpful_prompts: 4\n  lora_r: 0\n"), "  lora_r: 0", 1,
+     "'sft.lora_r' must be at least 1"),
+    # a stage's keys override the top level's: sft trains in full, and its own load_in_8bit is refused there
+    ("stage-overrides-top", smoke("threads: 1\n", "threads: 1\nuse_peft: true\n")
+     .replace("  helpful_prompts: 4\n", "  helpful_prompts: 4\n  use_peft: false\n  load_in_8bit: true\n"),
+     "  load_in_8bit: true", 1, "'sft.load_in_8bit': quantised base weights cannot be trained in full"),
 ]
 
 

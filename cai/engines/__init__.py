@@ -23,8 +23,9 @@ def server_name(spec: str) -> str:
     return spec[len(SERVER_PREFIX):]
 
 
-def open_engine(spec: str, run, batch_size: int = 8) -> Engine:
-    """The engine for a resolved model spec; weights are loaded on `run.device`."""
+def open_engine(spec: str, run, batch_size: int = 8, options=None) -> Engine:
+    """The engine for a resolved model spec; weights are loaded on `run.device` with the
+    stage's `cai.models.ModelOptions` (dtype, attention, revision)."""
     if is_server(spec):
         from cai.engines.openai import OpenAIEngine
 
@@ -35,4 +36,4 @@ def open_engine(spec: str, run, batch_size: int = 8) -> Engine:
         return OpenAIEngine(run.servers[name], spec)
     from cai.engines.hf import TransformersEngine
 
-    return TransformersEngine.from_spec(spec, run.device, batch_size)
+    return TransformersEngine.from_spec(spec, run.device, batch_size, options=options)

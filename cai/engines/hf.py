@@ -50,9 +50,12 @@ class TransformersEngine(Engine):
         self._option_ids: dict[tuple[str, tuple[str, ...]], list[int]] = {}
 
     @classmethod
-    def from_spec(cls, spec: str, device: str = "auto", batch_size: int = 8, name: str = "") -> "TransformersEngine":
+    def from_spec(cls, spec: str, device: str = "auto", batch_size: int = 8, name: str = "",
+                  options: "models.ModelOptions | None" = None) -> "TransformersEngine":
+        """Weights from a model spec (an adapter folder is merged onto its base), loaded
+        with the options' dtype, attention and revision (never quantised: it only generates)."""
         tokenizer = models.load_tokenizer(spec, padding_side="left")
-        return cls(models.load_causal_lm(spec, device), tokenizer, batch_size, name=name or spec)
+        return cls(models.load_causal_lm(spec, device, options), tokenizer, batch_size, name=name or spec)
 
     def close(self) -> None:
         self.model = None

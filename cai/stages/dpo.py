@@ -111,20 +111,26 @@ def dpo_trainer(ctx, cfg: Config, pairs: list[dict]):
     from trl import DPOTrainer
 
     from cai import models
-    from cai.training import shared_dataset, trl_config
+    from cai.training import reference_loading, shared_dataset, trl_config
 
     # The policy is loaded from its folder, so TRL's reference (config._name_or_path) is the
-    # same SFT model; its log-probs are computed once, before training, then dropped.
+    # same SFT model; its log-probs are computed once, before training, then dropped. With
+    # use_peft there is no reference copy at all (ref_model=None): the reference is the
+    # policy with its adapter disabled, as TRL does.
     policy = ctx.model_spec(cfg.policy, "sft")
+    options = ctx.model_options
     args = trl_config(ctx, *trl_settings(cfg))
+    reference_loading(args, options)
     tokenizer = models.load_tokenizer(policy)
-    model = models.load_causal_lm(policy, ctx.run.device)
+    model = models.load_causal_lm(policy, ctx.run.device, options, quantize=True)
+    lora = {"ref_model": None, "peft_config": options.peft_config("CAUSAL_LM")}
     if cfg.soft_labels == "weighted":
         return soft_label_dpo_trainer()(model=model, args=args, train_dataset=shared_dataset(ctx, "train", pairs),
-                                        processing_class=tokenizer, data_collator=soft_label_collator(tokenizer, args))
+                                        processing_class=tokenizer, data_collator=soft_label_collator(tokenizer, args),
+                                        **lora)
     hard = [{k: v for k, v in pair.items() if k != "p_chosen"} for pair in pairs]
     return DPOTrainer(model=model, args=args, train_dataset=shared_dataset(ctx, "train", hard),
-                      processing_class=tokenizer)
+                      processing_class=tokenizer, **lora)
 
 
 def run(ctx) -> dict:
@@ -135,7 +141,10 @@ def run(ctx) -> dict:
     if not pairs:
         raise RuntimeError(f"dpo: no preference pairs to train on ({counts}); lower dpo.min_confidence, "
                            "use soft_labels: weighted, or check the label stage's outputs")
-    metrics = train_and_save(dpo_trainer(ctx, cfg, pairs), ctx)
+    data = {"label/prefs.jsonl": counts["label_pairs"]}
+    if cfg.mix_critique_pairs:
+        data["critique/prefs.jsonl"] = counts["critique_pairs"]
+    metrics = train_and_save(dpo_trainer(ctx, cfg, pairs), ctx, base=ctx.model_spec(cfg.policy, "sft"), data=data)
     return {**counts, **metrics}
 
 

@@ -152,7 +152,7 @@ def models_to_evaluate(ctx, cfg: Config) -> tuple[dict[str, str], dict[str, str]
     for name in cfg.models:
         if name in POLICY_STAGES:
             stage = ctx.stage(name)
-            if not stage.complete() or not (stage / "model").exists():
+            if not stage.complete() or not ((stage / "model").exists() or (stage / "adapter").exists()):
                 skipped[name] = f"stage '{name}' has not completed in {ctx.run.path}"
                 continue
         found[name] = ctx.model_spec(name)
@@ -194,11 +194,13 @@ def generate_answers(ctx, cfg: Config, models: dict[str, str], prompts) -> list[
 def reward_scores(ctx, cfg: Config, answers: dict, prompts) -> dict | None:
     """{(model, prompt id): score} from the run's reward model, or None without one."""
     stage = ctx.stage("reward")
-    if not stage.complete() or not (stage / "model").exists():
+    if not stage.complete() or not ((stage / "model").exists() or (stage / "adapter").exists()):
         return None
     from cai.stages.reward import RewardScorer
 
-    scorer = RewardScorer.from_path(str(stage / "model"), device=ctx.run.device, batch_size=cfg.batch_size)
+    # its merged model, or its LoRA adapter when merge_adapter was false
+    scorer = RewardScorer.from_path(ctx.model_spec("reward"), device=ctx.run.device, batch_size=cfg.batch_size,
+                                    options=ctx.model_options)
     keys = [(name, p.id) for name in answers for p in prompts]
     scores = scorer.score([[{"role": "user", "content": p.text}] for _ in answers for p in prompts],
                           [answers[name][p.id]["response"] for name in answers for p in prompts])

@@ -139,9 +139,10 @@ class RewardScorer:
             model.config.pad_token_id = tokenizer.pad_token_id
 
     @classmethod
-    def from_path(cls, path: str, device: str = "auto", batch_size: int = 8) -> "RewardScorer":
+    def from_path(cls, path: str, device: str = "auto", batch_size: int = 8,
+                  options: models.ModelOptions | None = None) -> "RewardScorer":
         tokenizer = models.load_tokenizer(path)
-        model = models.load_reward_model(path, tokenizer).to(models.device_for(device)).eval()
+        model = models.load_reward_model(path, tokenizer, options).to(models.device_for(device)).eval()
         return cls(model, tokenizer, batch_size)
 
     def render(self, conversation: list[dict], response: str) -> list[int]:
@@ -252,12 +253,14 @@ def run(ctx) -> dict:
     spec = ctx.model_spec(cfg.model, "sft")
     tokenizer = models.load_tokenizer(spec)
     set_seed(ctx.run.seed)  # the reward head is freshly initialised
+    options = ctx.model_options
     with suppress_seqcls_warning():  # "score.weight newly initialised" is the point here
-        model = models.load_reward_model(spec, tokenizer)
+        model = models.load_reward_model(spec, tokenizer, options, quantize=True)
     args = trl_config(ctx, *trl_settings(cfg))
+    # With use_peft: a SEQ_CLS adapter; peft trains the new `score` head in full (modules_to_save).
     trainer = SoftLabelRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
                                      eval_dataset=Dataset.from_list(held) if held else None,
-                                     processing_class=tokenizer)
+                                     processing_class=tokenizer, peft_config=options.peft_config("SEQ_CLS"))
     scorer = RewardScorer(trainer.model, tokenizer, batch_size=args.per_device_eval_batch_size,
                           max_length=args.max_length or 1024)
 
@@ -266,7 +269,10 @@ def run(ctx) -> dict:
                 "held_out": preference_metrics(scorer, trainer.eval_dataset)}
 
     before = measure()
-    training = train_and_save(trainer, ctx)
+    data = {"label/prefs.jsonl": n_label}
+    if cfg.mix_critique_pairs:
+        data["critique/prefs.jsonl"] = len(pairs) - n_label
+    training = train_and_save(trainer, ctx, base=spec, data=data)
     scorer.model = trainer.model
     after = measure()
     too_long = len(train) + len(held) - len(trainer.train_dataset) - len(trainer.eval_dataset or [])

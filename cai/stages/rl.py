@@ -199,13 +199,15 @@ def _check_prompt_count(cfg: Config, args, prompts: list) -> None:
 
 def run(ctx) -> dict:
     from cai import models
-    from cai.training import train_and_save, trl_config
+    from cai.training import reference_loading, train_and_save, trl_config
 
     cfg: Config = ctx.config
+    options = ctx.model_options
     policy = ctx.model_spec(cfg.policy, "sft")
     reward = ctx.model_spec(cfg.reward_model, "reward")
     prompts = training_prompts(ctx, cfg)
     args = trl_config(ctx, *trl_settings(cfg))
+    reference_loading(args, options)
     _check_prompt_count(cfg, args, prompts)
 
     if cfg.algorithm == "ppo":
@@ -216,16 +218,24 @@ def run(ctx) -> dict:
 
         trainer_class = GRPOTrainer if cfg.algorithm == "grpo" else RLOOTrainer
         # The reward model is the reward function; TRL renders each prompt + answer with its
-        # own tokenizer. The KL reference is reloaded by TRL from the policy's folder.
+        # own tokenizer. The KL reference is reloaded by TRL from the policy's folder, or,
+        # with use_peft, is the policy with its adapter disabled.
         reward_tokenizer = models.load_tokenizer(reward)
         trainer = trainer_class(
-            model=models.load_causal_lm(policy, ctx.run.device), args=args,
-            reward_funcs=models.load_reward_model(reward, reward_tokenizer), reward_processing_classes=reward_tokenizer,
+            model=models.load_causal_lm(policy, ctx.run.device, options, quantize=True), args=args,
+            reward_funcs=models.load_reward_model(reward, reward_tokenizer, options),
+            reward_processing_classes=reward_tokenizer,
             train_dataset=Dataset.from_list([{"prompt": p["prompt"]} for p in prompts]),
-            processing_class=models.load_tokenizer(policy, padding_side="left"))
-    metrics = train_and_save(trainer, ctx)
+            processing_class=models.load_tokenizer(policy, padding_side="left"),
+            peft_config=options.peft_config("CAUSAL_LM"))
+    metrics = train_and_save(trainer, ctx, base=policy, data=_prompt_counts(prompts))
     return {"algorithm": cfg.algorithm, "prompts": len(prompts),
             "helpful_prompts": sum(p["kind"] == "helpful" for p in prompts), **metrics}
+
+
+def _prompt_counts(prompts: list[dict]) -> dict[str, int]:
+    helpful = sum(p["kind"] == "helpful" for p in prompts)
+    return {"red-team prompts": len(prompts) - helpful, "helpful prompts": helpful}
 
 
 # ---------------------------------------------------------------- PPO plumbing
@@ -267,12 +277,16 @@ def ppo_trainer(ctx, args, policy: str, reward: str, prompts: list[dict]):
     ppo_pad_token(tokenizer)
     query_ids = [tokenizer(tokenizer.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True),
                            add_special_tokens=False)["input_ids"] for p in prompts]
+    options = ctx.model_options
+    # With use_peft the policy is a LoRA adapter and the reference is the policy with the
+    # adapter disabled (no reference copy); the value model is still trained in full.
+    reference = None if options.use_peft else models.load_causal_lm(policy, ctx.run.device, options)
     return _ppo_trainer_class()(
         args=args, processing_class=tokenizer,
-        model=models.load_causal_lm(policy, ctx.run.device), ref_model=models.load_causal_lm(policy, ctx.run.device),
-        reward_model=models.load_reward_model(reward, tokenizer).eval(),
-        value_model=models.load_reward_model(reward, tokenizer),  # the value head starts from the reward model
-        train_dataset=Dataset.from_dict({"input_ids": query_ids}))
+        model=models.load_causal_lm(policy, ctx.run.device, options, quantize=True), ref_model=reference,
+        reward_model=models.load_reward_model(reward, tokenizer, options).eval(),
+        value_model=models.load_reward_model(reward, tokenizer, options),  # the value head starts from the reward model
+        train_dataset=Dataset.from_dict({"input_ids": query_ids}), peft_config=options.peft_config("CAUSAL_LM"))
 
 
 @functools.cache

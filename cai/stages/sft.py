@@ -85,7 +85,11 @@ def run(ctx) -> dict:
 
     args = trl_config(ctx, *trl_settings(cfg))
     tokenizer = models.load_tokenizer(model_name)
-    trainer = SFTTrainer(model=models.load_causal_lm(model_name, ctx.run.device), args=args,
-                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    metrics = train_and_save(trainer, ctx)
+    options = ctx.model_options
+    # With use_peft, TRL wraps the model in the LoRA adapter the options describe.
+    trainer = SFTTrainer(model=models.load_causal_lm(model_name, ctx.run.device, options, quantize=True), args=args,
+                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=options.peft_config("CAUSAL_LM"))
+    data = {"critique/sft.jsonl": len(revisions), **({"sft/helpful.jsonl": len(helpful)} if helpful else {})}
+    metrics = train_and_save(trainer, ctx, base=model_name, data=data)
     return {"revision_rows": len(revisions), "helpful_rows": len(helpful), **metrics}
