@@ -67,6 +67,9 @@ class RunConfig:
     threads: int = setting(1, "torch intra-op threads; 1 is fastest for small models on 2 cores "
                               "(bench/threads.py)", ge=1)
     device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    report_to: str | list[str] = setting("none", "where every training stage reports (TRL's report_to: none, "
+                                                 "wandb, tensorboard, trackio, ...); a stage's own key wins")
+    run_name: str | None = setting(None, "the run name trackers show (TRL's run_name) for every training stage")
     # OpenAI-compatible servers a data stage can use instead of weights, as `server:NAME`
     servers: dict[str, ServerConfig] = field(default_factory=dict)
     # top-level cai.models.ModelOptions keys (dtype, use_peft, ...), for every stage; resolved per stage

@@ -234,7 +234,7 @@ def _fingerprint(run: RunConfig, name: str, cfg: Any, trl: dict) -> tuple[str, d
         manifest = StageDir(run.path, up).manifest()
         upstream[up] = manifest["config_hash"] if manifest else None
     body = {"stage": name, "shared": shared_fingerprint(run), "config": dataclasses.asdict(cfg),
-            "trl": trl, "upstream": upstream}
+            "trl": {key: value for key, value in trl.items() if changes_results(key)}, "upstream": upstream}
     servers = {ref: run.servers[server_name(ref)].fingerprint() for ref in server_references(cfg)}
     if servers:  # only then, so runs without servers keep their hashes
         body["servers"] = servers
@@ -242,6 +242,18 @@ def _fingerprint(run: RunConfig, name: str, cfg: Any, trl: dict) -> tuple[str, d
     if model_options:  # only settings other than the defaults, so existing runs keep their hashes
         body["model_options"] = model_options
     return config_hash(body), upstream
+
+
+# TRL settings that change where and how often a run logs, saves or reports, never what
+# it computes: they stay out of the config hash, so changing them does not redo a stage.
+NON_RESULT_TRL_KEYS = {"report_to", "run_name", "disable_tqdm", "log_level", "log_level_replica", "log_on_each_node",
+                       "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+                       "dataloader_prefetch_factor", "include_num_input_tokens_seen", "include_tokens_per_second"}
+NON_RESULT_TRL_PREFIXES = ("logging_", "save_", "push_to_hub", "hub_")
+
+
+def changes_results(trl_key: str) -> bool:
+    return trl_key not in NON_RESULT_TRL_KEYS and not trl_key.startswith(NON_RESULT_TRL_PREFIXES)
 
 
 def _model_options(run: RunConfig, name: str):
@@ -292,11 +304,13 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
         ctx.release()
     except BaseException:
         ctx.release()
-        # A stage that failed before writing anything (say, a missing upstream stage) must not
-        # leave a marker that would later refuse to run with the then-complete inputs.
-        if distributed.is_main() and [p.name for p in stage_dir.path.iterdir()] == [marker.name]:
-            marker.unlink()
-            stage_dir.path.rmdir()
+        # A stage that failed before doing any work it would keep (say, a missing upstream
+        # stage, or a trainer that refused its settings) must not leave a marker that would
+        # refuse a retry with other settings or the then-complete inputs.
+        if distributed.is_main() and not _kept_work(stage_dir.path):
+            marker.unlink(missing_ok=True)
+            if not any(stage_dir.path.iterdir()):
+                stage_dir.path.rmdir()
         raise
     manifest = {
         "stage": name, "config_hash": ctx.config_hash, "config": dataclasses.asdict(ctx.config), "trl": ctx.trl,
@@ -314,6 +328,13 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
     distributed.barrier()  # the next stage reads this one's manifest and outputs
     print(f"[cai] {name}: done in {manifest['seconds']:.1f}s {counts}")
     return manifest
+
+
+def _kept_work(folder: Path) -> bool:
+    """Work a resume would keep: a committed chunk, a checkpoint, a saved model or adapter."""
+    return (any(ledger.stat().st_size for ledger in folder.glob(".*.chunks.jsonl"))
+            or any((folder / "checkpoints").glob("checkpoint-*"))
+            or (folder / "model").exists() or (folder / "adapter").exists())
 
 
 def _decide(ctx: StageContext, force: bool) -> dict:

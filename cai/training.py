@@ -30,9 +30,11 @@ def build_trl_config(run, trl: dict, stage_dir: Path, cls, stage_defaults: dict)
     on_gpu = torch.cuda.is_available() and run.device != "cpu"
     defaults = {
         "output_dir": str(Path(stage_dir) / "checkpoints"), "seed": run.seed, "data_seed": run.seed,
-        "report_to": "none", "logging_steps": 1, "save_strategy": "steps", "save_steps": 50,
+        "report_to": run.report_to, "logging_steps": 1, "save_strategy": "steps", "save_steps": 50,
         "save_total_limit": 1, "dataloader_num_workers": 0, "use_cpu": not on_gpu,
     }
+    if run.run_name:
+        defaults["run_name"] = run.run_name
     if not on_gpu:
         defaults.update(bf16=False, fp16=False)
         if not {"gradient_checkpointing", "activation_checkpointing"} & set(trl):

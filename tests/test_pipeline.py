@@ -52,3 +52,45 @@ def test_stage_out_of_order_is_a_clear_error(tmp_path, capsys):
     assert "stage 'critique' has not completed" in capsys.readouterr().err
     assert main(["critique", "--config", str(SMOKE), "--set", f"run_dir={run_dir}"]) == 0
     assert main(["sft", "--config", str(SMOKE), "--set", f"run_dir={run_dir}"]) == 0
+
+
+def test_logging_saving_and_reporting_settings_do_not_redo_a_completed_stage(sft_run, capsys):
+    from cai.config import load_config
+    from cai.pipeline import prepare
+
+    base = ["run", "--config", str(SMOKE), "--set", f"run_dir={sft_run}", "--until", "sft"]
+    for setting in ("sft.logging_steps=5", "sft.save_steps=7", "sft.report_to=none", "run_name=other",
+                    "report_to=none", "sft.disable_tqdm=true"):
+        assert main(base + ["--set", setting]) == 0, setting
+        assert "[cai] sft: already complete" in capsys.readouterr().out, setting
+    assert main(base + ["--set", "sft.learning_rate=0.5"]) == 1  # a result setting: refused without --force
+    assert "with other settings" in capsys.readouterr().err
+    named = load_config(SMOKE, [f"run_dir={sft_run}", "run_name=ablation-3"])
+    from cai.training import trl_config
+    from trl import SFTConfig
+
+    assert trl_config(prepare(named, "sft"), SFTConfig).run_name == "ablation-3"  # once, for every training stage
+
+
+def test_a_stage_that_failed_before_keeping_any_work_does_not_block_a_retry(sft_run, monkeypatch, capsys):
+    import shutil
+
+    from trl import DPOTrainer
+
+    from cai.pipeline import run_stage
+    from conftest import make_run
+
+    shutil.rmtree(sft_run / "sft")  # dpo needs label; build the chain on the tiny run
+    run = make_run(sft_run)
+    for stage in ("sft", "label"):
+        run_stage(run, stage)
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("the trainer refused to start")
+
+    monkeypatch.setattr(DPOTrainer, "train", refuse)
+    with __import__("pytest").raises(RuntimeError, match="refused to start"):
+        run_stage(make_run(sft_run, "dpo.beta=0.2"), "dpo")
+    assert not (sft_run / "dpo" / ".in_progress.json").exists()  # its dataset folder is not kept work
+    monkeypatch.undo()
+    assert run_stage(make_run(sft_run, "dpo.beta=0.3"), "dpo")["config"]  # other settings: it runs
