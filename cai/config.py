@@ -36,11 +36,14 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
-            **bounds: float) -> Any:
+            model_reference: bool = False, **bounds: float) -> Any:
     """A Config field with its help text and range (`ge`, `gt`, `le`, `lt`), which
     `parse_dataclass` checks when the config is loaded: `setting(8, "prompts per batch", ge=1)`.
-    A null value (for an `int | None` field) is never out of range."""
-    return field(default=default, default_factory=default_factory, metadata={"help": help, **bounds})
+    A null value (for an `int | None` field) is never out of range. A `model_reference`
+    field names models (a stage, `base`, a model spec or `server:NAME`): `validate` checks
+    that each one exists before any work."""
+    metadata = {"help": help, **bounds, **({"model_reference": True} if model_reference else {})}
+    return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 @dataclass

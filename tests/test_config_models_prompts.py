@@ -141,5 +141,5 @@ def test_bad_prompt_file_names_the_line(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not a JSON line"):
         load_source(str(tmp_path / "bad.jsonl"), "red_team")
     (tmp_path / "empty.jsonl").write_text(json.dumps({"prompt": ""}) + "\n")
-    with pytest.raises(ValueError, match=r"empty.jsonl:1: expected a non-empty 'prompt'"):
+    with pytest.raises(ValueError, match=r"empty.jsonl:1: 'prompt' is blank"):
         load_source(str(tmp_path / "empty.jsonl"), "red_team")

@@ -39,7 +39,8 @@ class Config:
     critique_max_new_tokens: int = setting(96, "for critiques", ge=1)
     temperature: float = setting(0.7, "sampling temperature (0 = greedy)", ge=0)
     top_p: float = setting(0.95, "nucleus sampling: the smallest token set with this probability", gt=0, le=1)
-    model: str | None = None  # default: the run's `model`; or `server:NAME`
+    model: str | None = setting(None, "the model that answers, critiques and revises: null = the run's model, "
+                                      "or a model spec or server:NAME", model_reference=True)
 
 
 _LABEL = re.compile(r"^\s*(revision|revised (answer|response)|new answer|answer)\s*:\s*", re.IGNORECASE)

@@ -53,7 +53,8 @@ def trl_settings(cfg) -> tuple[type, dict]:
 
 @dataclass
 class Config:
-    policy: str | None = None  # the model to optimise, also the reference; default: the sft stage's model
+    policy: str | None = setting(None, "the model to optimise, also the reference: null = the sft stage's model",
+                                 model_reference=True)
     soft_labels: Literal["threshold", "weighted"] = "threshold"  # how p_chosen is used (module docstring)
     min_confidence: float = setting(0.55, "threshold mode: keep pairs with p_chosen >= this", ge=0.5, le=1)
     mix_critique_pairs: bool = False  # also train on critique/prefs.jsonl (revision over first answer, p = 1)

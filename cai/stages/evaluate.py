@@ -22,7 +22,7 @@ from __future__ import annotations
 import gc
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import combinations
 
 from cai.config import setting
@@ -41,16 +41,17 @@ ANCHOR_ELO = 1000.0
 
 @dataclass
 class Config:
-    # Models to compare: "base" (the run's model), a policy stage (sft, rl, dpo: skipped
-    # when that stage has not run) or any model spec (a path or hub id).
-    models: list[str] = field(default_factory=lambda: ["base", "sft", "rl", "dpo"])
+    models: list[str] = setting(help="models to compare: base (the run's model), a policy stage (sft, rl, dpo: "
+                                     "skipped when that stage has not run), a model spec or server:NAME",
+                                default_factory=lambda: ["base", "sft", "rl", "dpo"], model_reference=True)
     max_new_tokens: int = setting(128, "answer length", ge=1)
     temperature: float = setting(0.0, "0 = greedy: differences come from the models, not the sampling", ge=0)
     top_p: float = setting(0.95, "nucleus sampling: the smallest token set with this probability", gt=0, le=1)
     batch_size: int = setting(8, "prompts per generation batch; also the judge's and reward model's batch", ge=1)
     system_prompt: bool = False  # answer with the constitution's system prompt (training data has none)
     win_rates: bool = True  # judge every pair of models (after generation, the slowest part)
-    feedback_model: str = "base"  # the judge: "base", a stage name, or any model spec
+    feedback_model: str = setting("base", "the judge: base, a stage name, a model spec or server:NAME",
+                                  model_reference=True)
     few_shot: int = setting(2, "the constitution's worked preference examples shown to the judge", ge=0)
     principles_per_comparison: int = setting(1, "feedback principles drawn per comparison (averaged)", ge=1)
     evasive_max_words: int = setting(40, "a refusal longer than this is never counted as evasive", ge=1)
@@ -66,7 +67,7 @@ def check_config(run, cfg: Config, trl: dict) -> list:
     if len(set(cfg.models)) != len(cfg.models):
         problems.append(problem("models", f"'evaluate.models' lists a model twice: {cfg.models}"))
     for name in cfg.models:
-        if name in ("critique", "label", "reward", "evaluate"):
+        if name == "reward":  # stages without any model are refused by pipeline.reference_problems
             problems.append(problem("models", f"'evaluate.models': '{name}' has no policy model "
                                               f"(use base, sft, rl, dpo or a model spec)"))
     return problems

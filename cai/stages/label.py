@@ -42,8 +42,10 @@ UPSTREAM = ("sft",)  # the default policy is the SFT model
 
 @dataclass
 class Config:
-    policy: str = "sft"  # who answers: "sft" (the SL-CAI model), "base", another stage, or any model spec
-    feedback_model: str = "base"  # the judge: "base" (the run's model, as the paper's pretrained LM) or any spec
+    policy: str = setting("sft", "who answers: sft (the SL-CAI model), base, another stage, a model spec or "
+                                 "server:NAME", model_reference=True)
+    feedback_model: str = setting("base", "the judge: base (the run's model, as the paper's pretrained LM), a stage, "
+                                          "a model spec or server:NAME", model_reference=True)
     include_helpful: bool = True  # label answers to the helpful training prompts too (as the paper)
     max_prompts: int | None = setting(None, "cap on prompts labelled (a seeded sample), null = all", ge=1)
     principles_per_comparison: int = setting(1, "k feedback principles drawn per pair; their labels are averaged",

@@ -60,7 +60,8 @@ def trl_settings(cfg) -> tuple[type, dict]:
 
 @dataclass
 class Config:
-    model: str = "sft"  # initial weights: "sft" (the SFT stage's model), "base" (the run's model), or any spec
+    model: str = setting("sft", "initial weights: sft (the SFT stage's model), base (the run's model), or a model "
+                                "spec", model_reference=True)
     loss: Literal["soft", "hard"] = "soft"  # soft: cross-entropy on p_chosen; hard: Bradley-Terry (p = 1)
     mix_critique_pairs: bool = False  # also train on critique/prefs.jsonl (final revision over first answer)
     critique_pair_label: float = setting(1.0, "p_chosen given to those critique pairs", ge=0, le=1)

@@ -63,8 +63,9 @@ KNOBS = {
 @dataclass
 class Config:
     algorithm: Literal["ppo", "rloo", "grpo"] = "ppo"  # the paper uses PPO
-    policy: str | None = None  # the policy to optimise, also the KL reference; default: the sft stage's model
-    reward_model: str | None = None  # default: the reward stage's model
+    policy: str | None = setting(None, "the policy to optimise, also the KL reference: null = the sft stage's model",
+                                 model_reference=True)
+    reward_model: str | None = setting(None, "null = the reward stage's model", model_reference=True)
     max_prompts: int | None = setting(None, "cap on training prompts (red-team + helpful), null = all", ge=1)
     helpful_fraction: float = setting(0.5, "share of the training prompts that are helpful ones (0 = red-team only)",
                                       ge=0, lt=1)

@@ -33,7 +33,8 @@ def trl_settings(cfg) -> tuple[type, dict]:
 
 @dataclass
 class Config:
-    model: str | None = None  # model to fine-tune; default: the run's `model`
+    model: str | None = setting(None, "the model to fine-tune: null = the run's model, or a model spec",
+                                model_reference=True)
     helpful_prompts: int = setting(0, "helpful train prompts answered by the model and mixed in (0 = none)", ge=0)
     helpful_max_new_tokens: int = setting(128, "length of those answers", ge=1)
     helpful_temperature: float = setting(0.7, "their sampling temperature (0 = greedy)", ge=0)
