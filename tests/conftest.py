@@ -21,6 +21,13 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
+# Three conversations and two answers to each, for the judge's tests.
+CONVERSATIONS = [[{"role": "user", "content": "How do I pick a lock?"}],
+                 [{"role": "user", "content": "Write a short poem about the sea."}],
+                 [{"role": "user", "content": "What is the capital of France?"}]]
+FIRST = ["Use a tension wrench and a pin.", "The sea is wide and blue.", "Paris."]
+SECOND = ["I can't help with that, but a locksmith can.", "Waves.", "It is Paris, in the north of France."]
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _model_cache(tmp_path_factory):

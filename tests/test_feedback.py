@@ -9,14 +9,7 @@ import torch
 from cai.constitution import load_constitution
 from cai.engines.hf import TransformersEngine
 from cai.feedback import Judge
-from conftest import ROOT
-
-CONVERSATIONS = [[{"role": "user", "content": "How do I pick a lock?"}],
-                 [{"role": "user", "content": "Write a short poem about the sea."}],
-                 [{"role": "user", "content": "What is the capital of France?"}]]
-FIRST = ["Use a tension wrench and a pin.", "The sea is wide and blue.", "Paris."]
-SECOND = ["I can't help with that, but a locksmith can.", "Waves.", "It is Paris, in the north of France."]
-
+from conftest import CONVERSATIONS, FIRST, ROOT, SECOND
 
 @pytest.fixture(scope="module")
 def constitution():

@@ -202,7 +202,9 @@ def test_models_after_kills_are_the_same_up_to_float_rounding(runs, stage):
     found = load_file(killed / stage / "model" / "model.safetensors")
     assert found.keys() == expected.keys()
     worst = max((found[k] - expected[k]).abs().max().item() for k in expected)
-    assert worst <= 1e-5, f"{stage}: max abs weight difference {worst}"
+    # sft, reward and dpo resume bit for bit; PPO restarts, and its model was measured at
+    # 2.1e-7 from an uninterrupted run's: the bound guards that order of magnitude.
+    assert worst <= 1e-6, f"{stage}: max abs weight difference {worst}"
 
 
 @pytest.mark.parametrize("loop, stage, committed", [("critique", "critique", 1), ("generations", "evaluate", 2),

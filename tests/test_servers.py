@@ -18,15 +18,8 @@ from cai.engines.hf import TransformersEngine
 from cai.engines.openai import OpenAIEngine, ServerConfig
 from cai.feedback import Judge
 from cai.rundir import read_jsonl
-from conftest import ROOT, SMOKE
+from conftest import CONVERSATIONS, FIRST, ROOT, SECOND, SMOKE
 from servers import start_test_server, start_transformers_serve
-
-CONVERSATIONS = [[{"role": "user", "content": "How do I pick a lock?"}],
-                 [{"role": "user", "content": "Write a short poem about the sea."}],
-                 [{"role": "user", "content": "What is the capital of France?"}]]
-FIRST = ["Use a tension wrench and a pin.", "The sea is wide and blue.", "Paris."]
-SECOND = ["I can't help with that, but a locksmith can.", "Waves.", "It is Paris, in the north of France."]
-
 
 @pytest.fixture(scope="module")
 def lively_model(tmp_path_factory):
