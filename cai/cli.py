@@ -143,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     _quiet_unless_main()
     try:
-        return args.func(args)
+        code = args.func(args)
+        from cai import distributed
+
+        distributed.finish()
+        return code
     except ValidationError as err:
         for problem in err.problems:
             print(problem, file=sys.stderr)

@@ -74,3 +74,14 @@ def gather(value: Any) -> list:
     out: list = [None] * world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+def finish() -> None:
+    """Leave the process group together: a process that exits while another still talks
+    to it over gloo can abort that one."""
+    if distributed():
+        import torch.distributed as dist
+
+        barrier()
+        if dist.is_initialized():
+            dist.destroy_process_group()
