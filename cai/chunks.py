@@ -90,7 +90,8 @@ def run_chunks(ledger: ChunkLedger, chunks: Iterable[tuple[str, object]], work: 
     if ledger.cut_bytes:
         print(f"[cai] {desc}: dropped {ledger.cut_bytes} bytes of an unfinished chunk; redoing it")
         ledger.cut_bytes = 0
-    initial = sum(size(chunk) for i, (_, chunk) in enumerate(chunks) if i not in pending)
+    waiting = set(pending)
+    initial = sum(size(chunk) for i, (_, chunk) in enumerate(chunks) if i not in waiting)
     bar = tqdm(total=total if total is not None else sum(size(c) for _, c in chunks), initial=initial, desc=desc,
                disable=not distributed.is_main())
     processes, me = distributed.world_size(), distributed.rank()

@@ -40,6 +40,7 @@ h2 { font-size: 21px; margin: 40px 0 10px; padding-bottom: 6px; border-bottom: 2
 h3 { font-size: 17px; margin: 24px 0 8px; }
 .subtitle, .note { color: #59636e; }
 .note { font-size: 13px; margin: 6px 0; }
+.warning { font-size: 13px; margin: 6px 0; padding: 6px 10px; background: #fff8c5; border-left: 3px solid #d4a72c; }
 .missing { color: #8c5a00; background: #fff8e1; border-left: 4px solid #e3b341; padding: 6px 12px; }
 table { border-collapse: collapse; margin: 8px 0 12px; font-size: 14px; }
 th, td { border: 1px solid #d0d7de; padding: 5px 9px; text-align: left; vertical-align: top; }
@@ -270,6 +271,14 @@ def training_section(run_dir: Path) -> str:
     return body
 
 
+def degraded_scoring_note(scoring) -> str:
+    """A judge whose server gives no log-probabilities (`option_scoring: letter`) made hard
+    labels: say so wherever its labels are shown."""
+    if not isinstance(scoring, str) or not scoring.startswith("letter"):
+        return ""
+    return f"<p class='warning'><b>Degraded judge</b>: {esc(scoring)}.</p>"
+
+
 def evaluation_section(results: dict | None) -> str:
     if not results:
         return missing("The evaluate stage has not run: `cai evaluate --config CFG` compares every stage's model.")
@@ -310,6 +319,7 @@ def evaluation_section(results: dict | None) -> str:
         body += "<p class='note'>No reward model in this run: reward scores are left out.</p>"
     if results.get("feedback_model"):
         body += f"<p class='note'>Judge (feedback model): {esc(results['feedback_model'])}.</p>"
+    body += degraded_scoring_note(results.get("judge_scoring"))
 
     charts = []
     elo = {n: per_model[n]["all"].get("elo") for n in names}
@@ -460,6 +470,8 @@ def label_section(run_dir: Path) -> str:
     body = table(["Soft labels", "Value"], rows)
     if modes or judges:
         body += f"<p class='note'>Feedback model: {esc(', '.join(judges) or '?')}; mode: {esc(', '.join(modes) or '?')}.</p>"
+    manifest = read_json(run_dir / "label" / "manifest.json") or {}
+    body += degraded_scoring_note((manifest.get("counts") or {}).get("judge_scoring"))
     body += ("<p class='note'>p_chosen is the judge's probability that the chosen answer is better, both orders "
              "averaged; near 0.5 means the judge could hardly tell the answers apart. Orders disagree: the judge "
              "preferred different answers depending on which came first.</p>")

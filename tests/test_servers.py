@@ -268,3 +268,15 @@ def judge_model(tmp_path_factory, constitution):
     model.eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def test_a_letter_judge_says_its_labels_are_degraded_in_the_manifest_and_the_report(sft_run, server, capsys):
+    from cai.report import write_report
+
+    argv = ["label"] + server_run(sft_run, server, "label.feedback_model=server:gen", "label.max_prompts=4",
+                                  "servers.gen.option_scoring=letter")
+    assert main(argv) == 0
+    counts = json.loads((sft_run / "label" / "manifest.json").read_text())["counts"]
+    assert counts["judge_scoring"].startswith("letter (degraded: hard labels")
+    assert all(row["p_order_ab"] in (0.0, 0.5, 1.0) for row in read_jsonl(sft_run / "label" / "prefs.jsonl"))
+    assert "Degraded judge" in write_report(sft_run).read_text()
