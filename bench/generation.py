@@ -1,0 +1,256 @@
+"""Generation throughput (tokens/s) and achieved GFLOP/s as a share of a matmul probe run in
+the same process, over batch sizes, greedy and sampled decoding, and torch thread counts.
+
+What it measures. For each thread count, a probe first times fp32 GEMMs shaped like the
+model's work (`F.linear` as `nn.Linear` calls it): the decode step's MLP up-projection
+[batch, hidden] x [hidden, intermediate] and LM head [batch, hidden] x [hidden, vocab] at
+every batch size, and one prefill-shaped up-projection [batch x prompt tokens, hidden] x
+[hidden, intermediate]. Each shape is repeated until a timing lasts --probe-seconds, best
+of 5 such timings; the best GFLOP/s (2*m*n*k / s) over the shapes is that thread count's
+roofline: what this CPU's matmul reaches at these shapes. Then, at each batch size and
+mode (greedy: temperature 0; sampled: temperature 0.7, top_p 0.95), after a warm-up at
+that batch size and thread count, `TransformersEngine.generate` (today's path: batched,
+left-padded, shared-prefix cache) answers --prompts red-team prompts (builtin:donotanswer,
+a seeded sample) as single-turn chats with up to --max-new-tokens tokens each.
+
+The FLOP count (the work the answers need; padding and the steps a finished row idles
+through are waste, not work):
+
+    FLOPs ~= 2 * body * (prompt tokens processed + generated tokens) + 2 * head * generated tokens
+
+- body: weights of the `nn.Linear` layers in the decoder (attention q/k/v/o and MLP
+  projections; the input embedding is a lookup, no FLOPs), one multiply-add per weight and
+  token. head: the LM head (hidden x vocab, tied or not). `generate` keeps only the last
+  position's logits at prefill, so the head runs once per generated token, not per
+  prompt token.
+- prompt tokens processed: the rendered prompts' tokens (`engine.render`), with a prefix
+  every prompt shares (the chat template's default system prompt) counted once, as the
+  engine runs it once.
+- generated tokens: `engine.tokens_generated` (EOS excluded).
+- Ignored: attention's score and value products, 4 * layers * heads * head_dim * t per
+  token at context length t (quadratic in length). The script prints its size: for
+  SmolLM2-135M with its ~45-token red-team prompts (24 of them a shared system prompt)
+  and 64 new tokens, contexts stay near 100 tokens and it is a few percent of the count.
+  Also ignored: norms, rotary embeddings, softmax, sampling (linear and small).
+
+How to run (on an otherwise idle machine; the numbers are only as quiet as the CPU):
+
+    .venv/bin/python bench/generation.py [--model builtin:smollm2-135m-instruct]
+        [--prompts 64] [--max-new-tokens 64] [--threads 1,2] [--batches 8,32,64]
+        [--seed 0] [--out FILE.json]
+    .venv/bin/python bench/generation.py --quick     # builtin:tiny, seconds: checks the script
+
+How to read it. One row per (threads, batch, mode). tok/s is generated tokens per wall
+second of the `generate` call. GFLOP/s is the FLOP count above over those seconds;
+"of probe" is that as a share of the probe's roofline at the same thread count (decode at
+small batch streams every weight once per step for few rows, so expect a small share that
+grows with batch; padding and early-finished rows lower it). "vs base" is tok/s over the
+baseline row run in this process: 1 thread, batch 8, same mode (the demo's setting today,
+configs/demo.yaml); above 1.00 the row's setting is faster than today's default. Compare
+the probe rows between thread counts too: a 2-thread roofline well under twice the
+1-thread one means the second core is busy or is a hyperthread sibling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from cai import models
+from cai.engines import Sampling
+from cai.engines.hf import MIN_SHARED_PREFIX, TransformersEngine, shared_prefix_length
+from cai.prompts import load_source
+
+MODES = {"greedy": Sampling(temperature=0.0), "sampled": Sampling(temperature=0.7, top_p=0.95)}
+BASELINE_THREADS, BASELINE_BATCH = 1, 8  # the demo's setting today (configs/demo.yaml)
+QUICK = {"model": models.TINY, "prompts": 8, "max_new_tokens": 8, "batches": "8,16", "threads": "1",
+         "probe_seconds": 0.02}
+WARM_UP_TOKENS = 4
+
+
+@dataclass
+class GenerationRow:
+    threads: int
+    batch: int
+    mode: str
+    tokens: int  # generated, EOS excluded
+    prompt_tokens: int  # processed (a shared prefix once)
+    seconds: float  # wall time of the generate call
+    tokens_per_second: float
+    gflops: float  # achieved: the module docstring's FLOP count / seconds
+    probe_share: float  # gflops / the probe's best GFLOP/s at these threads
+    attention_share: float  # the ignored attention FLOPs / the counted FLOPs
+    vs_baseline: float = 0.0  # tok/s over the baseline row's
+
+
+def matmul_weights(model) -> tuple[int, int]:
+    """(body, head): multiply-adds per token in the decoder's Linear layers and in the LM head."""
+    head = model.get_output_embeddings()
+    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    return body, head.weight.numel()
+
+
+def shared_length(engine: TransformersEngine, rows: list[list[int]]) -> int:
+    """The prefix `generate` runs once for all rows (the rule of TransformersEngine._shared_prefix)."""
+    if not engine.share_prefix or not rows:
+        return 0
+    shared = min(shared_prefix_length(rows), min(len(r) for r in rows) - 1)
+    return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
+def attention_flops(config, shared: int, rows: list[list[int]], generated: list[int]) -> int:
+    """The term the FLOP count leaves out: a query at context length t costs, per layer,
+    heads * head_dim * t multiply-adds for its q.k scores and as many for the weighted sum
+    of values, so 4 * heads * head_dim * t FLOPs."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    per_position = 4 * config.num_hidden_layers * heads * head_dim
+
+    def positions(first: int, last: int) -> int:  # sum of t for t in first..last
+        return (first + last) * (last - first + 1) // 2 if last >= first else 0
+
+    total = positions(1, shared)
+    for row, new in zip(rows, generated):
+        total += positions(shared + 1, len(row) + new)
+    return per_position * total
+
+
+def gemm_gflops(m: int, k: int, n: int, dtype: torch.dtype, min_seconds: float) -> float:
+    """Best GFLOP/s of x[m, k] @ w[n, k]^T, as nn.Linear computes it."""
+    x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+
+    def timed(repeats: int) -> float:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            F.linear(x, w)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        timed(2)  # warm-up: allocation, the thread pool at this size
+        repeats = 1
+        while (seconds := timed(repeats)) < min_seconds:
+            repeats *= 2
+        seconds = min([seconds] + [timed(repeats) for _ in range(4)])
+    return 2 * m * n * k * repeats / seconds / 1e9
+
+
+def probe(config, dtype: torch.dtype, batches: list[int], prefill_rows: int, min_seconds: float) -> dict[str, float]:
+    """GFLOP/s of the model's GEMM shapes at the current thread count."""
+    hidden, intermediate, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    shapes = {}
+    for batch in batches:
+        shapes[f"decode mlp [{batch}x{hidden}]x[{hidden}x{intermediate}]"] = (batch, hidden, intermediate)
+        shapes[f"decode lm head [{batch}x{hidden}]x[{hidden}x{vocab}]"] = (batch, hidden, vocab)
+    shapes[f"prefill mlp [{prefill_rows}x{hidden}]x[{hidden}x{intermediate}]"] = (prefill_rows, hidden, intermediate)
+    return {name: gemm_gflops(m, k, n, dtype, min_seconds) for name, (m, k, n) in shapes.items()}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=models.SMOLLM2, help="model spec (default: %(default)s)")
+    parser.add_argument("--prompts", type=int, default=64, help="red-team prompts per row (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
+    parser.add_argument("--threads", default="1,2", help="torch thread counts, comma-separated (default: %(default)s)")
+    parser.add_argument("--batches", default="8,32,64", help="batch sizes, comma-separated (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="picks the prompts and seeds sampling (default: %(default)s)")
+    parser.add_argument("--probe-seconds", type=float, default=0.25,
+                        help="each probe timing lasts at least this long (default: %(default)s)")
+    parser.add_argument("--out", help="write the settings, the probe and all rows to this JSON file")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run in seconds: builtin:tiny, 8 prompts, 8 tokens, batch 8 and 16, 1 thread "
+                             "(options given explicitly still win)")
+    args = parser.parse_args()
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args()
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+
+    red_team = load_source("builtin:donotanswer", "red_team")
+    prompts = random.Random(args.seed).sample(red_team, min(args.prompts, len(red_team)))
+    conversations = [[{"role": "user", "content": p.text}] for p in prompts]
+    engine = TransformersEngine.from_spec(args.model, "cpu", batches[0])
+    model, config = engine.model, engine.model.config
+    dtype = next(model.parameters()).dtype
+    rows = [engine.render(c) for c in conversations]
+    shared = shared_length(engine, rows)
+    prompt_tokens = shared + sum(len(r) - shared for r in rows)
+    body, head = matmul_weights(model)
+    mean_tail = round(sum(len(r) - shared for r in rows) / len(rows))
+
+    probes: dict[int, dict[str, float]] = {}
+    results: list[GenerationRow] = []
+    for threads in thread_counts:
+        models.set_threads(threads)
+        probes[threads] = probe(config, dtype, batches, max(batches) * mean_tail, args.probe_seconds)
+        roofline = max(probes[threads].values())
+        for batch in batches:
+            engine.batch_size = batch
+            engine.generate(conversations[:batch], Sampling(max_new_tokens=min(WARM_UP_TOKENS, args.max_new_tokens)),
+                            seed=99)  # warm-up at this thread count and batch size
+            for mode, sampling in MODES.items():
+                engine.tokens_generated = 0
+                start = time.perf_counter()
+                completions = engine.generate(conversations, replace(sampling, max_new_tokens=args.max_new_tokens),
+                                              seed=args.seed)
+                seconds = time.perf_counter() - start
+                tokens = engine.tokens_generated
+                flops = 2 * body * (prompt_tokens + tokens) + 2 * head * tokens
+                ignored = attention_flops(config, shared, rows, [c.num_tokens for c in completions])
+                gflops = flops / seconds / 1e9
+                results.append(GenerationRow(threads, batch, mode, tokens, prompt_tokens, seconds, tokens / seconds,
+                                             gflops, gflops / roofline, ignored / flops))
+
+    baselines = {}
+    for mode in MODES:
+        of_mode = [r for r in results if r.mode == mode]
+        baselines[mode] = next((r for r in of_mode if (r.threads, r.batch) == (BASELINE_THREADS, BASELINE_BATCH)),
+                               of_mode[0])
+    for row in results:
+        row.vs_baseline = row.tokens_per_second / baselines[row.mode].tokens_per_second
+
+    base = baselines["greedy"]
+    print(f"model={args.model} dtype={str(dtype).removeprefix('torch.')} prompts={len(prompts)} "
+          f"max_new_tokens={args.max_new_tokens} seed={args.seed} torch={torch.__version__} "
+          f"cpu={platform.processor() or platform.machine()}")
+    print(f"prompt tokens {prompt_tokens} (shared prefix {shared}, run once; mean {sum(map(len, rows)) / len(rows):.0f} "
+          f"per prompt); matmul weights: body {body:,}, head {head:,}")
+    print("FLOPs = 2*body*(prompt tokens + generated) + 2*head*generated; attention's quadratic term is left out "
+          f"(here at most {max(r.attention_share for r in results):.1%} of the count)")
+    print(f"baseline (vs base): threads={base.threads} batch={base.batch}, same mode")
+    for threads, shapes in probes.items():
+        print(f"probe, {threads} thread{'s' if threads > 1 else ''}: best {max(shapes.values()):.1f} GFLOP/s")
+        for name, gflops in shapes.items():
+            print(f"    {name:48s} {gflops:8.1f} GFLOP/s")
+    print(f"{'threads':>7} {'batch':>5} {'mode':>7} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'GFLOP/s':>8} "
+          f"{'of probe':>8} {'vs base':>7}")
+    for r in results:
+        print(f"{r.threads:7d} {r.batch:5d} {r.mode:>7} {r.tokens:7d} {r.seconds:8.2f} {r.tokens_per_second:8.1f} "
+              f"{r.gflops:8.2f} {r.probe_share:8.1%} {r.vs_baseline:6.2f}x")
+
+    if args.out:
+        settings = {k: v for k, v in vars(args).items() if k != "out"}
+        report = {"settings": settings, "dtype": str(dtype), "torch": torch.__version__,
+                  "prompt_tokens": prompt_tokens, "shared_prefix_tokens": shared,
+                  "matmul_weights": {"body": body, "head": head},
+                  "probe_gflops": {str(t): shapes for t, shapes in probes.items()},
+                  "rows": [asdict(r) for r in results]}
+        with open(args.out, "w") as file:
+            json.dump(report, file, indent=2)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
