@@ -65,7 +65,7 @@ import torch.nn.functional as F
 
 from cai import models
 from cai.engines import Sampling
-from cai.engines.hf import MIN_SHARED_PREFIX, TransformersEngine, shared_prefix_length
+from cai.engines.hf import TransformersEngine
 from cai.prompts import load_source
 
 MODES = {"greedy": Sampling(temperature=0.0), "sampled": Sampling(temperature=0.7, top_p=0.95)}
@@ -95,14 +95,6 @@ def matmul_weights(model) -> tuple[int, int]:
     head = model.get_output_embeddings()
     body = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
     return body, head.weight.numel()
-
-
-def shared_length(engine: TransformersEngine, rows: list[list[int]]) -> int:
-    """The prefix `generate` runs once for all rows (the rule of TransformersEngine._shared_prefix)."""
-    if not engine.share_prefix or not rows:
-        return 0
-    shared = min(shared_prefix_length(rows), min(len(r) for r in rows) - 1)
-    return shared if shared >= MIN_SHARED_PREFIX else 0
 
 
 def attention_flops(config, shared: int, rows: list[list[int]], generated: list[int]) -> int:
@@ -185,7 +177,7 @@ def main() -> None:
     model, config = engine.model, engine.model.config
     dtype = next(model.parameters()).dtype
     rows = [engine.render(c) for c in conversations]
-    shared = shared_length(engine, rows)
+    shared = engine.shared_length(rows)
     prompt_tokens = shared + sum(len(r) - shared for r in rows)
     body, head = matmul_weights(model)
     mean_tail = round(sum(len(r) - shared for r in rows) / len(rows))

@@ -77,13 +77,19 @@ class TransformersEngine(Engine):
             attention[i, width - len(row):] = 1
         return input_ids.to(self.model.device), attention.to(self.model.device)
 
+    def shared_length(self, rows: list[list[int]]) -> int:
+        """How many leading tokens the cached prefix of `rows` has (0: none is worth it).
+        Every row keeps at least one token of its own."""
+        if not self.share_prefix or not rows:
+            return 0
+        shared = min(shared_prefix_length(rows), min(len(r) for r in rows) - 1)
+        return shared if shared >= MIN_SHARED_PREFIX else 0
+
     def _shared_prefix(self, rows: list[list[int]]):
         """(length, ids, key/value cache) of the prefix all rows share; (0, None, None)
-        when it is too short to pay. Every row keeps at least one token of its own."""
-        if not self.share_prefix or not rows:
-            return 0, None, None
-        shared = min(shared_prefix_length(rows), min(len(r) for r in rows) - 1)
-        if shared < MIN_SHARED_PREFIX:
+        when it is too short to pay."""
+        shared = self.shared_length(rows)
+        if not shared:
             return 0, None, None
         began = time.perf_counter()
         ids = torch.tensor([rows[0][:shared]], device=self.model.device)
