@@ -97,11 +97,10 @@ _LETTER = re.compile(r"\(?\b([A-Z])\b\)?")
 
 
 class OpenAIEngine(Engine):
-    def __init__(self, server: ServerConfig, reference: str, desc_prefix: str = ""):
+    def __init__(self, server: ServerConfig, reference: str):
         super().__init__()
         self.server = server
-        self.reference = reference  # "server:NAME", what rows record
-        self.name = reference
+        self.name = reference  # "server:NAME", what rows and manifests record
         self.url = server.base_url.rstrip("/") + "/chat/completions"
         self.capabilities = Capabilities(option_probabilities=server.option_scoring == "logprobs",
                                          seeded=False, in_process=False)
@@ -113,7 +112,7 @@ class OpenAIEngine(Engine):
         self.letters_unparsed = 0  # letter mode: no option letter in the answer (scored as a tie)
 
     def describe(self) -> dict:
-        return {"engine": "OpenAIEngine", "server": self.reference, "base_url": self.server.base_url,
+        return {"engine": "OpenAIEngine", "server": self.name, "base_url": self.server.base_url,
                 "model": self.server.model, "option_scoring": self.server.option_scoring,
                 "requests": self.requests, "retries": self.retries, "options_missing": self.options_missing,
                 "letters_unparsed": self.letters_unparsed}
@@ -126,7 +125,7 @@ class OpenAIEngine(Engine):
             return None
         key = os.environ.get(variable)
         if not key:
-            raise EngineError(f"{self.reference}: the environment variable {variable} (api_key_env) is not set")
+            raise EngineError(f"{self.name}: the environment variable {variable} (api_key_env) is not set")
         return key
 
     def _session(self) -> requests.Session:
