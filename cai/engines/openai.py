@@ -150,6 +150,8 @@ class OpenAIEngine(Engine):
                 problem = f"no answer within {self.server.timeout:g} s"
             except requests.ConnectionError as err:
                 problem = f"cannot connect ({type(err).__name__})"
+            except requests.RequestException as err:  # e.g. an answer cut off mid-body
+                problem = f"the request failed ({type(err).__name__})"
             else:
                 if response.status_code == 200:
                     try:
