@@ -89,14 +89,20 @@ DATA_STAGES = ("critique", "label", "evaluate")  # stages whose model roles may 
 JUDGE_KEYS = ("feedback_model",)  # roles that score options: a server must return log-probabilities
 
 
-def server_references(cfg) -> dict[str, bool]:
-    """{`server:NAME`: used as a judge} for every model role of a stage config."""
-    found: dict[str, bool] = {}
+def config_values(cfg):
+    """(field, value) for every value of a stage config, each item of a list field apart."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         for item in value if isinstance(value, list) else [value]:
-            if is_server(item):
-                found[item] = found.get(item, False) or f.name in JUDGE_KEYS
+            yield f, item
+
+
+def server_references(cfg) -> dict[str, bool]:
+    """{`server:NAME`: used as a judge} for every model role of a stage config."""
+    found: dict[str, bool] = {}
+    for f, item in config_values(cfg):
+        if is_server(item):
+            found[item] = found.get(item, False) or f.name in JUDGE_KEYS
     return found
 
 
@@ -107,18 +113,16 @@ def server_problems(run: RunConfig, name: str, cfg) -> list:
     def problem(key: str, message: str):
         return run.source.problem((name, key), message) if run.source else message
 
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        for item in value if isinstance(value, list) else [value]:
-            if not is_server(item):
-                continue
-            if name not in DATA_STAGES:
-                problems.append(problem(f.name, f"'{name}.{f.name}': {item} is a server, but {name} trains weights: "
-                                                f"it needs a model it can load (builtin:, a folder or a hub id)"))
-            elif server_name(item) not in run.servers:
-                declared = ", ".join(sorted(run.servers)) or "none"
-                problems.append(problem(f.name, f"'{name}.{f.name}': {item} names no server under 'servers:' "
-                                                f"(declared: {declared})"))
+    for f, item in config_values(cfg):
+        if not is_server(item):
+            continue
+        if name not in DATA_STAGES:
+            problems.append(problem(f.name, f"'{name}.{f.name}': {item} is a server, but {name} trains weights: "
+                                            f"it needs a model it can load (builtin:, a folder or a hub id)"))
+        elif server_name(item) not in run.servers:
+            declared = ", ".join(sorted(run.servers)) or "none"
+            problems.append(problem(f.name, f"'{name}.{f.name}': {item} names no server under 'servers:' "
+                                            f"(declared: {declared})"))
     return problems
 
 
@@ -174,10 +178,8 @@ class StageContext:
         if spec == "base":
             return self.run.model
         if spec in ORDER:
-            folder = self.stage(spec).require(f"its model is needed by {self.name}").path
-            # a LoRA stage saved with merge_adapter: false has only its adapter
-            return str(folder / ("model" if (folder / "model").exists() or not (folder / "adapter").exists()
-                                 else "adapter"))
+            stage = self.stage(spec).require(f"its model is needed by {self.name}")
+            return str(stage.saved_model() or stage.path / "model")
         return spec
 
     def engine(self, reference: str | None, batch_size: int = 8):
@@ -308,7 +310,7 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
         # stage, or a trainer that refused its settings) must not leave a marker that would
         # refuse a retry with other settings or the then-complete inputs. (An interrupted
         # one keeps it: the same command resumes.)
-        if distributed.is_main() and not isinstance(err, KeyboardInterrupt) and not _kept_work(stage_dir.path):
+        if distributed.is_main() and not isinstance(err, KeyboardInterrupt) and not _kept_work(stage_dir):
             marker.unlink(missing_ok=True)
             if not any(stage_dir.path.iterdir()):
                 stage_dir.path.rmdir()
@@ -331,11 +333,11 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
     return manifest
 
 
-def _kept_work(folder: Path) -> bool:
+def _kept_work(stage_dir: StageDir) -> bool:
     """Work a resume would keep: a committed chunk, a checkpoint, a saved model or adapter."""
+    folder = stage_dir.path
     return (any(ledger.stat().st_size for ledger in folder.glob(".*.chunks.jsonl"))
-            or any((folder / "checkpoints").glob("checkpoint-*"))
-            or (folder / "model").exists() or (folder / "adapter").exists())
+            or any((folder / "checkpoints").glob("checkpoint-*")) or stage_dir.saved_model() is not None)
 
 
 def _decide(ctx: StageContext, force: bool) -> dict:
@@ -416,13 +418,9 @@ def reference_problems(run: RunConfig, name: str, cfg) -> list[Problem]:
     stage name, a declared server (`server_problems`) or a model spec `models.spec_problem`
     accepts. A stage that is not part of this run is not an error here (evaluate skips it)."""
     problems = []
-    for f in dataclasses.fields(cfg):
-        if not f.metadata.get("model_reference"):
-            continue
-        value = getattr(cfg, f.name)
-        for item in value if isinstance(value, list) else [value]:
-            if item is not None and not is_server(item):
-                problems += model_problems(run, (name, f.name), item)
+    for f, item in config_values(cfg):
+        if f.metadata.get("model_reference") and item is not None and not is_server(item):
+            problems += model_problems(run, (name, f.name), item)
     return problems
 
 

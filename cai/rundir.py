@@ -106,6 +106,11 @@ class StageDir:
     def complete(self) -> bool:
         return self.manifest_path.exists()
 
+    def saved_model(self) -> Path | None:
+        """The stage's model folder: `model/` (full or merged), else `adapter/` (a LoRA
+        stage saved with merge_adapter: false); None when it has neither."""
+        return next((self.path / name for name in ("model", "adapter") if (self.path / name).exists()), None)
+
     def require(self, what: str = "") -> "StageDir":
         """Fail clearly when a stage this one reads from has not run."""
         if not self.complete():

@@ -7,10 +7,8 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
-
 from cai import distributed
-from cai.models import ModelOptions
+from cai.models import ModelOptions, cuda_usable
 from cai.rundir import atomic_write_json, atomic_write_text
 
 
@@ -27,7 +25,7 @@ def trl_config(ctx, cls, stage_defaults: dict | None = None):
 def build_trl_config(run, trl: dict, stage_dir: Path, cls, stage_defaults: dict):
     """`trl_config` from its parts, so validation builds the same object without a stage
     context (building one writes nothing)."""
-    on_gpu = torch.cuda.is_available() and run.device != "cpu"
+    on_gpu = cuda_usable(run.device)
     defaults = {
         "output_dir": str(Path(stage_dir) / "checkpoints"), "seed": run.seed, "data_seed": run.seed,
         "report_to": run.report_to, "logging_steps": 1, "save_strategy": "steps", "save_steps": 50,

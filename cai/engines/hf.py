@@ -97,6 +97,11 @@ class TransformersEngine(Engine):
         self.seconds += time.perf_counter() - began
         return shared, ids, cache
 
+    def _batches_by_length(self, rows: list[list[int]]) -> list[list[int]]:
+        """Row indices in batches of `batch_size`, longest first, so a batch pads little."""
+        order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
     @staticmethod
     def _batch_cache(cache, rows: int):
         """A private copy of the prefix cache, repeated for a batch of `rows`."""
@@ -112,7 +117,6 @@ class TransformersEngine(Engine):
     def generate(self, conversations: list[list[dict]], sampling: Sampling, seed: int,
                  desc: str | None = None, prefill: str = "") -> list[Completion]:
         prompts = [self.render(c, prefill) for c in conversations]
-        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
         sampled = sampling.temperature > 0
         config = GenerationConfig(
             max_new_tokens=sampling.max_new_tokens, do_sample=sampled,
@@ -121,7 +125,7 @@ class TransformersEngine(Engine):
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids, use_cache=True)
         results: list[Completion | None] = [None] * len(prompts)
         shared, prefix_ids, prefix_cache = self._shared_prefix(prompts)
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = self._batches_by_length(prompts)
         bar = tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch")
         for index, batch in enumerate(bar):
             torch.manual_seed(seed * 1_000_003 + index)
@@ -180,11 +184,9 @@ class TransformersEngine(Engine):
             return []
         rows = [self.render(q[:-1], prefill=q[-1]["content"]) for q in questions]
         option_ids = [self.option_token_ids(q[-1]["content"], options) for q in questions]
-        # Longest first so a batch pads little (a question's two orders stay together).
-        order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
         shared, _, prefix = self._shared_prefix(rows)
         results: list[tuple[float, ...]] = [()] * len(rows)
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = self._batches_by_length(rows)  # a question's two orders have one length: they stay together
         for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch"):
             input_ids, attention = self._pad_left([rows[i][shared:] for i in batch])
             positions = shared + (attention.cumsum(-1) - 1).clamp(min=0)  # as if each row were unpadded

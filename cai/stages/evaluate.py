@@ -153,7 +153,7 @@ def models_to_evaluate(ctx, cfg: Config) -> tuple[dict[str, str], dict[str, str]
     for name in cfg.models:
         if name in POLICY_STAGES:
             stage = ctx.stage(name)
-            if not stage.complete() or not ((stage / "model").exists() or (stage / "adapter").exists()):
+            if not stage.complete() or stage.saved_model() is None:
                 skipped[name] = f"stage '{name}' has not completed in {ctx.run.path}"
                 continue
         found[name] = ctx.model_spec(name)
@@ -195,7 +195,7 @@ def generate_answers(ctx, cfg: Config, models: dict[str, str], prompts) -> list[
 def reward_scores(ctx, cfg: Config, answers: dict, prompts) -> dict | None:
     """{(model, prompt id): score} from the run's reward model, or None without one."""
     stage = ctx.stage("reward")
-    if not stage.complete() or not ((stage / "model").exists() or (stage / "adapter").exists()):
+    if not stage.complete() or stage.saved_model() is None:
         return None
     from cai.stages.reward import RewardScorer
 
