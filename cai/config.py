@@ -25,7 +25,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cai.engines import is_server
 from cai.engines.openai import ServerConfig
@@ -67,8 +67,9 @@ class RunConfig:
     model: str = setting("builtin:tiny", "the base model: builtin:NAME, a local folder or a hub id")
     constitution: str = setting("constitutions/harmless.yaml", "the constitution YAML")
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
-    threads: int = setting(1, "torch intra-op threads; 1 is fastest for small models on 2 cores "
-                              "(bench/threads.py)", ge=1)
+    threads: int | Literal["auto"] = setting("auto", "torch intra-op threads, or auto: $OMP_NUM_THREADS if set, "
+                                                     "else a short matmul probe at start (cai.models.choose_threads)",
+                                             ge=1)
     device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
     report_to: str | list[str] = setting("none", "where every training stage reports (TRL's report_to: none, "
                                                  "wandb, tensorboard, trackio, ...); a stage's own key wins")

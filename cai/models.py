@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
@@ -78,10 +79,79 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CAI_CACHE") or Path.home() / ".cache" / "cai")
 
 
-def set_threads(threads: int) -> None:
-    """Set torch's intra-op thread count (see bench/threads.py for the measured default)."""
-    if threads and threads > 0 and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+def set_threads(setting: "int | str") -> dict:
+    """Set torch's intra-op thread count from the run config's `threads:` (a count or
+    auto, see `choose_threads`); returns the choice, which manifests record."""
+    choice = choose_threads(setting)
+    if torch.get_num_threads() != choice["threads"]:
+        torch.set_num_threads(choice["threads"])
+    return choice
+
+
+PROBE_SHAPE = (128, 576, 1536)  # [rows, hidden] x [hidden, intermediate]: SmolLM2-135M's MLP at batch 128
+PROBE_SECONDS = 0.15  # per thread count
+PROBE_GAIN = 1.15  # a larger count must be this much faster than the best smaller one to be chosen
+_probed: dict | None = None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), shared among local processes."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    from cai import distributed
+
+    return max(1, cpus // max(1, distributed.local_world_size()))
+
+
+def _gemm_gflops(threads: int, seconds: float) -> float:
+    """Best fp32 GFLOP/s of `PROBE_SHAPE` matmuls (`F.linear`, as nn.Linear runs) at `threads`."""
+    rows, inner, out = PROBE_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, inner, generator=generator), torch.randn(out, inner, generator=generator)
+    torch.set_num_threads(threads)
+    with torch.inference_mode():
+        torch.nn.functional.linear(x, w)  # warm-up: thread pool, packing
+        best, began = 0.0, time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            start = time.perf_counter()
+            for _ in range(8):
+                torch.nn.functional.linear(x, w)
+            best = max(best, 8 * 2 * rows * inner * out / (time.perf_counter() - start) / 1e9)
+    return round(best, 1)
+
+
+def choose_threads(setting: "int | str") -> dict:
+    """The torch thread count for `threads:` in the run config, and how it was chosen.
+
+    An integer is used as given. `auto`: $OMP_NUM_THREADS when set (as `accelerate launch`
+    and test suites do), else a short probe run once per process: fp32 matmuls shaped like
+    a small model's work at 1, 2, 4, ... threads up to the usable CPUs (the affinity mask,
+    divided among this machine's processes of a multi-process run); the smallest count
+    within `PROBE_GAIN` of the fastest larger one wins. On a shared machine whose other
+    cores are busy, the probe sees the second thread slow down and keeps one.
+    Returns {"threads": n, "chosen_by": ..., "probe_gflops": {n: GFLOP/s}}."""
+    global _probed
+    if setting != "auto":
+        return {"threads": int(setting), "chosen_by": "config"}
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return {"threads": int(os.environ["OMP_NUM_THREADS"]), "chosen_by": "OMP_NUM_THREADS"}
+    if _probed is None:
+        before = torch.get_num_threads()
+        cpus, counts = usable_cpus(), [1]
+        while counts[-1] * 2 <= cpus:
+            counts.append(counts[-1] * 2)
+        if cpus not in counts:
+            counts.append(cpus)
+        gflops = {n: _gemm_gflops(n, PROBE_SECONDS) for n in counts}
+        chosen = 1
+        for n in counts[1:]:
+            if gflops[n] >= PROBE_GAIN * gflops[chosen]:
+                chosen = n
+        torch.set_num_threads(before)
+        _probed = {"threads": chosen, "chosen_by": "probe", "probe_gflops": gflops}
+    return dict(_probed)
 
 
 def _atomic_build(target: Path, build) -> Path:

@@ -298,7 +298,7 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
         atomic_write_json(marker, {"config_hash": ctx.config_hash})
     distributed.barrier()
     resumed = decision["resumed"]
-    set_threads(run.threads)
+    threads = set_threads(run.threads)
     print(f"[cai] {name}: {'resuming' if resumed else 'running'} in {stage_dir.path}")
     started = time.time()
     try:
@@ -319,7 +319,7 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
         "stage": name, "config_hash": ctx.config_hash, "config": dataclasses.asdict(ctx.config), "trl": ctx.trl,
         "shared": shared_fingerprint(run), "upstream": ctx.upstream, "counts": counts, "resumed": resumed,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-        "seconds": round(time.time() - started, 2), "versions": _versions(),
+        "seconds": round(time.time() - started, 2), "versions": _versions(), "threads": threads,
     }
     if distributed.distributed():
         manifest["processes"] = distributed.world_size()

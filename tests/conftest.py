@@ -13,6 +13,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ["OMP_NUM_THREADS"] = "1"  # `threads: auto` reads it: tests pin one thread, no probe
 
 import torch  # noqa: E402
 

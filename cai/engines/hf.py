@@ -15,12 +15,61 @@ import time
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StaticCache
 
 from cai import models
 from cai.engines.base import Capabilities, Completion, Engine, Sampling
 
 MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is not worth a cache copy
+MAX_CACHE_BYTES = 4 * 2**30  # a generation batch's key/value cache stays under this (fewer rows if needed)
+CANDIDATES = 256  # tokens a sampling step looks at before falling back to the whole vocabulary
+
+
+class NucleusSampler(LogitsProcessor):
+    """Temperature, top-k and top-p sampling without sorting the vocabulary.
+
+    transformers' sampling path sorts all ~49k logits of every row at every step for top-p
+    and draws with `torch.multinomial` over the whole vocabulary: on a CPU that costs as
+    much as the model's forward pass at batch 64 (bench/generation.py). Here the
+    `CANDIDATES` most likely tokens are taken with `topk`; when they hold at least `top_p`
+    of the probability (nearly always after temperature), the nucleus lies inside them and
+    the draw is made among them; a row whose nucleus is wider falls back to a full sort.
+    The result is the distribution transformers samples from (temperature, then top-k
+    renormalised, then the smallest set of tokens with mass >= top_p), drawn from torch's
+    global generator. The processor returns scores with the drawn token on top, so
+    `generate` runs in greedy mode and its argmax takes the draw.
+    """
+
+    def __init__(self, temperature: float, top_p: float = 1.0, top_k: int = 0):
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+
+    def _draw(self, logits: torch.Tensor, k: int, renormalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw from the nucleus of each row's `k` most likely tokens (probabilities
+        renormalised over them for top-k, else taken over the whole vocabulary). Returns
+        (token ids, whether the k tokens held the nucleus)."""
+        top, ids = logits.topk(k, dim=-1)  # sorted, most likely first
+        probs = torch.softmax(top, dim=-1) if renormalise else torch.exp(top - torch.logsumexp(logits, -1, True))
+        mass = probs.cumsum(-1)
+        held = torch.full_like(mass[:, 0], renormalise or k == logits.shape[-1], dtype=torch.bool)
+        held |= mass[:, -1] >= self.top_p
+        keep = (mass - probs) < self.top_p  # the tokens before this one hold less than top_p
+        keep[:, 0] = True
+        choice = torch.multinomial(probs.masked_fill(~keep, 0.0), 1)
+        return ids.gather(1, choice).squeeze(1), held
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float() / self.temperature
+        vocabulary = logits.shape[-1]
+        if self.top_k > 0:  # the nucleus lies inside the top k, renormalised
+            drawn, _ = self._draw(logits, min(self.top_k, vocabulary), renormalise=True)
+        elif self.top_p < 1.0:
+            drawn, held = self._draw(logits, min(CANDIDATES, vocabulary), renormalise=False)
+            for row in (~held).nonzero().flatten().tolist():  # a nucleus wider than the candidates
+                drawn[row] = self._draw(logits[row:row + 1], vocabulary, renormalise=False)[0][0]
+        else:  # plain temperature sampling: the whole vocabulary
+            drawn = torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(1)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, drawn[:, None], 0.0)
 
 
 def shared_prefix_length(rows: list[list[int]]) -> int:
@@ -35,11 +84,12 @@ class TransformersEngine(Engine):
     capabilities = Capabilities(option_probabilities=True, seeded=True, in_process=True)
 
     def __init__(self, model, tokenizer, batch_size: int = 8, name: str = "", max_prompt_tokens: int | None = None,
-                 share_prefix: bool = True):
+                 share_prefix: bool = True, max_cache_bytes: int = MAX_CACHE_BYTES):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.max_cache_bytes = max_cache_bytes
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.share_prefix = share_prefix
         limit = getattr(model.config, "max_position_embeddings", None) or 4096
@@ -97,10 +147,39 @@ class TransformersEngine(Engine):
         self.seconds += time.perf_counter() - began
         return shared, ids, cache
 
-    def _batches_by_length(self, rows: list[list[int]]) -> list[list[int]]:
-        """Row indices in batches of `batch_size`, longest first, so a batch pads little."""
+    def cache_bytes_per_token(self) -> int:
+        """Key/value cache bytes one token of one row takes (all layers)."""
+        config = self.model.config.get_text_config()
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 2 * config.num_hidden_layers * heads * head_dim * self.model.dtype.itemsize
+
+    def _batches_by_length(self, rows: list[list[int]], new_tokens: int = 0) -> list[list[int]]:
+        """Row indices in batches of at most `batch_size`, longest first, so a batch pads
+        little; a batch also stops growing before its key/value cache (rows x (longest
+        row + new tokens)) would pass `max_cache_bytes`."""
         order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
-        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        per_token, batches = self.cache_bytes_per_token(), []
+        for i in order:
+            batch = batches[-1] if batches else None
+            if (batch is None or len(batch) >= self.batch_size
+                    or (len(batch) + 1) * (len(rows[batch[0]]) + new_tokens) * per_token > self.max_cache_bytes):
+                batches.append([i])
+            else:
+                batch.append(i)
+        return batches
+
+    def _generation_cache(self, prefix, rows: int, length: int) -> StaticCache:
+        """A preallocated key/value cache for a generation batch of `rows` up to `length`
+        tokens, holding a copy of the shared prefix's cache in every row. (transformers'
+        default DynamicCache concatenates every layer's whole cache at every step: with
+        a few-shot prefix of hundreds of tokens repeated over a batch, that copying costs
+        several times the model's own work on a CPU, bench/generation.py --few-shot.)"""
+        cache = StaticCache(config=self.model.config, max_cache_len=length)
+        if prefix is not None:
+            for index, layer in enumerate(prefix.layers):
+                cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), index)
+        return cache
 
     @staticmethod
     def _batch_cache(cache, rows: int):
@@ -117,26 +196,26 @@ class TransformersEngine(Engine):
     def generate(self, conversations: list[list[dict]], sampling: Sampling, seed: int,
                  desc: str | None = None, prefill: str = "") -> list[Completion]:
         prompts = [self.render(c, prefill) for c in conversations]
-        sampled = sampling.temperature > 0
-        config = GenerationConfig(
-            max_new_tokens=sampling.max_new_tokens, do_sample=sampled,
-            temperature=sampling.temperature if sampled else None, top_p=sampling.top_p if sampled else None,
-            top_k=sampling.top_k if sampled else None,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids, use_cache=True)
+        # Sampled or not, `generate` runs greedy: a NucleusSampler draws the token (see there).
+        config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids, use_cache=True)
+        processors = LogitsProcessorList(
+            [NucleusSampler(sampling.temperature, sampling.top_p, sampling.top_k)] if sampling.temperature > 0 else [])
         results: list[Completion | None] = [None] * len(prompts)
         shared, prefix_ids, prefix_cache = self._shared_prefix(prompts)
-        batches = self._batches_by_length(prompts)
+        batches = self._batches_by_length(prompts, sampling.max_new_tokens)
         bar = tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch")
         for index, batch in enumerate(bar):
             torch.manual_seed(seed * 1_000_003 + index)
             input_ids, attention = self._pad_left([prompts[i][shared:] for i in batch])
-            cache = self._batch_cache(prefix_cache, len(batch))
-            if cache is not None:  # [prefix][left padding][rest]: the mask hides the padding
+            cache = self._generation_cache(prefix_cache, len(batch),
+                                           shared + input_ids.shape[1] + sampling.max_new_tokens)
+            if prefix_cache is not None:  # [prefix][left padding][rest]: the mask hides the padding
                 input_ids = torch.cat([prefix_ids.expand(len(batch), -1), input_ids], dim=1)
                 attention = torch.cat([attention.new_ones(len(batch), shared), attention], dim=1)
             began = time.perf_counter()
             output = self.model.generate(input_ids=input_ids, attention_mask=attention, past_key_values=cache,
-                                         generation_config=config)
+                                         generation_config=config, logits_processor=processors)
             self.seconds += time.perf_counter() - began
             for row, i in zip(output[:, input_ids.shape[1]:].tolist(), batch):
                 results[i] = self._completion(row)

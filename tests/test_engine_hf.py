@@ -1,0 +1,85 @@
+"""The in-process engine's own machinery: the sampler and the batch planner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
+
+from cai.engines import hf
+from cai.engines.hf import NucleusSampler
+
+DRAWS = 40_000
+
+
+def transformers_distribution(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+    """What transformers' own sampling path draws from: its warpers, then a softmax."""
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)]
+                                  + ([TopKLogitsWarper(top_k)] if top_k else [])
+                                  + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    return torch.softmax(warpers(None, logits.clone()), dim=-1)
+
+
+def drawn_distribution(logits: torch.Tensor, sampler: NucleusSampler) -> torch.Tensor:
+    rows = logits.expand(DRAWS, -1).contiguous()
+    scores = sampler(None, rows)
+    assert torch.isfinite(scores).sum(dim=1).eq(1).all()  # exactly one token left per row
+    counts = torch.bincount(scores.argmax(dim=1), minlength=logits.shape[-1]).float()
+    return counts / DRAWS
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k,candidates", [
+    (0.7, 0.95, 0, 256),  # the nucleus inside the candidates
+    (1.0, 0.9, 0, 4),  # a nucleus wider than 4 candidates: the full-vocabulary fallback
+    (1.3, 0.8, 5, 256),  # top-k then top-p, renormalised
+    (0.9, 1.0, 0, 256),  # plain temperature sampling
+])
+def test_nucleus_sampler_draws_from_transformers_distribution(monkeypatch, temperature, top_p, top_k, candidates):
+    monkeypatch.setattr(hf, "CANDIDATES", candidates)
+    torch.manual_seed(0)
+    logits = torch.randn(1, 40) * 2
+    expected = transformers_distribution(logits, temperature, top_p, top_k)[0]
+    drawn = drawn_distribution(logits, NucleusSampler(temperature, top_p, top_k))
+    assert (drawn[expected == 0] == 0).all()  # never outside transformers' support
+    assert torch.allclose(drawn, expected, atol=0.01)  # 40k draws: standard error < 0.0025
+
+
+def test_nucleus_sampler_is_seeded():
+    logits = torch.randn(8, 100)
+    sampler = NucleusSampler(0.7, 0.95)
+    torch.manual_seed(1)
+    first = sampler(None, logits).argmax(1)
+    torch.manual_seed(1)
+    assert torch.equal(first, sampler(None, logits).argmax(1))
+
+
+def test_batches_are_longest_first_and_stay_under_the_cache_bound():
+    engine = hf.TransformersEngine.from_spec("builtin:tiny", "cpu", batch_size=4)
+    rows = [[1] * n for n in (5, 50, 20, 20, 7, 30)]
+    assert engine._batches_by_length(rows) == [[1, 5, 2, 3], [4, 0]]
+    per_row = (50 + 10) * engine.cache_bytes_per_token()  # the longest row with 10 new tokens
+    engine.max_cache_bytes = 2 * per_row
+    batches = engine._batches_by_length(rows, new_tokens=10)
+    assert [i for batch in batches for i in batch] == [1, 5, 2, 3, 4, 0]
+    assert all(len(b) * (len(rows[b[0]]) + 10) * engine.cache_bytes_per_token() <= 2 * per_row for b in batches)
+    assert batches[0] == [1, 5]
+
+
+def test_batched_generation_matches_one_prompt_at_a_time():
+    """Batches (left padding, the shared-prefix cache copied into a static cache) give the
+    tokens transformers' own generate gives each prompt alone."""
+    from cai.engines import Sampling
+
+    engine = hf.TransformersEngine.from_spec("builtin:tiny", "cpu", batch_size=3)
+    system = [{"role": "system", "content": "You are a careful assistant. " * 4}]
+    conversations = [system + [{"role": "user", "content": text}]
+                     for text in ("How do I pick a lock?", "Hi", "Write a long poem about the sea and the sky", "Why?")]
+    batched = engine.generate(conversations, Sampling(10, temperature=0), seed=0)
+    assert engine.shared_length([engine.render(c) for c in conversations]) > 0
+    for conversation, completion in zip(conversations, batched):
+        ids = torch.tensor([engine.render(conversation)])
+        with torch.inference_mode():
+            out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                        pad_token_id=engine.tokenizer.pad_token_id, eos_token_id=engine.eos_ids)
+        assert completion.text == engine._completion(out[0, ids.shape[1]:].tolist()).text
