@@ -79,9 +79,10 @@ def comparison_key(conversation: list[dict]) -> str:
     return hashlib.sha256(json.dumps(conversation, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
-def draw_principles(constitution, seed: int, key: str, k: int) -> list:
-    """k distinct feedback principles, each draw seeded by (seed, comparison, index)."""
-    pool = list(constitution.feedback)
+def draw_principles(constitution, seed: int, key: str, k: int, pool=None) -> list:
+    """k distinct feedback principles (or principles of `pool`), each draw seeded by
+    (seed, comparison, index)."""
+    pool = list(constitution.feedback if pool is None else pool)
     drawn = []
     for index in range(min(k, len(pool))):
         choice = random.Random(f"{seed}:{key}:{index}").choice(pool)

@@ -469,10 +469,11 @@ def prompt_problems(run: RunConfig, names: list[str]) -> list[Problem]:
         problems.append(run.source.problem(("prompts", "eval_fraction"), (
             f"'prompts.eval_fraction': no red-team training prompts for {users}: every prompt of {run.prompts.red_team} "
             f"falls in the eval split (eval_fraction {fraction}); add prompts or lower eval_fraction")))
-    if "eval" in needs and not splits.red_team_eval + splits.helpful_eval:
+    own_prompts = (run.stages.get("evaluate") or {}).get("prompts")  # evaluate.prompts: files instead of the split
+    if "eval" in needs and not splits.red_team_eval + splits.helpful_eval and not own_prompts:
         problems.append(run.source.problem(("prompts", "eval_fraction"), (
             f"'prompts.eval_fraction': no held-out prompts for evaluate: eval_fraction {fraction} puts none of "
-            f"the prompts in the eval split; raise it or add prompts")))
+            f"the prompts in the eval split; raise it, add prompts, or name prompt files in evaluate.prompts")))
     return problems
 
 

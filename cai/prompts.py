@@ -149,15 +149,17 @@ def _read_source(spec: str, source: LocatedYaml | None) -> list[tuple[str, str |
     return pairs
 
 
-def load_source(spec: str, kind: str, source: LocatedYaml | None = None) -> list[Prompt]:
-    """All prompts of one source (`kind` is its key under `prompts:`), deduplicated, in
-    file order. A bad line is a problem at its line; an unusable source, at the config key."""
+def load_source(spec: str, kind: str, source: LocatedYaml | None = None, key: tuple | None = None) -> list[Prompt]:
+    """All prompts of one source (`kind`: red_team or helpful), deduplicated, in file
+    order. A bad line is a problem at its line; an unusable source, at the config key
+    that names it (`key`, by default `prompts.KIND`)."""
+    key = key or ("prompts", kind)
     try:
         pairs = _read_source(spec, source)
     except PromptSourceError as err:
         if source is None:
             raise
-        raise ValidationError([source.problem(("prompts", kind), f"'prompts.{kind}': {err}")]) from None
+        raise ValidationError([source.problem(key, f"'{'.'.join(key)}': {err}")]) from None
     seen, prompts = set(), []
     for text, category in pairs:
         if text not in seen:

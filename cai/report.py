@@ -30,6 +30,7 @@ SAMPLE_CHAINS = 3  # critique chains shown
 MAX_CHARS = 1500  # longer model text is cut, with a mark
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # invalid in HTML; tiny models emit them
 KIND_NAMES = {"red_team": "red-team", "helpful": "helpful", "all": "all prompts"}
+ANCHOR = 1000.0  # the Elo of the anchor model (base)
 
 CSS = """
 body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
@@ -47,7 +48,11 @@ th, td { border: 1px solid #d0d7de; padding: 5px 9px; text-align: left; vertical
 th { background: #eef1f4; font-weight: 600; }
 tr:nth-child(even) td { background: #fafbfc; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.best { font-weight: 700; color: #1a7f37; }
+td.better { font-weight: 700; color: #1a7f37; background: #dafbe1 !important; }
+td.worse { font-weight: 700; color: #a40e26; background: #ffebe9 !important; }
+td.noise { color: #59636e; }
+.ci { color: #59636e; font-size: 12px; }
+.verdict { display: block; font-size: 12px; font-weight: 400; }
 .text { white-space: pre-wrap; word-break: break-word; }
 table.side { width: 100%; table-layout: fixed; }
 table.side td { font-size: 13px; }
@@ -101,11 +106,31 @@ def table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
     return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def td(value, percent: bool = False, best: bool = False) -> str:
-    classes = "num best" if best else "num"
+def td(value, percent: bool = False) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool) or value is None:
-        return f"<td class='{classes}'>{fmt(value, percent)}</td>"
+        return f"<td class='num'>{fmt(value, percent)}</td>"
     return f"<td>{fmt(value)}</td>"
+
+
+def fmt_interval(value, interval, percent: bool = False, signed: bool = False) -> str:
+    """`value [low, high]` (escaped HTML); the interval is left out when there is none."""
+    def show(v):
+        text = fmt(v, percent)
+        return f"+{text}" if signed and isinstance(v, (int, float)) and v > 0 else text
+    if value is None:
+        return "–"
+    if not interval or interval[0] is None:
+        return show(value)
+    return f"{show(value)} <span class='ci'>[{show(interval[0])}, {show(interval[1])}]</span>"
+
+
+# A verdict colours a cell only when the interval excludes no difference (cai.stats).
+VERDICT_CLASS = {"better": "better", "worse": "worse", "within noise": "noise"}
+
+
+def td_interval(value, interval, percent: bool = False, verdict: str | None = None, signed: bool = False) -> str:
+    classes = "num " + VERDICT_CLASS.get(verdict or "", "")
+    return f"<td class='{classes.strip()}'>{fmt_interval(value, interval, percent, signed)}</td>"
 
 
 def missing(what: str) -> str:
@@ -148,12 +173,18 @@ def chart(draw, alt: str, width: float = 5.6, height: float = 3.2) -> str:
     return f"<img class='chart' alt='{esc(alt)}' src='data:image/png;base64,{data}'>"
 
 
-def bar_chart(title: str, values: dict[str, float], ylabel: str, baseline: float | None = None) -> str:
+def bar_chart(title: str, values: dict[str, float], ylabel: str, baseline: float | None = None,
+              intervals: dict[str, list] | None = None) -> str:
     def draw(figure):
         axes = figure.add_subplot()
         names = list(values)
         bottom = baseline or 0.0  # Elo bars grow up or down from the anchor's 1000
-        bars = axes.bar(names, [values[n] - bottom for n in names], bottom=bottom, color="#4c78a8")
+        error = None
+        if intervals and all(intervals.get(n) for n in names):  # 95 % intervals as error bars
+            error = [[max(values[n] - intervals[n][0], 0) for n in names],
+                     [max(intervals[n][1] - values[n], 0) for n in names]]
+        bars = axes.bar(names, [values[n] - bottom for n in names], bottom=bottom, color="#4c78a8",
+                        yerr=error, capsize=4, ecolor="#333")
         axes.bar_label(bars, labels=[f"{values[n]:.4g}" for n in names], fontsize=8, padding=2)
         axes.margins(y=0.15)  # room for the labels
         if baseline is not None:
@@ -162,6 +193,8 @@ def bar_chart(title: str, values: dict[str, float], ylabel: str, baseline: float
         axes.set_ylabel(ylabel)
         axes.grid(axis="y", alpha=.3)
         finite = [v for v in values.values() if math.isfinite(v)]
+        if error is not None:
+            finite += [v for n in names for v in intervals[n] if math.isfinite(v)]
         if finite and baseline is not None:
             low, high = min(finite + [baseline]), max(finite + [baseline])
             pad = max(10.0, (high - low) * 0.15)
@@ -279,39 +312,167 @@ def degraded_scoring_note(scoring) -> str:
     return f"<p class='warning'><b>Degraded judge</b>: {esc(scoring)}.</p>"
 
 
+# What the evaluation tables show per prompt kind: (figure, column name, percent).
+KIND_FIGURES = {
+    "red_team": [("reward", "Reward", False), ("win_rate", "Win rate (harmless)", True), ("elo", "Elo (harmless)", False),
+                 ("refusal", "Refusal", True), ("evasive", "Evasive", True), ("words", "Words", False)],
+    "helpful": [("win_rate", "Win rate (helpful)", True), ("elo", "Elo (helpful)", False),
+                ("refusal", "Over-refusal", True), ("evasive", "Evasive", True), ("reward", "Reward", False),
+                ("words", "Words", False)],
+}
+KIND_TITLES = {"red_team": "Harmlessness on red-team prompts", "helpful": "Helpfulness on helpful prompts"}
+
+
+def tradeoff_chart(names: list[str], per_model: dict) -> str | None:
+    """The paper's picture (Bai et al. 2022, figures 2 and 8): harmlessness Elo on red-team
+    prompts against helpfulness Elo on helpful prompts, with 95 % intervals on both axes."""
+    points = {}
+    for name in names:
+        x, y = per_model[name].get("helpful", {}), per_model[name].get("red_team", {})
+        if not isinstance(x.get("elo"), (int, float)) or not isinstance(y.get("elo"), (int, float)):
+            return None
+        points[name] = (x["elo"], (x.get("ci") or {}).get("elo"), y["elo"], (y.get("ci") or {}).get("elo"))
+    if len(points) < 2:
+        return None
+
+    def spread(value, interval):
+        return [[max(value - interval[0], 0)], [max(interval[1] - value, 0)]] if interval else None
+
+    def draw(figure):
+        axes = figure.add_subplot()
+        colours = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d"]
+        for k, (name, (x, x_ci, y, y_ci)) in enumerate(points.items()):
+            colour = colours[k % len(colours)]
+            axes.errorbar([x], [y], xerr=spread(x, x_ci), yerr=spread(y, y_ci), fmt="o", color=colour,
+                          ecolor=colour, capsize=4, markersize=7, label=name)
+            axes.annotate(name, (x, y), textcoords="offset points", xytext=(7, 6), fontsize=9)
+        axes.axhline(ANCHOR, color="#888", linewidth=1, linestyle="--")
+        axes.axvline(ANCHOR, color="#888", linewidth=1, linestyle="--")
+        axes.set_xlabel("helpfulness Elo (helpful prompts)")
+        axes.set_ylabel("harmlessness Elo (red-team prompts)")
+        axes.set_title("Harmlessness vs helpfulness, 95 % intervals", fontsize=11)
+        axes.grid(alpha=.3)
+        axes.margins(0.2)
+    return chart(draw, "harmlessness vs helpfulness", width=5.6, height=4.4)
+
+
+
+def kind_table(kind: str, names: list[str], per_model: dict, paired: dict) -> str:
+    """Each model's figures on one kind of prompt, with intervals; a cell is coloured only
+    when the model's paired difference from base excludes zero."""
+    against_base = paired.get(kind, {}).get("base", {})
+    rows = []
+    for name in names:
+        figures = per_model[name][kind]
+        intervals = figures.get("ci") or {}
+        cells = [f"<td><b>{esc(name)}</b></td>", td(figures.get("n"))]
+        for figure, _, percent in KIND_FIGURES[kind]:
+            call = (against_base.get(name) or {}).get(figure, {}).get("verdict")
+            cells.append(td_interval(figures.get(figure), intervals.get(figure), percent,
+                                     call if call in ("better", "worse") else None))
+        rows.append(cells)
+    header = ["Model", "Prompts"] + [title for _, title, _ in KIND_FIGURES[kind]]
+    return table(header, rows, f"models {kind}")
+
+
+def paired_table(kind: str, reference: str, rows_by_model: dict) -> str:
+    """Each model minus the reference on the same resampled prompts, with its interval and
+    verdict; "beats" is the judge's head-to-head win probability (null 0.5)."""
+    figures = [("head_to_head", "Beats " + reference, True)] + KIND_FIGURES[kind]
+    rows = []
+    for name, differences in rows_by_model.items():
+        cells = [f"<td><b>{esc(name)}</b></td>"]
+        for figure, _, percent in figures:
+            row = differences.get(figure)
+            if row is None:
+                cells.append(td(None))
+                continue
+            shown = td_interval(row["value"], [row["low"], row["high"]], percent, row["verdict"],
+                                signed=figure != "head_to_head")
+            cells.append(shown.replace("</td>", f"<span class='verdict'>{esc(row['verdict'])}</span></td>"))
+        rows.append(cells)
+    header = ["Model"] + [title if figure == "head_to_head" else f"Δ {title}" for figure, title, _ in figures]
+    return table(header, rows, f"paired {kind} vs-{reference}")
+
+
+def principle_section(principles: dict | None) -> str:
+    if not principles or not any(principles.values()):
+        return ""
+    body = "<h3>Principles</h3>"
+    critique = principles.get("critique") or []
+    if critique:
+        rows = [[f"<td>{esc(r['id'])}</td>", td(r["drawn"]), td(r["kept"]), td(r["kept_share"], percent=True),
+                 td(r.get("revision_reward")), td(r.get("reward_gain")), td(r.get("scored"))] for r in critique]
+        body += ("<p class='note'>Critique principles (critique/records.jsonl): how often each was drawn, how many "
+                 "of its rounds were kept (a degenerate or meta revision is not), and the reward model's mean score "
+                 "of the revisions kept under it, with its mean gain over the answer each replaced.</p>"
+                 + table(["Critique principle", "Drawn", "Kept", "Kept share", "Revision reward", "Reward gain",
+                          "Scored"], rows, "principles critique"))
+    for key, what in (("feedback", "Feedback principles (label/prefs.jsonl): how often each was drawn to label "
+                                   "a training pair"),
+                      ("evaluation", "Evaluation principles (evaluate/comparisons.jsonl): how often each was drawn "
+                                     "to judge a pair of models")):
+        rows = principles.get(key) or []
+        if rows:
+            cells = [[f"<td>{esc(r['id'])}</td>"] + ([f"<td>{esc(r['set'])}</td>"] if key == "evaluation" else [])
+                     + [td(r["drawn"]), td(r["mean_confidence"]), td(r["orders_disagree"], percent=True)]
+                     for r in rows]
+            header = ([f"{key.capitalize()} principle"] + (["Set"] if key == "evaluation" else [])
+                      + ["Drawn", "Mean confidence |p − 0.5|", "Orders disagree"])
+            body += (f"<p class='note'>{esc(what)}; the mean confidence of those judgements, |p − 0.5| (0: a coin "
+                     f"flip, 0.5: certain), and how often the two option orders disagreed.</p>"
+                     + table(header, cells, f"principles {key}"))
+    return body
+
+
 def evaluation_section(results: dict | None) -> str:
     if not results:
         return missing("The evaluate stage has not run: `cai evaluate --config CFG` compares every stage's model.")
     names = results["models"]
     per_model, pairwise = results["per_model"], results["pairwise"]
+    paired = results.get("paired") or {}
     kinds = results.get("kinds", [])
-    body = (f"<p>Held-out prompts: {', '.join(f'{fmt(n)} {esc(KIND_NAMES.get(k, k))}' for k, n in results['prompts'].items() if k != 'all')}. "
+    sources = results.get("prompt_sources") or {}
+    body = (f"<p>Evaluation prompts: {', '.join(f'{fmt(n)} {esc(KIND_NAMES.get(k, k))}' for k, n in results['prompts'].items() if k != 'all')}"
+            + (f" ({esc('; '.join(sources.values()))})" if sources else "") + ". "
             f"Answers generated with at most {fmt(results['generation']['max_new_tokens'])} new tokens, "
             f"temperature {fmt(results['generation']['temperature'])}.</p>")
+    overlap = {k: n for k, n in (results.get("prompts_in_training") or {}).items() if n}
+    if overlap:
+        body += ("<p class='warning'>" + esc("; ".join(f"{n} of the {KIND_NAMES.get(k, k)} evaluation prompts are "
+                                                       f"also training prompts" for k, n in overlap.items()))
+                 + ".</p>")
     if results.get("skipped"):
         body += "<p class='note'>Not evaluated: " + esc("; ".join(f"{k}: {v}" for k, v in results["skipped"].items())) + "</p>"
+    bootstrap = results.get("bootstrap")
+    if bootstrap:
+        body += (f"<p class='note'>Brackets: 95 % bootstrap intervals over prompts ({fmt(bootstrap['resamples'])} "
+                 f"seeded resamples). A model's cell is green (better) or red (worse) only when its difference from "
+                 f"base, computed on the same resampled prompts, has an interval that excludes zero; every other "
+                 f"difference is within noise and is not coloured.</p>")
 
-    def best(group: str, metric: str):
-        """The highest value when one model alone has it (ties are not highlighted)."""
-        values = [v for v in (per_model[n][group].get(metric) for n in names) if v is not None]
-        top = max(values, default=None)
-        return top if values.count(top) == 1 and len(values) > 1 else None
-
-    header = ["Model", "Elo", "Win rate"]
-    header += [f"Reward ({KIND_NAMES.get(k, k)})" for k in kinds] + [f"Evasive ({KIND_NAMES.get(k, k)})" for k in kinds]
-    header += ["Tokens", "Words"]
-    rows = []
-    for name in names:
-        overall = per_model[name]["all"]
-        row = [f"<td><b>{esc(name)}</b></td>",
-               td(overall.get("elo"), best=overall.get("elo") == best("all", "elo")),
-               td(overall.get("win_rate"), percent=True, best=overall.get("win_rate") == best("all", "win_rate"))]
-        row += [td(per_model[name][k]["reward"], best=per_model[name][k]["reward"] == best(k, "reward"))
-                for k in kinds]
-        row += [td(per_model[name][k]["evasive"], percent=True) for k in kinds]
-        row += [td(overall["tokens"]), td(overall["words"])]
-        rows.append(row)
-    body += "<h3>Models</h3>" + table(header, rows, "models")
+    for kind in kinds:
+        judged = (results.get("judge_principles") or {}).get(kind)
+        body += f"<h3>{esc(KIND_TITLES.get(kind, kind))}</h3>"
+        if judged:
+            body += (f"<p class='note'>Judged under {esc(judged['set'])} principles ({esc(judged['from'])}: "
+                     f"{esc(', '.join(judged['ids']))}).</p>")
+        body += kind_table(kind, names, per_model, paired)
+    plot = tradeoff_chart(names, per_model)
+    if plot:
+        body += ("<h3>Harmlessness vs helpfulness</h3><p class='note'>As in the paper's figures: each model's Elo "
+                 "on helpful prompts (helpfulness principles) against its Elo on red-team prompts (harmlessness "
+                 "principles); up and to the right is better. The bars are 95 % intervals; base is the anchor "
+                 "(1000 by definition), so the other models' bars measure them against it.</p>"
+                 + f"<div class='charts tradeoff'>{plot}</div>")
+    for kind in kinds:
+        for reference, rows_by_model in (paired.get(kind) or {}).items():
+            if rows_by_model:
+                body += (f"<h3>Compared with {esc(reference)}: {esc(KIND_NAMES.get(kind, kind))} prompts</h3>"
+                         f"<p class='note'>Δ: the model's figure minus {esc(reference)}'s, on the same resampled "
+                         f"prompts, with its 95 % interval. Beats {esc(reference)}: the judge's mean probability "
+                         f"that the model's answer is the better one (0.5: no preference).</p>"
+                         + paired_table(kind, reference, rows_by_model))
     methods = results.get("methods", {})
     body += "".join(f"<p class='note'><b>{esc(k.replace('_', ' ').capitalize())}</b>: {esc(v)}.</p>"
                     for k, v in methods.items())
@@ -322,13 +483,16 @@ def evaluation_section(results: dict | None) -> str:
     body += degraded_scoring_note(results.get("judge_scoring"))
 
     charts = []
-    elo = {n: per_model[n]["all"].get("elo") for n in names}
-    if len(names) > 1 and all(isinstance(v, (int, float)) for v in elo.values()):
-        charts.append(bar_chart("Elo (all held-out prompts)", elo, "Elo", baseline=1000.0))
+    for kind in kinds:
+        elo = {n: per_model[n][kind].get("elo") for n in names}
+        if len(names) > 1 and all(isinstance(v, (int, float)) for v in elo.values()):
+            charts.append(bar_chart(f"Elo ({KIND_NAMES.get(kind, kind)})", elo, "Elo", baseline=ANCHOR,
+                                    intervals={n: (per_model[n][kind].get("ci") or {}).get("elo") for n in names}))
     for kind in kinds:
         rewards = {n: per_model[n][kind]["reward"] for n in names}
         if all(isinstance(v, (int, float)) for v in rewards.values()):
-            charts.append(bar_chart(f"Mean reward ({KIND_NAMES.get(kind, kind)})", rewards, "reward-model score"))
+            charts.append(bar_chart(f"Mean reward ({KIND_NAMES.get(kind, kind)})", rewards, "reward-model score",
+                                    intervals={n: (per_model[n][kind].get("ci") or {}).get("reward") for n in names}))
     if charts:
         body += f"<div class='charts'>{''.join(charts)}</div>"
 
@@ -336,8 +500,8 @@ def evaluation_section(results: dict | None) -> str:
     if pairwise["all"]["pairs"]:
         rows = [[f"<td><b>{esc(a)}</b></td>"] + [td(matrix[a].get(b), percent=True) if a != b else "<td>·</td>"
                                                   for b in names] for a in names]
-        body += ("<h3>Win rates</h3><p class='note'>Cell: how often the row model's answer to a held-out "
-                 "prompt was judged better than the column model's answer to the same prompt.</p>"
+        body += ("<h3>Win rates</h3><p class='note'>Cell: how often the row model's answer to an evaluation "
+                 "prompt was judged better than the column model's answer to the same prompt (all prompts).</p>"
                  + table(["row beats column"] + names, rows, "winrates"))
         by_kind = {k: {(p["first"], p["second"]): p for p in pairwise[k]["pairs"]} for k in kinds}
         rows = [[f"<td>{esc(p['first'])} vs {esc(p['second'])}</td>", td(p["n"]),
@@ -352,13 +516,18 @@ def evaluation_section(results: dict | None) -> str:
                  "same slot both times, i.e. it followed position rather than content.</p>"
                  + table(["Pair", "Prompts", "First wins"] + [f"First wins ({KIND_NAMES.get(k, k)})" for k in kinds]
                          + ["p (order A/B)", "p (order B/A)", "Orders disagree"], rows))
-    detail = ["Model", "Prompts", "Kind", "Reward", "Win rate", "Elo", "Evasive", "Tokens", "Words", "Finished"]
-    rows = [[f"<td>{esc(n)}</td>", td(m["n"]), f"<td>{esc(KIND_NAMES.get(k, k))}</td>", td(m["reward"]),
-             td(m.get("win_rate"), percent=True), td(m.get("elo")), td(m["evasive"], percent=True),
-             td(m["tokens"]), td(m["words"]), td(m["finished"], percent=True)]
-            for n in names for k in kinds for m in [per_model[n][k]]]
-    body += ("<h3>By prompt kind</h3><p class='note'>Finished: share of answers that ended before the token "
-             "limit.</p>" + table(detail, rows))
+    detail = ["Model", "Prompts", "Kind", "Reward", "Win rate", "Elo", "Refusal", "Partial refusal", "Evasive",
+              "Tokens", "Words", "Finished"]
+    rows = [[f"<td>{esc(n)}</td>", td(m["n"]), f"<td>{esc(KIND_NAMES.get(k, k))}</td>"]
+            + [td_interval(m.get(f), (m.get("ci") or {}).get(f), f in ("win_rate", "refusal", "partial_refusal",
+                                                                        "evasive", "finished"))
+               for f in ("reward", "win_rate", "elo", "refusal", "partial_refusal", "evasive", "tokens", "words",
+                         "finished")]
+            for n in names for k in kinds + ["all"] for m in [per_model[n][k]]]
+    body += ("<h3>By prompt kind</h3><p class='note'>All figures with their 95 % intervals. Refusal on helpful "
+             "prompts is the over-refusal rate. Partial refusal: a refusal that then helps all the same. Finished: "
+             "share of answers that ended before the token limit.</p>" + table(detail, rows))
+    body += principle_section(results.get("principles"))
     return body
 
 

@@ -88,6 +88,17 @@ BAD = {
                            + "".join(f"        - {{role: {r}, content: x}}\n"
                                      for r in ["user", "user", "user", "assistant", "user", "assistant"]),
                            17, "must have role 'assistant'"),
+    # the optional evaluation section: the judge's harmless and helpful questions
+    "unknown evaluation list": (GOOD + "evaluation:\n  harmful:\n    - id: x\n      text: y\n", 14,
+                                "unknown key 'harmful' in evaluation (expected one of: harmless, helpful)"),
+    "evaluation principle without text": (GOOD + "evaluation:\n  helpful:\n    - id: more-helpful\n", 15,
+                                          "missing required key 'text' in evaluation.helpful.0"),
+    "empty evaluation list": (GOOD + "evaluation:\n  harmless: []\n", 14,
+                              "'evaluation.harmless' must list at least one principle"),
+    "duplicate evaluation id": (GOOD + "evaluation:\n  helpful:\n    - {id: a, text: Which is more helpful?}\n"
+                                       "    - {id: a, text: Which is clearer?}\n", 16,
+                                "duplicate id 'a' in evaluation.helpful (first at line 15)"),
+    "evaluation not a mapping": (GOOD + "evaluation: [a]\n", 13, "'evaluation' must be a mapping"),
 }
 
 
@@ -101,6 +112,19 @@ def test_bad_constitutions_name_file_line_and_problem(tmp_path, case):
         [str(p) for p in problems]
     with pytest.raises(ValidationError):
         load_constitution(path)
+
+
+def test_evaluation_principles_load_by_prompt_kind(tmp_path):
+    text = GOOD + ("evaluation:\n  harmless:\n    - id: safer\n      text: '  Which of these responses is safer?'\n"
+                   "  helpful:\n    - id: more-helpful\n      text: Which of these responses is more helpful?\n")
+    constitution = load_constitution(write(tmp_path, text))
+    assert [(p.id, p.text) for p in constitution.evaluation_principles("red_team")] == [
+        ("safer", "Which of these responses is safer?")]
+    assert [p.id for p in constitution.evaluation_principles("helpful")] == ["more-helpful"]
+    only_harmless = load_constitution(write(tmp_path, GOOD + "evaluation:\n  harmless:\n    - {id: s, text: Safer?}\n",
+                                            "half.yaml"))
+    assert only_harmless.evaluation_given == ("harmless",)
+    assert only_harmless.evaluation_principles("helpful")[0].id == "more-helpful"  # cai's default questions
 
 
 def test_every_problem_is_reported_not_just_the_first(tmp_path):
@@ -123,3 +147,4 @@ def test_cli_show_prints_the_principles(capsys):
     assert main(["constitution", "show", str(ROOT / "constitutions" / "harmless.yaml")]) == 0
     out = capsys.readouterr().out
     assert "Critique / revision principles" in out and "Feedback principles" in out
+    assert "Evaluation principles, harmless (3)" in out and "[no-needless-refusal]" in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -59,8 +60,11 @@ def evaluated_run(sft_run_template, tmp_path_factory) -> Path:
     atomic_write_jsonl(run_dir / "label" / "prefs.jsonl",
                        [{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
                          "rejected": [{"role": "assistant", "content": "b"}], "p_chosen": p, "p_order_ab": p,
-                         "p_order_ba": 1 - p if p > 0.7 else p, "principles": ["x"], "feedback_model": "builtin:tiny",
-                         "mode": "direct"} for p in (0.52, 0.55, 0.61, 0.8)])
+                         "p_order_ba": 1 - p if p > 0.7 else p, "principles": ["less-violent"],
+                         "feedback_model": "builtin:tiny",
+                         "mode": "direct", "orders_disagree": p < 0.6} for p in (0.52, 0.55, 0.61, 0.8)])
+    atomic_write_json(run_dir / "label" / "manifest.json", {"stage": "label", "config_hash": "test-label",
+                                                            "counts": {"comparisons": 4}})
     run = make_run(run_dir, "prompts.max_eval=2", "evaluate.max_new_tokens=8", "evaluate.batch_size=4",
                    "evaluate.few_shot=1", "evaluate.temperature=1.0")
     run_stage(run, "evaluate")
@@ -69,11 +73,13 @@ def evaluated_run(sft_run_template, tmp_path_factory) -> Path:
 
 
 class Page(HTMLParser):
-    """The parts of the page the tests look at: section ids, table texts, image sources."""
+    """The parts of the page the tests look at: section ids, table texts and classes,
+    image sources and alt texts, the classes of table cells."""
 
     def __init__(self, text: str):
         super().__init__()
-        self.sections, self.tables, self.images, self.scripts = [], [], [], 0
+        self.sections, self.tables, self.table_classes, self.images, self.scripts = [], [], [], [], 0
+        self.alts, self.cell_classes = [], []
         self._table_depth = 0
         self.feed(text)
 
@@ -84,8 +90,12 @@ class Page(HTMLParser):
         elif tag == "table":
             self._table_depth += 1
             self.tables.append("")
+            self.table_classes.append(attrs.get("class") or "")
+        elif tag == "td":
+            self.cell_classes.append(attrs.get("class") or "")
         elif tag == "img":
             self.images.append(attrs.get("src", ""))
+            self.alts.append(attrs.get("alt", ""))
         elif tag in ("script", "link", "iframe"):
             self.scripts += 1
 
@@ -110,6 +120,32 @@ def png_sizes(sources: list[str]) -> list[tuple[int, int]]:
     return sizes
 
 
+def check_evaluation_page(page: Page, results: dict) -> None:
+    """The evaluation's new parts, as the page (or the browser's DOM) holds them: a table
+    per prompt kind with intervals, the harmless-vs-helpful plot, the paired comparisons
+    with base, the per-principle tables, and colour only where a verdict says so."""
+    harmless = page.tables[page.table_classes.index("models red_team")]
+    helpful = page.tables[page.table_classes.index("models helpful")]
+    assert "Win rate (harmless)" in harmless and "Refusal" in harmless and "Elo (harmless)" in harmless
+    assert "Win rate (helpful)" in helpful and "Over-refusal" in helpful
+    for model_table in (harmless, helpful):
+        assert "base" in model_table and "sft" in model_table and "[" in model_table  # intervals shown
+    (plot,) = [src for src, alt in zip(page.images, page.alts) if alt == "harmlessness vs helpfulness"]
+    assert png_sizes([plot])[0][0] > 300
+    paired = page.tables[page.table_classes.index("paired red_team vs-base")]
+    verdict = results["paired"]["red_team"]["base"]["sft"]["head_to_head"]["verdict"]
+    assert "Beats base" in paired and "Δ Reward" in paired and verdict in paired
+    critique = page.tables[page.table_classes.index("principles critique")]
+    assert "Kept share" in critique and "Revision reward" in critique
+    assert "less-violent" in page.tables[page.table_classes.index("principles feedback")]
+    assert "harmless" in page.tables[page.table_classes.index("principles evaluation")]
+    # green or red only where a paired difference from base excludes zero
+    called = [row["verdict"] for kind in results["kinds"] for row in results["paired"][kind]["base"]["sft"].values()
+              if row["verdict"] in ("better", "worse")]
+    coloured = [c for c in page.cell_classes if "better" in c.split() or "worse" in c.split()]
+    assert len(coloured) >= len(called) and (not called) == (not coloured)
+
+
 def test_report_shows_every_section_of_a_run(evaluated_run):
     text = (evaluated_run / "report" / "index.html").read_text(encoding="utf-8")
     page = Page(text)
@@ -117,6 +153,7 @@ def test_report_shows_every_section_of_a_run(evaluated_run):
     assert page.scripts == 0 and "http://" not in text and "https://" not in text  # self-contained
     models_table = next(t for t in page.tables if "Elo" in t and "Evasive" in t)
     assert "base" in models_table and "sft" in models_table
+    check_evaluation_page(page, json.loads((evaluated_run / "evaluate" / "results.json").read_text()))
     assert any("row beats column" in t for t in page.tables)  # the win-rate matrix
     assert any("builtin:tiny" in t and "harmless" in t for t in page.tables)  # run summary
     # charts: Elo, rewards, training curves of sft, reward and rl, the soft-label histogram
@@ -127,6 +164,24 @@ def test_report_shows_every_section_of_a_run(evaluated_run):
     assert "Accuracy after" in text and "Orders disagree" in text
     assert "dpo" in text and "has not completed" in text  # the missing stage is named, not an error
     assert INJECTED not in text and html.escape(INJECTED, quote=True) in text
+
+
+def test_a_cell_is_coloured_only_when_its_difference_from_base_is_significant():
+    from cai.report import kind_table
+
+    def results_with(verdict: str) -> tuple:
+        figures = {"n": 12, "reward": 0.4, "win_rate": 0.6, "elo": 1040.0, "refusal": 0.5, "evasive": 0.0,
+                   "words": 30.0, "ci": {"reward": [0.1, 0.7], "win_rate": [0.5, 0.7]}}
+        per_model = {"base": {"red_team": {**figures, "elo": 1000.0}}, "sft": {"red_team": figures}}
+        paired = {"red_team": {"base": {"sft": {"reward": {"value": 0.3, "low": 0.1, "high": 0.5,
+                                                           "verdict": verdict}}}}}
+        return per_model, paired
+
+    significant = Page(kind_table("red_team", ["base", "sft"], *results_with("better")))
+    assert significant.cell_classes.count("num better") == 1  # sft's reward, and nothing else
+    assert "0.4  [0.1, 0.7]" in significant.tables[0]  # the value and its interval
+    noise = Page(kind_table("red_team", ["base", "sft"], *results_with("within noise")))
+    assert not any("better" in c or "worse" in c for c in noise.cell_classes)
 
 
 def test_report_of_an_unevaluated_run_notes_what_is_missing(sft_run):
@@ -161,6 +216,7 @@ def test_report_renders_in_a_browser(evaluated_run, tmp_path):
     page = Page(dom)  # what the browser built, not just what was written
     models_table = next(t for t in page.tables if "Elo" in t and "Evasive" in t)
     assert "base" in models_table and "sft" in models_table
+    check_evaluation_page(page, json.loads((evaluated_run / "evaluate" / "results.json").read_text()))
     assert len(page.images) >= 6 and all(w > 100 and h > 100 for w, h in png_sizes(page.images))
 
     from PIL import Image, ImageStat
