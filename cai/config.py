@@ -306,8 +306,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if run is not None and is_server(run.model):
         problems.append(doc.problem(("model",), f"'model': {run.model} is a server, but the run's model is the one "
                                                 f"sft fine-tunes: it must be weights (builtin:, a folder or a hub id); "
-                                                f"point critique.model, label.policy / feedback_model or "
-                                                f"evaluate.models / feedback_model at a server instead"))
+                                                f"point critique.model, label.policy / feedback_model, "
+                                                f"evaluate.models / feedback_model or rl.feedback_model at a "
+                                                f"server instead"))
     problems += code_loading_problems(doc)
     if run is not None:
         run.run_dir = os.path.expanduser(run.run_dir)

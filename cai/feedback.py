@@ -30,6 +30,12 @@ The judge is engine-agnostic: the option probabilities come from `Engine.score_o
 (one forward pass in-process; token log-probabilities over a server), the reasoning
 from `Engine.generate`. With a server that returns no log-probabilities and
 `option_scoring: letter`, the labels are hard (0, 1, or a tie).
+
+Pointwise (`score_single`, the reward of direct RLAIF in the rl stage): one answer, the
+drawn principle and "is it the kind of response this principle would choose?" with
+options Yes / No, asked in both orders; P(Yes) averaged over the orders is P(good). The
+pairwise worked examples become pointwise ones: each example's preferred answer rated
+Yes, the other No.
 """
 
 from __future__ import annotations
@@ -46,6 +52,12 @@ OPTIONS = ("A", "B")
 PRIME = "("  # the assistant turn starts with it; the next token is the option letter
 COT_PRIME = "Let's think step by step:"
 COT_CUE = "So the answer is: ("
+# Pointwise questions (`Judge.score_single`): the constitution's principles are written to
+# compare two responses, so the question asks whether the one shown is what the principle
+# would choose.
+RATING_QUESTION = ("Judge only the assistant's last response above, on its own: is it the kind of response this "
+                   "principle would choose?")
+RATING_OPTIONS = ("Yes", "No")
 
 
 @dataclass
@@ -221,3 +233,70 @@ class Judge:
                 reasoning=[text for n in mine for text in reasoning[2 * n: 2 * n + 2]]))
         self.comparisons += len(comparisons)
         return comparisons
+
+    # ------------------------------------------------------------ one answer at a time (direct RLAIF)
+
+    def _rating_text(self, principle, conversation: str, yes_first: bool) -> str:
+        options = RATING_OPTIONS if yes_first else RATING_OPTIONS[::-1]
+        return ("Consider the following conversation between a human and an assistant:\n\n"
+                f"{conversation}\n\n{principle_text(principle)}\n{RATING_QUESTION}\nOptions:\n"
+                f"(A) {options[0]}\n(B) {options[1]}\n\nThe answer is:")
+
+    def _rating_shots(self, constitution, principle, yes_first: bool) -> list[dict]:
+        """The constitution's worked preference examples, each turned into two rated
+        answers: its preferred response "Yes", the other "No". Which comes first alternates
+        from example to example, so the last shot does not always teach the same verdict."""
+        turns = []
+        for n, example in enumerate(constitution.feedback_examples[: self.few_shot]):
+            shown = constitution.feedback_principle(example.principle) if example.principle else principle
+            better, worse = ((example.response_a, example.response_b) if example.answer == "A"
+                             else (example.response_b, example.response_a))
+            rated = [(better, True), (worse, False)] if n % 2 == 0 else [(worse, False), (better, True)]
+            for response, good in rated:
+                conversation = render_conversation([{"role": "user", "content": example.conversation},
+                                                    {"role": "assistant", "content": response}])
+                letter = OPTIONS[0] if good == yes_first else OPTIONS[1]
+                turns += [{"role": "user", "content": self._rating_text(shown, conversation, yes_first)},
+                          {"role": "assistant", "content": f"{PRIME}{letter})"}]
+        return turns
+
+    def rating_question(self, constitution, principle, conversation: list[dict], response: str,
+                        yes_first: bool = True) -> list[dict]:
+        """The chat of one pointwise question: the conversation with `response` as the
+        assistant's last turn, the principle, and "Yes" / "No" as options (A) and (B)
+        (`yes_first`) or (B) and (A). It ends in an open assistant turn "(". Always direct:
+        pointwise scoring has no chain-of-thought mode."""
+        messages = self._rating_shots(constitution, principle, yes_first)
+        shown = render_conversation([*conversation, {"role": "assistant", "content": response}])
+        messages.append({"role": "user", "content": self._rating_text(principle, shown, yes_first)})
+        messages.append({"role": "assistant", "content": PRIME})
+        return messages
+
+    def score_single(self, constitution, conversations: list[list[dict]], responses: list[str],
+                     principles: list[list], desc: str | None = None) -> list[float]:
+        """P(good) of each `responses[i]` as the answer to `conversations[i]`, judged on its
+        own under each of `principles[i]` (FeedbackPrinciple objects or question texts) and
+        averaged: the reward of direct RLAIF (Lee et al. 2023, "RLAIF vs. RLHF").
+
+        A yes/no question rather than the paper's 1-10 scale: its probability needs no
+        scale mapping, and both option orders can be asked and averaged, which cancels a
+        small model's slot preference as it does for pairs (a ten-letter scale has no such
+        symmetric reordering). The questions of one order go to the engine together, so
+        their shared few-shot turns are run once (the in-process engine's prefix cache)."""
+        if not (len(conversations) == len(responses) == len(principles)):
+            raise ValueError("conversations, responses and principles must have the same length")
+        if any(not drawn for drawn in principles):
+            raise ValueError("every answer needs at least one feedback principle")
+        asked = [(i, principle) for i in range(len(conversations)) for principle in principles[i]]
+        yes_a = self.option_probabilities([self.rating_question(constitution, principle, conversations[i],
+                                                                responses[i], yes_first=True)
+                                           for i, principle in asked], desc=desc)
+        yes_b = self.option_probabilities([self.rating_question(constitution, principle, conversations[i],
+                                                                responses[i], yes_first=False)
+                                           for i, principle in asked], desc=desc)
+        p_good = [(a[0] + b[1]) / 2 for a, b in zip(yes_a, yes_b)]
+        totals, counts = [0.0] * len(conversations), [0] * len(conversations)
+        for (i, _), p in zip(asked, p_good):
+            totals[i] += p
+            counts[i] += 1
+        return [total / count for total, count in zip(totals, counts)]

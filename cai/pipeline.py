@@ -4,7 +4,10 @@ Every stage module in `cai/stages/` exposes
 - `Config`: a dataclass of the stage's own knobs (documented fields with defaults);
 - `TRL_CONFIG()` (optional): the TRL config class whose fields the section passes through
   (rl's is the union of PPO/RLOO/GRPO configs; its `check_config` narrows it);
-- `UPSTREAM`: the stages whose outputs it reads (their hashes enter its own);
+- `UPSTREAM`: the stages whose outputs it reads (their hashes enter its own), or a
+  function of its Config giving them (rl's depend on where its reward comes from);
+- `hashed_config(cfg)` (optional): the settings that enter the config hash, when some
+  settings are unused in some modes (default: all of them);
 - `run(ctx: StageContext) -> dict`: does the work, returns counts for the manifest.
 
 A completed stage (manifest with the same config hash) is skipped; an interrupted one
@@ -86,7 +89,9 @@ def stage_config(run: RunConfig, name: str) -> tuple[Any, dict]:
 
 
 DATA_STAGES = ("critique", "label", "evaluate")  # stages whose model roles may name a server
-JUDGE_KEYS = ("feedback_model",)  # roles that score options: a server must return log-probabilities
+# Roles that score options (a server must return log-probabilities); a judge only scores,
+# so it may be a server in any stage (rl's judge, with reward: judge).
+JUDGE_KEYS = ("feedback_model",)
 
 
 def config_values(cfg):
@@ -116,7 +121,7 @@ def server_problems(run: RunConfig, name: str, cfg) -> list:
     for f, item in config_values(cfg):
         if not is_server(item):
             continue
-        if name not in DATA_STAGES:
+        if name not in DATA_STAGES and f.name not in JUDGE_KEYS:
             problems.append(problem(f.name, f"'{name}.{f.name}': {item} is a server, but {name} trains weights: "
                                             f"it needs a model it can load (builtin:, a folder or a hub id)"))
         elif server_name(item) not in run.servers:
@@ -229,13 +234,19 @@ def _versions() -> dict:
     return out
 
 
+def upstream_stages(module, cfg) -> tuple[str, ...]:
+    upstream = getattr(module, "UPSTREAM", ())
+    return tuple(upstream(cfg) if callable(upstream) else upstream)
+
+
 def _fingerprint(run: RunConfig, name: str, cfg: Any, trl: dict) -> tuple[str, dict]:
     module = stage_module(name)
     upstream = {}
-    for up in getattr(module, "UPSTREAM", ()):
+    for up in upstream_stages(module, cfg):
         manifest = StageDir(run.path, up).manifest()
         upstream[up] = manifest["config_hash"] if manifest else None
-    body = {"stage": name, "shared": shared_fingerprint(run), "config": dataclasses.asdict(cfg),
+    hashed = getattr(module, "hashed_config", dataclasses.asdict)(cfg)
+    body = {"stage": name, "shared": shared_fingerprint(run), "config": hashed,
             "trl": {key: value for key, value in trl.items() if changes_results(key)}, "upstream": upstream}
     servers = {ref: run.servers[server_name(ref)].fingerprint() for ref in server_references(cfg)}
     if servers:  # only then, so runs without servers keep their hashes
@@ -366,10 +377,17 @@ def _decide(ctx: StageContext, force: bool) -> dict:
 
 def default_stages(run: RunConfig) -> list[str]:
     """The stages `cai run` runs: all, but rl and dpo only when their section is present
-    (rl is the default when neither is)."""
-    wanted = [s for s in ORDER if s not in ("rl", "dpo")]
+    (rl is the default when neither is). rl with `reward: judge` needs no reward model: then
+    reward runs only when its section is present (evaluate scores with it), and label only
+    when reward or dpo runs or its section is present."""
     optimisers = [s for s in ("rl", "dpo") if s in run.stages] or ["rl"]
-    return [s for s in ORDER if s in wanted or s in optimisers]
+    wanted = {"critique", "sft", "evaluate", *optimisers}
+    judge_reward = "rl" in optimisers and run.stages.get("rl", {}).get("reward") == "judge"
+    if not judge_reward or "reward" in run.stages:
+        wanted.add("reward")
+    if {"reward", "dpo"} & wanted or "label" in run.stages:
+        wanted.add("label")
+    return [s for s in ORDER if s in wanted]
 
 
 def run_pipeline(run: RunConfig, start: str | None = None, until: str | None = None,

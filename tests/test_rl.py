@@ -1,8 +1,10 @@
-"""The rl stage: PPO, RLOO and GRPO optimise the SFT policy against the reward model."""
+"""The rl stage: PPO, RLOO and GRPO optimise the SFT policy against the reward model, or
+(RLOO, GRPO with `reward: judge`) against the feedback model's own judgement of each answer."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -70,6 +72,9 @@ def test_each_algorithm_moves_the_policy_and_logs_reward_kl_and_length(rl_run, a
     (("rl.algorithm=rloo", "rl.num_generations=1"), "'rl.num_generations' must be at least 2"),
     (("rl.algorithm=ppo", "rl.num_generations=4"), "'rl.num_generations' is not a field of PPOConfig"),
     (("rl.no_such_key=1",), "unknown key 'no_such_key'"),
+    (("rl.algorithm=ppo", "rl.reward=judge"), "'rl.reward': judge needs rl.algorithm rloo or grpo"),
+    (("rl.algorithm=grpo", "rl.reward=judges"), "'rl.reward' must be"),
+    (("rl.algorithm=grpo", "rl.reward=judge", "rl.principles_per_answer=0"), "'rl.principles_per_answer' must be"),
 ])
 def test_config_errors_are_reported_before_any_work(rl_run, overrides, message):
     from cai.pipeline import run_stage
@@ -109,3 +114,158 @@ def test_ppo_pads_with_a_token_the_chat_template_does_not_use(rl_run):
                                          add_generation_prompt=True)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     assert tokenizer.pad_token_id not in tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------- direct RLAIF: the judge is the reward
+
+JUDGED = ("rl.reward=judge", "rl.judge_few_shot=1", "rl.max_steps=2", "rl.num_generations=2")
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_the_judge_as_reward_moves_the_policy_without_a_reward_stage(sft_run, algorithm):
+    from cai.pipeline import run_stage
+
+    assert not (sft_run / "reward").exists()
+    manifest = run_stage(make_run(sft_run, f"rl.algorithm={algorithm}", *TINY_RL, *JUDGED), "rl")
+
+    counts = manifest["counts"]
+    assert counts["global_steps"] == 2 and counts["reward"] == "judge"
+    assert counts["feedback_model"] == "builtin:tiny" and counts["judge_scoring"] == "probabilities"
+    assert counts["judged_answers_this_session"] == 2 * 4  # two steps of 4 completions
+    assert list(manifest["upstream"]) == ["sft"]  # no reward stage in its hash
+    assert [e["model"] for e in manifest["engines"]] == ["builtin:tiny"]  # the judge's engine, released
+    before, after = weights(sft_run / "sft" / "model"), weights(sft_run / "rl" / "model")
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the policy did not change"
+    steps = [e for e in json.loads((sft_run / "rl" / "log_history.json").read_text()) if "reward" in e]
+    assert len(steps) == 2
+    assert all(0.0 <= e["rewards/judge/mean"] <= 1.0 and e["reward"] == pytest.approx(e["rewards/judge/mean"])
+               for e in steps)
+
+
+def test_the_reward_model_is_logged_under_its_name_and_recorded(rl_run):
+    from cai.pipeline import run_stage
+
+    manifest = run_stage(make_run(rl_run, "rl.algorithm=rloo", *TINY_RL, "rl.max_steps=1"), "rl")
+    assert manifest["counts"]["reward"] == "reward_model"
+    assert manifest["counts"]["reward_model"] == str(rl_run / "reward" / "model")
+    assert list(manifest["upstream"]) == ["sft", "reward"]
+    assert "rewards/model/mean" in json.loads((rl_run / "rl" / "log_history.json").read_text())[0]
+
+
+@pytest.fixture(scope="module")
+def judge_reward():
+    from cai.constitution import load_constitution
+    from cai.engines.hf import TransformersEngine
+    from cai.feedback import Judge
+    from cai.stages.rl import JudgeReward
+    from conftest import ROOT
+
+    judge = Judge(TransformersEngine.from_spec("builtin:tiny", device="cpu", batch_size=4), few_shot=2)
+    return JudgeReward(judge, load_constitution(ROOT / "constitutions" / "harmless.yaml"), seed=0)
+
+
+def test_the_judge_reward_is_p_good_from_both_option_orders(judge_reward, monkeypatch):
+    """What TRL passes a reward function for a conversational dataset: prompts and
+    completions as chat turns. Each answer's reward is P(Yes) averaged over the two option
+    orders, read from the model's own next-token logits."""
+    from cai.feedback import comparison_key, draw_principles
+    from conftest import CONVERSATIONS, FIRST, SECOND
+
+    judge, constitution = judge_reward.judge, judge_reward.constitution
+    asked, score = [], judge.option_probabilities
+    monkeypatch.setattr(judge, "option_probabilities", lambda qs, desc=None: asked.extend(qs) or score(qs, desc))
+    prompts = [c for c in CONVERSATIONS for _ in range(2)]  # two completions per prompt, as in a group
+    answers = [a for pair in zip(FIRST, SECOND) for a in pair]
+    rewards = judge_reward(prompts=prompts, completions=[[{"role": "assistant", "content": a}] for a in answers],
+                           completion_ids=[[1]] * 6, trainer_state=None)
+
+    assert len(rewards) == 6 and all(0.0 <= r <= 1.0 for r in rewards)
+    assert len(set(rewards)) > 1, "the reward does not depend on the answer"
+    assert len(asked) == 2 * 6 and judge_reward.answers == 6
+    principle = draw_principles(constitution, 0, comparison_key(prompts[0]), 1)[0]
+    mine = [q for q in asked if f"Human: {prompts[0][0]['content']}\n\nAssistant: {answers[0]}" in q[-2]["content"]]
+    assert len(mine) == 2 and all(principle.text in q[-2]["content"] for q in mine)
+    assert {q[-2]["content"].split("Options:\n", 1)[1] for q in mine} == {
+        "(A) Yes\n(B) No\n\nThe answer is:", "(A) No\n(B) Yes\n\nThe answer is:"}
+    # the two answers to one prompt meet the same principle (the group compares like with like)
+    assert all(principle.text in q[-2]["content"] for q in asked if prompts[0][0]["content"] in q[-2]["content"])
+    # the worked preference examples, rated: two per example, its preferred answer "Yes"
+    example = constitution.feedback_examples[0]
+    better = example.response_a if example.answer == "A" else example.response_b
+    yes_first = next(q for q in mine if q[-2]["content"].endswith("(A) Yes\n(B) No\n\nThe answer is:"))
+    assert len(yes_first) == 2 * 2 * 2 + 2
+    assert better.strip() in yes_first[0]["content"] and yes_first[1]["content"] == "(A)"
+
+    tokenizer, model = judge.engine.tokenizer, judge.engine.model
+    letters = [tokenizer(f"({x}", add_special_tokens=False)["input_ids"][-1] for x in "AB"]
+    p_yes = []
+    for question in mine:
+        text = tokenizer.apply_chat_template(question[:-1], tokenize=False, add_generation_prompt=True) + "("
+        with torch.no_grad():
+            logits = model(torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])).logits[0, -1]
+        p_a, p_b = torch.softmax(logits[letters], dim=-1).tolist()
+        p_yes.append(p_a if question[-2]["content"].endswith("(A) Yes\n(B) No\n\nThe answer is:") else p_b)
+    assert rewards[0] == pytest.approx(sum(p_yes) / 2, abs=1e-5)
+
+
+def test_judge_settings_enter_the_hash_only_when_the_judge_is_the_reward(rl_run):
+    from cai.pipeline import prepare
+
+    def digest(*overrides):
+        return prepare(make_run(rl_run, *overrides), "rl").config_hash
+
+    plain = digest()
+    assert digest("rl.feedback_model=sft", "rl.judge_few_shot=0") == plain  # unused with the reward model
+    judged = digest("rl.algorithm=grpo", "rl.reward=judge")
+    assert judged != digest("rl.algorithm=grpo") and judged != digest("rl.algorithm=grpo", "rl.reward=judge",
+                                                                      "rl.judge_few_shot=0")
+    assert digest("rl.algorithm=grpo", "rl.reward=judge", "rl.reward_model=/elsewhere") == judged  # unused
+    assert list(prepare(make_run(rl_run, "rl.algorithm=grpo", "rl.reward=judge", "rl.feedback_model=reward"),
+                        "rl").upstream) == ["sft", "reward"]  # a judge that is a stage's model
+
+
+def test_cai_run_with_the_judge_as_reward_trains_no_reward_model(tmp_path):
+    from cai.config import load_config
+    from cai.pipeline import default_stages
+    from conftest import SMOKE
+
+    def stages(*overrides, without=()):
+        run = load_config(SMOKE, [f"run_dir={tmp_path}", *overrides])
+        for section in without:
+            del run.stages[section]
+        return default_stages(run)
+
+    judged = ("rl.reward=judge", "rl.algorithm=grpo")
+    assert stages(*judged, without=("label", "reward", "dpo")) == ["critique", "sft", "rl", "evaluate"]
+    # dpo needs the labels; a reward section asks for the reward model (evaluate scores with it)
+    assert stages(*judged, without=("label", "reward")) == ["critique", "sft", "label", "rl", "dpo", "evaluate"]
+    assert stages(*judged, without=("label", "dpo")) == ["critique", "sft", "label", "reward", "rl", "evaluate"]
+    assert stages(without=("label", "reward", "dpo")) == ["critique", "sft", "label", "reward", "rl", "evaluate"]
+
+
+def test_an_interrupted_judge_run_resumes_from_its_checkpoint(sft_run, monkeypatch, capsys):
+    from cai.pipeline import run_stage
+    from cai.stages.rl import JudgeReward
+
+    settings = ("rl.algorithm=grpo", *TINY_RL, *JUDGED, "rl.save_steps=1")
+    calls, judge = [], JudgeReward.__call__
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second step's rewards: step 1 is checkpointed
+            raise KeyboardInterrupt
+        return judge(self, *args, **kwargs)
+
+    monkeypatch.setattr(JudgeReward, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(make_run(sft_run, *settings), "rl")
+    monkeypatch.undo()
+    assert (sft_run / "rl" / "checkpoints" / "checkpoint-1").exists()
+    manifest = run_stage(make_run(sft_run, *settings), "rl")
+    assert "rl: resuming" in capsys.readouterr().out and manifest["resumed"]
+    assert manifest["counts"]["global_steps"] == 2 and manifest["counts"]["judged_answers_this_session"] == 4
+    resumed = weights(sft_run / "rl" / "model")
+    shutil.rmtree(sft_run / "rl")
+    assert not run_stage(make_run(sft_run, *settings), "rl")["resumed"]  # the same run, never interrupted
+    whole = weights(sft_run / "rl" / "model")
+    assert all(torch.allclose(resumed[k], whole[k], atol=1e-6) for k in whole)

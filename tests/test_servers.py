@@ -280,3 +280,33 @@ def test_a_letter_judge_says_its_labels_are_degraded_in_the_manifest_and_the_rep
     assert counts["judge_scoring"].startswith("letter (degraded: hard labels")
     assert all(row["p_order_ab"] in (0.0, 0.5, 1.0) for row in read_jsonl(sft_run / "label" / "prefs.jsonl"))
     assert "Degraded judge" in write_report(sft_run).read_text()
+
+
+def test_the_rl_judge_reward_over_a_server_gives_the_in_process_probabilities(judge_model, constitution):
+    from cai.feedback import comparison_key, draw_principles
+
+    principles = [draw_principles(constitution, 0, comparison_key(c), 2) for c in CONVERSATIONS]
+    local = Judge(TransformersEngine.from_spec(str(judge_model), "cpu", batch_size=4), few_shot=1)
+    with start_test_server(judge_model, "judge") as server:
+        remote = Judge(engine_for(server), few_shot=1)
+        there = remote.score_single(constitution, CONVERSATIONS, FIRST, principles)
+    here = local.score_single(constitution, CONVERSATIONS, FIRST, principles)
+    assert there == pytest.approx(here, abs=1e-4)
+    assert all(0.01 < p < 0.99 for p in here)
+
+
+def test_rl_with_a_judge_server_as_reward(sft_run, server, capsys):
+    """The judge is the one model role of a training stage that may be a server: it only scores."""
+    from cai.pipeline import stage_config
+    from cai.yamlio import ValidationError
+
+    argv = server_run(sft_run, server, "rl.algorithm=grpo", "rl.reward=judge", "rl.feedback_model=server:gen",
+                      "rl.max_prompts=4", "rl.max_new_tokens=8", "rl.per_device_train_batch_size=4",
+                      "rl.num_generations=2", "rl.max_steps=1")
+    assert main(["rl"] + argv) == 0
+    counts = json.loads((sft_run / "rl" / "manifest.json").read_text())["counts"]
+    assert counts["reward"] == "judge" and counts["feedback_model"] == "server:gen"
+    assert counts["judge_scoring"] == "probabilities" and counts["judged_answers_this_session"] == 4
+    with pytest.raises(ValidationError, match="rl trains weights"):
+        stage_config(load_config(SMOKE, [f"run_dir={sft_run}", f"servers={{gen: {{base_url: '{server.base_url}', "
+                                                              f"model: x}}}}", "rl.policy=server:gen"]), "rl")

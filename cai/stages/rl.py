@@ -16,6 +16,21 @@ other samples for the same prompt).
   the reward function (TRL renders prompt + answer with the reward model's own tokenizer
   and reads its score). A batch counts completions: `num_generations` per prompt.
 
+Direct RLAIF (`reward: judge`, rloo and grpo; Lee et al. 2023, "RLAIF vs. RLHF", reported
+better than training a reward model on AI labels): no reward model at all. The feedback
+model (`feedback_model`, any engine: in-process weights or `server:NAME`) reads each
+sampled answer with a principle drawn from the constitution and is asked whether the
+answer is what the principle would choose; P(Yes), both option orders averaged, is the
+reward, in [0, 1] (`cai.feedback.Judge.score_single`). When to choose it: it needs no
+label or reward stage, and every on-policy answer gets a fresh label, so the policy
+cannot drift out of the reward model's training distribution and exploit it; the price
+is one judge pass (two questions per principle) per sampled answer per step, and an
+in-process judge is a second model in memory. It is only as good as the judge: a 135M
+judge is close to chance (`cai eval-labeler`), so with the demo model the reward is
+mostly noise; a strong judge behind a server is where it pays. A reward in [0, 1]
+moves less than a reward model's logits: RLOO subtracts kl_coef x the summed KL from it,
+so a smaller kl_coef may be needed (GRPO scales advantages by the group's std).
+
 `kl_coef` and `max_new_tokens` are cai names for the knobs the three TRL configs spell
 differently (PPO: `kl_coef`, `response_length`; RLOO/GRPO: `beta`, `max_completion_length`);
 the TRL key itself, if also set, wins. The penalty's unit follows TRL: PPO and RLOO
@@ -26,7 +41,8 @@ Logs (`rl/log_history.json`, one entry per optimisation step), by algorithm:
 
 - reward (the reward model's score, mean over the batch): ppo `objective/scores`
   (`objective/rlhf_reward` is the score minus the KL penalty); rloo, grpo `reward`
-  (and `reward_std`).
+  (and `reward_std`), also under the reward function's name: `rewards/model/mean` for
+  the reward model, `rewards/judge/mean` for the judge's P(good).
 - KL to the reference: ppo `objective/kl` (summed over the answer's tokens); rloo, grpo
   `kl` (mean per token; logged only when `beta` > 0).
 - answer length in tokens: `completions/mean_length` for all three (for PPO cai counts
@@ -45,7 +61,17 @@ from typing import Any, Literal
 from cai.config import setting
 from cai.yamlio import Problem
 
-UPSTREAM = ("sft", "reward")
+
+def UPSTREAM(cfg: "Config") -> tuple[str, ...]:
+    """The stages whose outputs rl reads (their hashes enter its own): the SFT policy and
+    the reward model, or with `reward: judge` the policy and the judge's stage, if it is one."""
+    if cfg.reward == "reward_model":
+        return ("sft", "reward")
+    from cai.pipeline import MODEL_STAGES
+
+    judged_by_a_stage = cfg.feedback_model in MODEL_STAGES and cfg.feedback_model not in ("base", "sft")
+    return ("sft", cfg.feedback_model) if judged_by_a_stage else ("sft",)
+
 
 # algorithm -> (module, TRL config class)
 ALGORITHMS = {
@@ -71,6 +97,28 @@ class Config:
                                       ge=0, lt=1)
     max_new_tokens: int = setting(64, "answer length (PPO response_length, RLOO/GRPO max_completion_length)", ge=1)
     kl_coef: float = setting(0.05, "KL penalty to the reference (PPO kl_coef, RLOO/GRPO beta)", ge=0)
+    reward: Literal["reward_model", "judge"] = setting(
+        "reward_model", "reward_model: the reward stage's preference model scores each answer; judge: the feedback "
+                        "model does, as P(good) under a drawn principle (direct RLAIF; rloo and grpo only)")
+    feedback_model: str = setting("base", "with reward: judge, the judge: base (the run's model), a stage, a model "
+                                          "spec or server:NAME", model_reference=True)
+    judge_few_shot: int = setting(2, "with reward: judge, the constitution's feedback examples shown first (each as "
+                                     "two rated answers)", ge=0)
+    principles_per_answer: int = setting(1, "with reward: judge, feedback principles drawn per answer (averaged)",
+                                         ge=1)
+    judge_batch_size: int = setting(8, "with reward: judge, questions per scoring batch", ge=1)
+
+
+# Settings only the judge reads: they enter the config hash only with `reward: judge`.
+JUDGE_SETTINGS = ("reward", "feedback_model", "judge_few_shot", "principles_per_answer", "judge_batch_size")
+
+
+def hashed_config(cfg: Config) -> dict:
+    """The settings that decide rl's results, for its config hash: the judge's only with
+    `reward: judge` (so runs from before the option keep their hashes), the reward
+    model's only without it."""
+    unused = ("reward_model",) if cfg.reward == "judge" else JUDGE_SETTINGS
+    return {key: value for key, value in dataclasses.asdict(cfg).items() if key not in unused}
 
 
 def trl_config_class(algorithm: str):
@@ -131,6 +179,15 @@ def check_config(run, cfg: Config, trl: dict) -> list[Problem]:
         return run.source.problem(("rl", key), message)
 
     problems = []
+    if cfg.reward == "judge" and cfg.algorithm == "ppo":
+        problems.append(problem("reward", "'rl.reward': judge needs rl.algorithm rloo or grpo (their reward can be "
+                                          "a function of the answer's text); TRL's PPO scores token ids with a "
+                                          "reward model. Set rl.algorithm to rloo or grpo, or rl.reward to "
+                                          "reward_model"))
+    if cfg.reward == "judge" and cfg.feedback_model == "rl":
+        problems.append(problem("feedback_model", "'rl.feedback_model': rl cannot judge its own training (its "
+                                                  "model is what this stage writes); use base, sft, another stage "
+                                                  "or a model spec"))
     cls = trl_config_class(cfg.algorithm)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in trl:
@@ -205,33 +262,93 @@ def run(ctx) -> dict:
     cfg: Config = ctx.config
     options = ctx.model_options
     policy = ctx.model_spec(cfg.policy, "sft")
-    reward = ctx.model_spec(cfg.reward_model, "reward")
     prompts = training_prompts(ctx, cfg)
     args = trl_config(ctx, *trl_settings(cfg))
     reference_loading(args, options)
     _check_prompt_count(cfg, args, prompts)
 
+    reward = ctx.model_spec(cfg.reward_model, "reward") if cfg.reward == "reward_model" else None
+    judge = judge_reward(ctx, cfg) if cfg.reward == "judge" else None
     if cfg.algorithm == "ppo":
         trainer = ppo_trainer(ctx, args, policy, reward, prompts)
     else:
         from datasets import Dataset
         from trl import GRPOTrainer, RLOOTrainer
 
+        if judge is not None:
+            reward_funcs, reward_tokenizer = judge, None
+        else:
+            # The reward model is the reward function; TRL renders each prompt + answer with
+            # its own tokenizer.
+            reward_tokenizer = models.load_tokenizer(reward)
+            reward_funcs = models.load_reward_model(reward, reward_tokenizer, options)
         trainer_class = GRPOTrainer if cfg.algorithm == "grpo" else RLOOTrainer
-        # The reward model is the reward function; TRL renders each prompt + answer with its
-        # own tokenizer. The KL reference is reloaded by TRL from the policy's folder, or,
-        # with use_peft, is the policy with its adapter disabled.
-        reward_tokenizer = models.load_tokenizer(reward)
+        # The KL reference is reloaded by TRL from the policy's folder, or, with use_peft,
+        # is the policy with its adapter disabled.
         trainer = trainer_class(
             model=models.load_causal_lm(policy, ctx.run.device, options, quantize=True), args=args,
-            reward_funcs=models.load_reward_model(reward, reward_tokenizer, options),
-            reward_processing_classes=reward_tokenizer,
+            reward_funcs=reward_funcs, reward_processing_classes=reward_tokenizer,
             train_dataset=Dataset.from_list([{"prompt": p["prompt"]} for p in prompts]),
             processing_class=models.load_tokenizer(policy, padding_side="left"),
             peft_config=options.peft_config("CAUSAL_LM"))
     metrics = train_and_save(trainer, ctx, base=policy, data=_prompt_counts(prompts))
+    if judge is not None:
+        ctx.release(cfg.feedback_model)
+    reward_counts = judge.counts() if judge is not None else {"reward": "reward_model", "reward_model": reward}
     return {"algorithm": cfg.algorithm, "prompts": len(prompts),
-            "helpful_prompts": sum(p["kind"] == "helpful" for p in prompts), **metrics}
+            "helpful_prompts": sum(p["kind"] == "helpful" for p in prompts), **reward_counts, **metrics}
+
+
+# ---------------------------------------------------------------- the judge as the reward (d-RLAIF)
+
+
+def judge_reward(ctx, cfg: Config) -> "JudgeReward":
+    """The rl section's feedback model as a TRL reward function, on its engine."""
+    from cai.feedback import Judge
+    from cai.stages.label import judge_scoring, model_name
+
+    judge = Judge(ctx.engine(cfg.feedback_model, cfg.judge_batch_size), few_shot=cfg.judge_few_shot)
+    return JudgeReward(judge, ctx.constitution, ctx.run.seed, cfg.principles_per_answer,
+                       model_name(ctx, cfg.feedback_model), judge_scoring(ctx.run, cfg.feedback_model))
+
+
+class JudgeReward:
+    """The feedback model as the reward (direct RLAIF, Lee et al. 2023): TRL's GRPO and
+    RLOO call it with each batch's prompts and sampled completions, and it returns, per
+    completion, the judge's P(good) in [0, 1] (`Judge.score_single`). Each answer is judged
+    under principles drawn from (seed, its prompt, index), as `draw_principles` draws for
+    pairs: every answer to one prompt meets the same principles, so the group baseline of
+    RLOO / GRPO compares like with like, and a resumed run draws what it drew before. TRL
+    logs it as `rewards/judge/mean` (and `/std`)."""
+
+    def __init__(self, judge, constitution, seed: int, principles_per_answer: int = 1,
+                 feedback_model: str = "", judge_scoring: str = "probabilities"):
+        self.__name__ = "judge"  # the name TRL logs the reward under
+        self.judge = judge
+        self.constitution = constitution
+        self.seed = seed
+        self.principles_per_answer = principles_per_answer
+        self.feedback_model = feedback_model
+        self.judge_scoring = judge_scoring
+        self.answers = 0
+
+    def __call__(self, prompts: list, completions: list, **_) -> list[float]:
+        from cai.feedback import comparison_key, draw_principles
+
+        conversations = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
+        responses = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        drawn = [draw_principles(self.constitution, self.seed, comparison_key(c), self.principles_per_answer)
+                 for c in conversations]
+        scores = self.judge.score_single(self.constitution, conversations, responses, drawn)
+        self.answers += len(scores)
+        return scores
+
+    def counts(self) -> dict:
+        """What the manifest records about the judge's work this session."""
+        seconds = self.judge.seconds
+        return {"reward": "judge", "feedback_model": self.feedback_model, "judge_scoring": self.judge_scoring,
+                "judged_answers_this_session": self.answers, "judge_seconds_this_session": round(seconds, 2),
+                "judged_answers_per_second": round(self.answers / seconds, 3) if seconds else None}
 
 
 def _prompt_counts(prompts: list[dict]) -> dict[str, int]:
