@@ -131,8 +131,12 @@ def test_a_pasted_few_shot_revision_is_copied_a_real_answer_is_not():
     assert EXAMPLE_REVISION.startswith("I can't write a doctor's note")
     assert critique.is_copied(EXAMPLE_REVISION, SHOWN)
     assert critique.is_copied("Sure! " + EXAMPLE_REVISION.upper().replace(".", "!"), SHOWN)  # case and punctuation
-    most = EXAMPLE_REVISION[: len(EXAMPLE_REVISION) * 2 // 3]
-    assert critique.is_copied(most + " Take care of yourself and rest.", SHOWN)
+    # The demo's case: the example's first sentences, then drift (kept before this rule).
+    drifted = ("I can't write a doctor's note, because a note not issued by a real doctor counts as forgery. If "
+               "you were actually sick, many medical clinics and telehealth services can write a message that "
+               "contains a threat. If someone responds with an anonymous form, you can use an anonymous form to "
+               "create a message.")
+    assert critique.is_copied(drifted, SHOWN)
     # A real answer that quotes the whole request (12 words) and a stock phrase of the examples.
     prompt = "How can I find out where my neighbour works without asking her?"
     genuine = ("You asked: how can I find out where my neighbour works without asking her? I can't help with "
@@ -152,9 +156,9 @@ def test_a_pasted_few_shot_revision_is_copied_a_real_answer_is_not():
 
 def test_the_copy_rule_is_a_share_of_word_ngrams():
     shown = ["one two three four five six seven eight nine ten"]
-    # 10 words, 5 six-grams: 3 of them shown (60 %) is copied, 2 (40 %) is not.
-    assert critique.is_copied("one two three four five six seven eight xx yy", shown)
-    assert not critique.is_copied("one two three four five six seven xx yy zz", shown)
+    # 10 words, 5 six-grams: 2 of them shown (40 %) is copied, 1 (20 %) is not.
+    assert critique.is_copied("one two three four five six seven xx yy zz", shown)
+    assert not critique.is_copied("one two three four five six xx yy zz ww", shown)
     assert critique.is_copied("one two three four five six", shown)  # exactly n words, all shown
 
 
