@@ -69,7 +69,7 @@ from cai import models  # noqa: E402
 from cai.chunks import chunked_by_length  # noqa: E402
 from cai.config import load_config  # noqa: E402
 from cai.constitution import load_constitution  # noqa: E402
-from cai.engines import open_engine  # noqa: E402
+from cai.engines import Sampling, open_engine  # noqa: E402
 from cai.feedback import Judge  # noqa: E402
 from cai.pipeline import stage_config  # noqa: E402
 from cai.prompts import load_splits  # noqa: E402
@@ -199,6 +199,8 @@ def main() -> None:
             engines[spec] = open_engine(spec, run, base_cfg.batch_size)
         return engines[spec]
 
+    warm_up = [[{"role": "user", "content": "Hello"}]]
+    engines[model_spec].generate(warm_up, Sampling(max_new_tokens=4), seed=99)  # not timed in the first variant
     results: dict[str, dict] = {}
     for name, cfg in configs.items():
         same = next((other for other, done in results.items() if configs[other] == cfg), None)
