@@ -57,8 +57,6 @@ def main() -> None:
         began = time.perf_counter()
         manifest = run_stage(run, "critique")
         seconds = time.perf_counter() - began
-        records = [json.loads(line) for line in (work / name / "critique" / "records.jsonl").read_text().splitlines()]
-        manifest["kept_rounds"] = sum(x["kept"] for r in records for x in r["rounds"])
         return seconds, manifest
 
     results = {}
@@ -80,7 +78,7 @@ def main() -> None:
     print(f"{'engine':34s} {'seconds':>8s} {'tokens':>7s} {'tok/s':>7s} {'time vs in-process':>19s}  kept rounds")
     for label, (seconds, tokens, manifest) in results.items():
         print(f"{label:34s} {seconds:8.1f} {tokens:7d} {tokens / seconds:7.1f} {seconds / base:18.2f}x  "
-              f"{manifest['kept_rounds']}")
+              f"{manifest['counts']['kept_rounds']}")
     (work / "results.json").write_text(json.dumps({k: v[:2] for k, v in results.items()}, indent=2))
 
 

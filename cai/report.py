@@ -16,6 +16,7 @@ import io
 import json
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
 from cai.rundir import atomic_write_text, read_jsonl
@@ -563,19 +564,22 @@ def critique_section(run_dir: Path) -> str:
     kept = [r for r in records if not r.get("dropped") and r.get("rounds")]
     dropped = sum(1 for r in records if r.get("dropped"))
     rounds = [x for r in records for x in r.get("rounds", [])]
+    reasons = Counter(x.get("dropped") or "reason not recorded" for x in rounds if not x.get("kept"))
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
     body = (f"<p>{len(records)} red-team prompts, {len(rounds)} critique rounds "
-            f"({sum(1 for x in rounds if not x.get('kept'))} dropped as degenerate), "
+            f"({sum(reasons.values())} not kept{': ' + why if why else ''}), "
             f"{dropped} prompts dropped for a degenerate first answer. A sample:</p>")
     for record in kept[:SAMPLE_CHAINS]:
         chain = (f"<div class='chain'><h4>Prompt</h4>{text_block(record['prompt'])}"
                  f"<h4>Initial answer</h4>{text_block(record['initial_response'])}")
         for step in record["rounds"]:
             state = "" if step.get("kept") else " dropped"
-            tag = "" if step.get("kept") else "<span class='tag warn'>dropped</span>"
+            reason = f": {esc(step['dropped'])}" if step.get("dropped") else ""
+            tag = "" if step.get("kept") else f"<span class='tag warn'>dropped{reason}</span>"
+            critique = (f"<p class='note'>{esc(step['critique_request'])}</p>"
+                        f"<h4>Critique</h4>{text_block(step.get('critique'))}" if step.get("critique_request") else "")
             chain += (f"<div class='round{state}'><h4>Round {esc(step.get('round', ''))} "
-                      f"<span class='tag'>{esc(step.get('principle', ''))}</span>{tag}</h4>"
-                      f"<p class='note'>{esc(step.get('critique_request', ''))}</p>"
-                      f"<h4>Critique</h4>{text_block(step.get('critique'))}"
+                      f"<span class='tag'>{esc(step.get('principle', ''))}</span>{tag}</h4>{critique}"
                       f"<h4>Revision</h4>{text_block(step.get('revision'))}</div>")
         chain += f"<h4>Final revision (the SFT target)</h4>{text_block(record['final_revision'])}</div>"
         body += chain

@@ -54,11 +54,13 @@ def test_same_seed_same_records_other_seed_other_records(tmp_path):
     assert [r["rounds"] for r in records(a.path)] != [r["rounds"] for r in records(c.path)]
 
 
-def test_interrupted_critique_resumes_without_duplicates_or_gaps(tmp_path, monkeypatch):
-    reference = make_run(tmp_path / "reference")
+@pytest.mark.parametrize("options", [(), ("critique.best_of=2", "critique.critique=false")],
+                         ids=["defaults", "best_of-no-critique"])
+def test_interrupted_critique_resumes_without_duplicates_or_gaps(tmp_path, monkeypatch, options):
+    reference = make_run(tmp_path / "reference", *options)
     run_stage(reference, "critique")
 
-    run = make_run(tmp_path / "run")
+    run = make_run(tmp_path / "run", *options)
     real = critique.critique_chunk
     calls = []
 
@@ -117,6 +119,226 @@ def test_revisions_that_comment_on_the_answer_are_not_kept():
     assert not critique.is_meta_revision("I can't help with tracking someone, but here is what you can do.")
     assert not critique.is_meta_revision("The answers to most chemistry questions start with safety.")
     assert not critique.is_meta_revision("Paris is the capital of France.")
+
+
+HARMLESS = load_constitution(ROOT / "constitutions" / "harmless.yaml")
+EXAMPLE_REVISION = HARMLESS.critique_examples[1].messages[5]["content"]  # "I can't write a doctor's note..."
+SHOWN = [turn["content"] for turn in critique.few_shot_turns(HARMLESS, 2)]
+PASTED = HARMLESS.critique_examples[0].messages[5]["content"]  # the revision of the example smoke.yaml shows
+
+
+def test_a_pasted_few_shot_revision_is_copied_a_real_answer_is_not():
+    assert EXAMPLE_REVISION.startswith("I can't write a doctor's note")
+    assert critique.is_copied(EXAMPLE_REVISION, SHOWN)
+    assert critique.is_copied("Sure! " + EXAMPLE_REVISION.upper().replace(".", "!"), SHOWN)  # case and punctuation
+    # The demo's case: the example's first sentences, then drift (kept before this rule).
+    drifted = ("I can't write a doctor's note, because a note not issued by a real doctor counts as forgery. If "
+               "you were actually sick, many medical clinics and telehealth services can write a message that "
+               "contains a threat. If someone responds with an anonymous form, you can use an anonymous form to "
+               "create a message.")
+    assert critique.is_copied(drifted, SHOWN)
+    # A real answer that quotes the whole request (12 words) and a stock phrase of the examples.
+    prompt = "How can I find out where my neighbour works without asking her?"
+    genuine = ("You asked: how can I find out where my neighbour works without asking her? I can't help with "
+               "that, because where she works is her private information. If you need to reach her about "
+               "something, a friendly note or a chat at the door is the respectful way, and most people are "
+               "glad to be asked.")
+    assert not critique.is_copied(genuine, SHOWN + [prompt, HARMLESS.system_prompt])
+    # The request pasted back as the answer is copied too.
+    revision_request = HARMLESS.critique_revision[0].revision
+    assert critique.is_copied(revision_request, [revision_request])
+    # Under 6 words a text is never called copied, even when it occurs in the prompt.
+    assert not critique.is_copied("Answer clearly and kindly.", [HARMLESS.system_prompt])
+    assert not critique.is_copied("", SHOWN)
+    # Six words in a row of an example are a copy: the demo's pasted opening, alone.
+    assert critique.is_copied("I can't write a doctor's note.", SHOWN)
+
+
+def test_the_copy_rule_is_a_share_of_word_ngrams():
+    shown = ["one two three four five six seven eight nine ten"]
+    # 10 words, 5 six-grams: 2 of them shown (40 %) is copied, 1 (20 %) is not.
+    assert critique.is_copied("one two three four five six seven xx yy zz", shown)
+    assert not critique.is_copied("one two three four five six xx yy zz ww", shown)
+    assert critique.is_copied("one two three four five six", shown)  # exactly n words, all shown
+
+
+def test_why_a_revision_is_not_kept():
+    answer = "You could guess their password."
+    assert critique.drop_reason("", "It helps break in.", answer, []) == "degenerate"
+    assert critique.drop_reason("I can't help with that, sorry.", "", answer, []) == "degenerate"  # the critique
+    assert critique.drop_reason("  You could guess their password.\n", "It helps.", answer, []) == "unchanged"
+    assert critique.drop_reason(EXAMPLE_REVISION, None, answer, SHOWN) == "copied"
+    assert critique.drop_reason("The answer is not harmful.", None, answer, SHOWN) == "meta"
+    assert critique.drop_reason("I can't help you get into their account.", None, answer, SHOWN) is None
+
+
+def test_few_shot_turns_without_critique_keep_request_answer_revision_request_revision():
+    turns = critique.few_shot_turns(HARMLESS, 2, critique=False)
+    assert [t["role"] for t in turns] == ["user", "assistant"] * 4
+    example = HARMLESS.critique_examples[0].messages
+    assert turns[:4] == [example[0], example[1], example[4], example[5]]
+    critiques = {e.messages[i]["content"] for e in HARMLESS.critique_examples for i in (2, 3)}
+    assert not critiques & {t["content"] for t in turns}
+
+
+def scripted_revisions(monkeypatch, critique_text="It gives details that could help someone do harm."):
+    """The real tiny model answers; critiques are `critique_text`; the i-th revision of a
+    call is, by i mod 3: the shown few-shot example's revision (pasted), the answer it revises
+    (unchanged), or a new answer (kept the first time, unchanged when repeated)."""
+    from cai.engines import Completion
+    from cai.engines.hf import TransformersEngine
+
+    real = TransformersEngine.generate
+    critique_requests = {p.critique for p in HARMLESS.critique_revision}
+    revision_requests = {p.revision for p in HARMLESS.critique_revision}
+
+    def generate(self, conversations, sampling, seed, desc=None, prefill=""):
+        last = conversations[0][-1]["content"] if conversations else None
+        if last in critique_requests:
+            return [Completion(critique_text, 9, True) for _ in conversations]
+        if last not in revision_requests:
+            return real(self, conversations, sampling, seed, desc, prefill)
+        out = []
+        for i, conversation in enumerate(conversations):
+            answer = next(t["content"] for t in reversed(conversation[:-1]) if t["role"] == "assistant"
+                          and t["content"] != critique_text)
+            text = [PASTED, answer, f"A careful new answer, number {i}, with no harmful details."][i % 3]
+            out.append(Completion(text, 12, True))
+        return out
+
+    monkeypatch.setattr(TransformersEngine, "generate", generate)
+
+
+def test_copied_and_unchanged_revisions_are_counted_and_not_kept(tmp_path, monkeypatch):
+    scripted_revisions(monkeypatch)
+    manifest = run_stage(make_run(tmp_path / "run"), "critique")
+    counts = manifest["counts"]
+    rows = records(tmp_path / "run")
+    seen = {"copied": 0, "unchanged": 0, None: 0}
+    for r in rows:
+        answer = r["initial_response"]
+        for step in r["rounds"]:
+            expected = ("copied" if step["revision"] == PASTED
+                        else "unchanged" if step["revision"] == answer else None)
+            assert step["dropped"] == expected and step["kept"] == (expected is None), step
+            seen[expected] += 1
+            answer = step["revision"] if step["kept"] else answer
+    assert all(seen.values()), seen
+    assert counts["copied_rounds"] == seen["copied"] and counts["unchanged_rounds"] == seen["unchanged"]
+    assert counts["kept_rounds"] == seen[None] and counts["meta_rounds"] == counts["degenerate_rounds"] == 0
+    assert counts["dropped_rounds"] == counts["rounds"] - counts["kept_rounds"] == seen["copied"] + seen["unchanged"]
+    assert counts["revised_prompts"] == sum(r["final_revision"] != r["initial_response"] for r in rows) > 0
+    sft = read_jsonl(tmp_path / "run" / "critique" / "sft.jsonl")
+    assert all(row["messages"][1]["content"] != PASTED for row in sft)
+    # A prompt whose every round was unchanged or copied has no preference pair.
+    prefs = read_jsonl(tmp_path / "run" / "critique" / "prefs.jsonl")
+    assert {p["id"] for p in prefs} == {r["id"] for r in rows if r.get("num_revisions")}
+
+
+def spy_generate(monkeypatch) -> list:
+    """Record (conversations, sampling) of every generate call, then generate for real."""
+    from cai.engines.hf import TransformersEngine
+
+    real, calls = TransformersEngine.generate, []
+
+    def generate(self, conversations, sampling, seed, desc=None, prefill=""):
+        calls.append((conversations, sampling))
+        return real(self, conversations, sampling, seed, desc, prefill)
+
+    monkeypatch.setattr(TransformersEngine, "generate", generate)
+    return calls
+
+
+def test_direct_revision_without_critique(tmp_path, monkeypatch):
+    calls = spy_generate(monkeypatch)
+    manifest = run_stage(make_run(tmp_path / "run", "critique.critique=false"), "critique")
+    assert manifest["config"]["critique"] is False
+    critique_requests = {p.critique for p in HARMLESS.critique_revision}
+    critique_turns = {e.messages[i]["content"] for e in HARMLESS.critique_examples for i in (2, 3)}
+    texts = {turn["content"] for conversations, _ in calls for c in conversations for turn in c}
+    assert not texts & (critique_requests | critique_turns)
+    prompts = {r["prompt"] for r in records(tmp_path / "run")}
+    revision_requests = {p.revision for p in HARMLESS.critique_revision}
+    lasts = [c[-1]["content"] for conversations, _ in calls for c in conversations]
+    assert set(lasts) <= prompts | revision_requests and set(lasts) & revision_requests
+    for r in records(tmp_path / "run"):
+        for step in r["rounds"]:
+            assert step["critique"] is None and step["critique_request"] is None and step["revision_request"]
+    # Two chunks of 4 prompts: the first answers, then one revision call per round (no critique calls).
+    assert len(calls) == 2 * (1 + 2)
+
+
+def test_without_the_system_prompt_no_system_turn_is_sent(tmp_path, monkeypatch):
+    calls = spy_generate(monkeypatch)
+    manifest = run_stage(make_run(tmp_path / "run", "critique.system_prompt=false"), "critique")
+    assert manifest["config"]["system_prompt"] is False
+    assert calls and all(turn["role"] != "system" for conversations, _ in calls for c in conversations for turn in c)
+    default = tmp_path / "default"
+    calls.clear()
+    run_stage(make_run(default), "critique")
+    assert all(c[0] == {"role": "system", "content": HARMLESS.system_prompt} for conversations, _ in calls
+               for c in conversations)
+    assert (json.loads((default / "critique" / "manifest.json").read_text())["config_hash"]
+            != manifest["config_hash"])
+
+
+def test_greedy_revisions(tmp_path, monkeypatch):
+    calls = spy_generate(monkeypatch)
+    manifest = run_stage(make_run(tmp_path / "run", "critique.revision_temperature=0"), "critique")
+    assert manifest["config"]["revision_temperature"] == 0
+    revision_requests = {p.revision for p in HARMLESS.critique_revision}
+    temperatures = {(conversations[0][-1]["content"] in revision_requests, sampling.temperature)
+                    for conversations, sampling in calls if conversations}
+    assert temperatures == {(True, 0.0), (False, 0.7)}  # revisions greedy, answers and critiques sampled
+
+
+def test_best_of_two_lets_the_judge_pick_a_revision(tmp_path):
+    manifest = run_stage(make_run(tmp_path / "run", "critique.best_of=2"), "critique")
+    counts = manifest["counts"]
+    assert manifest["config"]["best_of"] == 2 and counts["feedback_model"] == "builtin:tiny"
+    steps = [step for r in records(tmp_path / "run") for step in r["rounds"]]
+    assert steps and all(len(s["candidates"]) == 2 == len(s["candidates_dropped"]) for s in steps)
+    judged = [s for s in steps if "comparisons" in s]
+    assert judged and counts["judge_comparisons_this_session"] == len(judged)
+    for s in steps:
+        assert s["revision"] == s["candidates"][s["chosen"]] and s["dropped"] == s["candidates_dropped"][s["chosen"]]
+        if "comparisons" in s:  # both candidates could be kept: the judge's choice
+            (champion, challenger, p_champion), = s["comparisons"]
+            assert (champion, challenger) == (0, 1) and 0 < p_champion < 1
+            assert s["chosen"] == (0 if p_champion >= 0.5 else 1) and s["kept"]
+            assert s["feedback_principle"] in {p.id for p in HARMLESS.feedback}
+        else:  # at most one could be kept: that one, or the first candidate, not kept
+            assert s["chosen"] == next((j for j, why in enumerate(s["candidates_dropped"]) if why is None), 0)
+    # The first candidate is what best_of: 1 samples (same seed).
+    single = tmp_path / "single"
+    run_stage(make_run(single), "critique")
+    first_round = {r["id"]: r["rounds"][0] for r in records(single)}
+    for r in records(tmp_path / "run"):
+        if r["rounds"]:
+            assert r["rounds"][0]["candidates"][0] == first_round[r["id"]]["revision"]
+
+
+def test_best_of_with_greedy_revisions_is_refused_before_any_work(tmp_path):
+    from cai.yamlio import ValidationError
+
+    with pytest.raises(ValidationError, match="best_of"):
+        run_stage(make_run(tmp_path / "run", "critique.best_of=3", "critique.temperature=0"), "critique")
+    assert not (tmp_path / "run" / "critique").exists()
+
+
+def test_the_judge_keeps_the_preferred_candidate():
+    """pick_best's tournament, with a judge that prefers the longer text."""
+    from cai.feedback import Comparison
+
+    class LongerIsBetter:
+        def compare_with(self, constitution, conversations, first, second, principles, seed=0):
+            return [Comparison(0.5 if len(a) == len(b) else 0.8 if len(a) > len(b) else 0.2, 0, 0, ["x"], False)
+                    for a, b in zip(first, second)]
+
+    winners, comparisons = critique.pick_best(LongerIsBetter(), HARMLESS, 0, [[], [], []],
+                                              [["bb", "a", "cccc"], ["x", "yy"], ["same", "four"]], ["p"] * 3)
+    assert winners == [2, 1, 0]  # a tie keeps the champion
+    assert comparisons[0] == [[0, 1, 0.8], [0, 2, 0.2]] and comparisons[2] == [[0, 1, 0.5]]
 
 
 def test_revision_labels_are_cleaned():

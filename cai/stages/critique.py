@@ -6,8 +6,21 @@ then to revise the answer in the light of its critique. The constitution's few-s
 examples go first, as earlier chat turns, to show a small model the format. The final
 revisions become the SFT set; "final revision over first answer" a preference set.
 
-A round whose critique or revision is degenerate, or whose "revision" comments on the
-answer instead of being one, is recorded but not kept: the answer stays as it was.
+A round's revision is kept (it becomes the answer the next round revises) unless it is
+- degenerate: empty, letterless or one word repeated (or the critique before it is);
+- unchanged: the very answer it was asked to revise (a no-op, not a revision);
+- copied: mostly prompt text the model was shown (`is_copied`), typically a few-shot
+  example's revision pasted as the answer to an unrelated request;
+- meta: a comment on the answer ("The answer is not harmful...") instead of one.
+Every round is recorded, with `kept` and the reason it was `dropped`; the manifest
+counts each reason.
+
+Options for small models (the paper finds critiques matter most for them):
+`critique: false` revises directly, without a critique (the few-shot examples then
+drop their critique turns too); `system_prompt: false` leaves the constitution's
+system prompt out; `revision_temperature` samples revisions at their own temperature
+(0 = greedy); `best_of: n` samples n revisions per round and keeps the one the
+feedback model prefers (`cai.feedback.Judge`, both option orders).
 
 Prompts are processed in fixed chunks of `batch_size` (sorted by length) through the
 resumable chunk loop (`cai.chunks`): a chunk's records are committed when all its
@@ -20,7 +33,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
+from typing import Iterable
 
 from cai.config import setting
 from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
@@ -34,13 +49,39 @@ UPSTREAM: tuple = ()
 class Config:
     num_revisions: int = setting(2, "K: critique-and-revise rounds per prompt", ge=1)
     few_shot: int = setting(2, "how many of the constitution's critique/revision examples go first", ge=0)
+    critique: bool = setting(True, "critique before revising; false = the revision request follows the answer "
+                                   "directly (and the few-shot examples lose their critique turns)")
+    system_prompt: bool = setting(True, "use the constitution's system prompt (false = none of cai's own)")
     batch_size: int = setting(8, "prompts per generation batch (and per resume chunk)", ge=1)
     max_new_tokens: int = setting(128, "for answers and revisions", ge=1)
     critique_max_new_tokens: int = setting(96, "for critiques", ge=1)
     temperature: float = setting(0.7, "sampling temperature (0 = greedy)", ge=0)
+    revision_temperature: float | None = setting(None, "sampling temperature of revisions: null = temperature, "
+                                                       "0 = greedy", ge=0)
     top_p: float = setting(0.95, "nucleus sampling: the smallest token set with this probability", gt=0, le=1)
+    best_of: int = setting(1, "revisions sampled per round; above 1 the feedback model picks the best", ge=1)
+    feedback_model: str = setting("base", "the judge of best_of: base (the run's model), a model spec or "
+                                          "server:NAME; opened only when best_of > 1", model_reference=True)
+    feedback_few_shot: int = setting(2, "the constitution's feedback examples shown to that judge", ge=0)
     model: str | None = setting(None, "the model that answers, critiques and revises: null = the run's model, "
                                       "or a model spec or server:NAME", model_reference=True)
+
+    @property
+    def revision_sampling_temperature(self) -> float:
+        return self.temperature if self.revision_temperature is None else self.revision_temperature
+
+
+def config_problems(cfg: Config) -> list[tuple[str, str]]:
+    """(key, message) for settings that cannot work together."""
+    if cfg.best_of > 1 and cfg.revision_sampling_temperature == 0:
+        return [("best_of", f"'critique.best_of' is {cfg.best_of} but revisions are greedy (revision temperature 0): "
+                            f"all {cfg.best_of} candidates would be the same text; set best_of: 1 or a temperature "
+                            f"above 0")]
+    return []
+
+
+def check_config(run, cfg: Config, trl: dict) -> list:
+    return [run.source.problem(("critique", key), message) for key, message in config_problems(cfg)]
 
 
 _LABEL = re.compile(r"^\s*(revision|revised (answer|response)|new answer|answer)\s*:\s*", re.IGNORECASE)
@@ -48,6 +89,15 @@ _LABEL = re.compile(r"^\s*(revision|revised (answer|response)|new answer|answer)
 
 _META = re.compile(r"^\W*(the|this|my|your) (original |last |previous |revised |new |assistant's )?"
                    r"(answer|response|reply|revision)\b", re.IGNORECASE)
+
+# A revision is "copied" when at least COPY_SHARE of its word COPY_NGRAM-grams occur in
+# the texts the model was shown (see `is_copied`). Measured on the demo's 64 SmolLM2-135M
+# rounds (runs/demo before this rule): the pasted few-shot revisions and critiques
+# scored 0.32-0.72 (some pasted an example's first sentences, then drifted), every other
+# revision 0.13 or less.
+COPY_NGRAM = 6
+COPY_SHARE = 0.3
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
 
 
 def clean_revision(text: str) -> str:
@@ -61,27 +111,123 @@ def is_meta_revision(text: str) -> bool:
     return bool(_META.match(text))
 
 
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower().replace("\u2019", "'"))
+
+
+def _ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def is_copied(text: str, shown: Iterable[str], n: int = COPY_NGRAM, share: float = COPY_SHARE) -> bool:
+    """A revision that pastes prompt text (a few-shot example's revision, the request,
+    the system prompt) instead of answering.
+
+    The rule: split into lowercase words (letters, digits, inner apostrophes); the
+    revision is copied when at least `share` of its word n-grams (n consecutive words)
+    occur in some shown text. A pasted example scores near 1, an example's opening
+    sentences followed by drift about 0.3 or more; a real answer that quotes a few words
+    of the request stays low, since a quoted run of L words covers only L - n + 1 of a
+    W-word revision's W - n + 1 n-grams (quoting a whole 12-word request is a copy only
+    in an answer under 28 words: mostly echo). A revision of fewer than n words is never
+    called copied: too short to tell a copy from a stock phrase ("I can't help with that.")."""
+    words = _words(text)
+    if len(words) < n:
+        return False
+    mine = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    seen: set[tuple[str, ...]] = set()
+    for source in shown:
+        seen |= _ngrams(_words(source), n)
+    return sum(gram in seen for gram in mine) >= share * len(mine)
+
+
+def drop_reason(revision: str, critique: str | None, answer: str, shown: Iterable[str]) -> str | None:
+    """Why a round's revision is not kept (None: it is): degenerate, unchanged, copied or
+    meta, checked in that order."""
+    if (critique is not None and is_degenerate(critique)) or is_degenerate(revision):
+        return "degenerate"
+    if revision.strip() == answer.strip():
+        return "unchanged"
+    if is_copied(revision, shown):
+        return "copied"
+    if is_meta_revision(revision):
+        return "meta"
+    return None
+
+
+DROP_REASONS = ("degenerate", "unchanged", "copied", "meta")
+
+
 def draw_principle(constitution, seed: int, prompt_id: str, round_index: int):
     """Seeded per prompt and round, so the draw does not depend on batching or resume."""
     return random.Random(f"{seed}:{prompt_id}:{round_index}").choice(constitution.critique_revision)
+
+
+def feedback_principle(constitution, principle, seed: int, prompt_id: str, round_index: int):
+    """The feedback principle best_of judges a round's candidates under: the one with the
+    critique principle's id if the constitution has it, else one drawn (seeded per prompt
+    and round)."""
+    from cai.feedback import draw_principles
+
+    same = [p for p in constitution.feedback if p.id == principle.id]
+    return same[0] if same else draw_principles(constitution, seed, f"critique:{prompt_id}:{round_index}", 1)[0]
 
 
 def system_turns(constitution) -> list[dict]:
     return [{"role": "system", "content": constitution.system_prompt}] if constitution.system_prompt else []
 
 
-def few_shot_turns(constitution, n: int) -> list[dict]:
-    return [turn for example in constitution.critique_examples[:n] for turn in example.messages]
+def few_shot_turns(constitution, n: int, critique: bool = True) -> list[dict]:
+    """The first n examples as chat turns; without `critique`, each example is request,
+    answer, revision request, revision (its critique request and critique left out)."""
+    keep = range(6) if critique else (0, 1, 4, 5)
+    return [example.messages[i] for example in constitution.critique_examples[:n] for i in keep]
+
+
+def chunk_sampling_seed(seed: int, index: int) -> int:
+    """The sampling seed of the stage's `index`-th chunk."""
+    return seed * 100_003 + index * 101
+
+
+def revision_seed(chunk_seed: int, round_index: int, candidate: int) -> int:
+    """Candidate 0 keeps the seed revisions always had; the others are spread far apart."""
+    return chunk_seed + 2 * round_index + 2 + 100_000 * candidate
+
+
+def pick_best(judge, constitution, seed: int, conversations: list[list[dict]], candidates: list[list[str]],
+              principles: list) -> tuple[list[int], list[list]]:
+    """The judge's pick among each row's candidates: a champion (the first) meets each
+    challenger in order and the preferred one stays (a tie keeps the champion). Returns
+    each row's winning index and its comparisons `[champion, challenger, P(champion better)]`."""
+    winners = [0] * len(candidates)
+    comparisons: list[list] = [[] for _ in candidates]
+    for challenger in range(1, max(map(len, candidates), default=0)):
+        rows = [i for i, texts in enumerate(candidates) if challenger < len(texts)]
+        if not rows:
+            continue
+        judged = judge.compare_with(constitution, [conversations[i] for i in rows],
+                                    [candidates[i][winners[i]] for i in rows],
+                                    [candidates[i][challenger] for i in rows],
+                                    [[principles[i]] for i in rows], seed=seed)
+        for i, c in zip(rows, judged):
+            comparisons[i].append([winners[i], challenger, c.p_first])
+            if c.p_first < 0.5:
+                winners[i] = challenger
+    return winners, comparisons
 
 
 def critique_chunk(chunk, generator: Engine, constitution, cfg: Config, seed: int, chunk_seed: int,
-                   model_name: str) -> tuple[list[dict], dict]:
-    """All K rounds for one chunk of prompts; returns their records and counts."""
-    counts = {"dropped_prompts": 0, "dropped_rounds": 0}
+                   model_name: str, judge=None) -> list[dict]:
+    """All K rounds for one chunk of prompts; returns their records. `judge` (a
+    `cai.feedback.Judge`) is needed when `cfg.best_of` > 1."""
+    if cfg.best_of > 1 and judge is None:
+        raise ValueError("critique: best_of > 1 needs a judge")
     answer = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    revising = Sampling(cfg.max_new_tokens, cfg.revision_sampling_temperature, cfg.top_p)
     critic = Sampling(cfg.critique_max_new_tokens, cfg.temperature, cfg.top_p)
-    system = system_turns(constitution)
-    shots = few_shot_turns(constitution, cfg.few_shot)
+    system = system_turns(constitution) if cfg.system_prompt else []
+    shots = few_shot_turns(constitution, cfg.few_shot, cfg.critique)
+    shown_to_all = [turn["content"] for turn in system + shots]
 
     first = generator.generate([system + [{"role": "user", "content": p.text}] for p in chunk], answer,
                                seed=chunk_seed)
@@ -92,32 +238,73 @@ def critique_chunk(chunk, generator: Engine, constitution, cfg: Config, seed: in
     for record, a in zip(records, first):
         if is_degenerate(a.text):
             record["dropped"] = "degenerate initial answer"
-            counts["dropped_prompts"] += 1
         else:
             live.append(record)
 
     for round_index in range(cfg.num_revisions):
         principles = [draw_principle(constitution, seed, r["id"], round_index) for r in live]
-        asked = [system + shots + [{"role": "user", "content": r["prompt"]},
-                                   {"role": "assistant", "content": r["final_revision"]},
-                                   {"role": "user", "content": p.critique}]
-                 for r, p in zip(live, principles)]
-        critiques = generator.generate(asked, critic, seed=chunk_seed + 2 * round_index + 1)
-        revise = [turns + [{"role": "assistant", "content": c.text}, {"role": "user", "content": p.revision}]
-                  for turns, c, p in zip(asked, critiques, principles)]
-        revisions = generator.generate(revise, answer, seed=chunk_seed + 2 * round_index + 2)
-        for record, principle, critique, revision in zip(live, principles, critiques, revisions):
-            text = clean_revision(revision.text)
-            kept = not (is_degenerate(critique.text) or is_degenerate(text) or is_meta_revision(text))
-            counts["dropped_rounds"] += not kept
-            record["rounds"].append({"round": round_index + 1, "principle": principle.id,
-                                     "critique_request": principle.critique, "critique": critique.text,
-                                     "revision_request": principle.revision, "revision": text, "kept": kept})
-            if kept:
+        exchanges = [system + shots + [{"role": "user", "content": r["prompt"]},
+                                       {"role": "assistant", "content": r["final_revision"]}] for r in live]
+        critiques: list[str | None] = [None] * len(live)
+        if cfg.critique:
+            asked = [turns + [{"role": "user", "content": p.critique}] for turns, p in zip(exchanges, principles)]
+            critiques = [c.text for c in generator.generate(asked, critic, seed=chunk_seed + 2 * round_index + 1)]
+            exchanges = [turns + [{"role": "assistant", "content": c}] for turns, c in zip(asked, critiques)]
+        revise = [turns + [{"role": "user", "content": p.revision}] for turns, p in zip(exchanges, principles)]
+        sampled = [generator.generate(revise, revising, seed=revision_seed(chunk_seed, round_index, j))
+                   for j in range(cfg.best_of)]
+        candidates = [[clean_revision(s[i].text) for s in sampled] for i in range(len(live))]
+        reasons = []
+        for record, principle, critique, texts in zip(live, principles, critiques, candidates):
+            shown = shown_to_all + [record["prompt"], principle.revision]
+            shown += [principle.critique] if cfg.critique else []
+            reasons.append([drop_reason(t, critique, record["final_revision"], shown) for t in texts])
+        # best_of: the judge picks among the candidates that could be kept; with one or
+        # none there is nothing to judge (none: the first candidate is recorded, not kept).
+        valid = [[j for j, reason in enumerate(why) if reason is None] for why in reasons]
+        chosen = [keep[0] if keep else 0 for keep in valid]
+        contests = [i for i, keep in enumerate(valid) if len(keep) > 1]
+        judged: dict[int, tuple] = {}
+        if contests:
+            under = {i: feedback_principle(constitution, principles[i], seed, live[i]["id"], round_index)
+                     for i in contests}
+            winners, comparisons = pick_best(judge, constitution, seed,
+                                             [[{"role": "user", "content": live[i]["prompt"]}] for i in contests],
+                                             [[candidates[i][j] for j in valid[i]] for i in contests],
+                                             [under[i] for i in contests])
+            for i, winner, compared in zip(contests, winners, comparisons):
+                chosen[i] = valid[i][winner]
+                judged[i] = (under[i].id, [[valid[i][a], valid[i][b], p] for a, b, p in compared])
+
+        for i, (record, principle, critique) in enumerate(zip(live, principles, critiques)):
+            text, reason = candidates[i][chosen[i]], reasons[i][chosen[i]]
+            step = {"round": round_index + 1, "principle": principle.id,
+                    "critique_request": principle.critique if cfg.critique else None, "critique": critique,
+                    "revision_request": principle.revision, "revision": text, "kept": reason is None,
+                    "dropped": reason}
+            if cfg.best_of > 1:
+                step.update(candidates=candidates[i], candidates_dropped=reasons[i], chosen=chosen[i])
+                if i in judged:
+                    step.update(feedback_principle=judged[i][0], comparisons=judged[i][1])
+            record["rounds"].append(step)
+            if reason is None:
                 record["final_revision"] = text
     for record in live:
         record["num_revisions"] = sum(r["kept"] for r in record["rounds"])
-    return records, counts
+    return records
+
+
+def round_counts(records: list[dict]) -> dict:
+    """What the manifest (and bench/critique_prompting.py) counts: prompts dropped for a
+    degenerate first answer, rounds kept and not kept, by reason, and prompts whose
+    final revision differs from their first answer."""
+    rounds = [x for r in records for x in r["rounds"]]
+    reasons = Counter(x["dropped"] for x in rounds if not x["kept"])
+    counts = {"dropped_prompts": sum(1 for r in records if r.get("dropped")), "rounds": len(rounds),
+              "kept_rounds": sum(x["kept"] for x in rounds), "dropped_rounds": sum(reasons.values())}
+    counts.update({f"{reason}_rounds": reasons.get(reason, 0) for reason in DROP_REASONS})
+    counts["revised_prompts"] = sum(1 for r in records if r["final_revision"] != r["initial_response"])
+    return counts
 
 
 def training_sets(records: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -144,13 +331,17 @@ def run(ctx) -> dict:
     prompts = ctx.prompts.red_team_train
     ledger = ChunkLedger(ctx.dir.path, "critique", ["records.jsonl"])
     chunks = chunked_by_length(prompts, cfg.batch_size)
-    engine = None
+    engine = judge = None  # opened by the first chunk that needs them (a finished run needs none)
 
     def work(index: int, chunk) -> dict:
-        nonlocal engine
+        nonlocal engine, judge
         engine = engine or ctx.engine(model_name, cfg.batch_size)
-        records, _ = critique_chunk(chunk, engine, constitution, cfg, ctx.run.seed,
-                                    ctx.run.seed * 100_003 + index * 101, model_name)
+        if cfg.best_of > 1 and judge is None:
+            from cai.feedback import Judge
+
+            judge = Judge(ctx.engine(cfg.feedback_model, cfg.batch_size), few_shot=cfg.feedback_few_shot)
+        records = critique_chunk(chunk, engine, constitution, cfg, ctx.run.seed,
+                                 chunk_sampling_seed(ctx.run.seed, index), model_name, judge)
         return {"records.jsonl": records}
 
     run_chunks(ledger, chunks, work, desc="critique")
@@ -158,10 +349,13 @@ def run(ctx) -> dict:
     sft, prefs = training_sets(records)
     atomic_write_jsonl(ctx.dir / "sft.jsonl", sft)
     atomic_write_jsonl(ctx.dir / "prefs.jsonl", prefs)
-    counts = {"prompts": len(prompts), "records": len(records),
-              "dropped_prompts": sum(1 for r in records if r.get("dropped")),
-              "dropped_rounds": sum(not x["kept"] for r in records for x in r["rounds"]),
+    counts = {"prompts": len(prompts), "records": len(records), **round_counts(records),
               "sft_rows": len(sft), "pref_rows": len(prefs), "model": model_name}
+    if cfg.best_of > 1:
+        counts["feedback_model"] = ctx.model_spec(cfg.feedback_model)
+    if judge is not None:
+        counts.update(judge_comparisons_this_session=judge.comparisons,
+                      judge_seconds_this_session=round(judge.seconds, 2))
     if engine is not None:
         counts.update(tokens_generated_this_session=engine.tokens_generated,
                       generation_seconds_this_session=round(engine.seconds, 2),
