@@ -24,6 +24,7 @@ import math
 import re
 from dataclasses import dataclass
 from itertools import combinations
+from typing import Literal
 
 from cai.config import setting
 from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
@@ -53,6 +54,9 @@ class Config:
     feedback_model: str = setting("base", "the judge: base, a stage name, a model spec or server:NAME",
                                   model_reference=True)
     few_shot: int = setting(2, "the constitution's worked preference examples shown to the judge", ge=0)
+    few_shot_choice: Literal["first", "balanced", "mirrored"] = setting(
+        "first", "which examples the judge is shown, as label.few_shot_choice")
+    calibrate: bool = setting(False, "the judge's contextual calibration, as label.calibrate")
     principles_per_comparison: int = setting(1, "feedback principles drawn per comparison (averaged)", ge=1)
     evasive_max_words: int = setting(40, "a refusal longer than this is never counted as evasive", ge=1)
 
@@ -225,7 +229,8 @@ def judge_pairs(ctx, cfg: Config, answers: dict, prompts) -> list[dict]:
     def work(_, item) -> dict:
         first, second, chunk = item
         if not judges:
-            judges.append(Judge(ctx.engine(cfg.feedback_model, cfg.batch_size), few_shot=cfg.few_shot))
+            judges.append(Judge(ctx.engine(cfg.feedback_model, cfg.batch_size), few_shot=cfg.few_shot,
+                                  few_shot_choice=cfg.few_shot_choice, calibrate=cfg.calibrate))
         comparisons = judges[0].compare(ctx.constitution, [[{"role": "user", "content": p.text}] for p in chunk],
                                         [answers[first][p.id]["response"] for p in chunk],
                                         [answers[second][p.id]["response"] for p in chunk],
