@@ -134,14 +134,15 @@ def run_pairwise(judge, constitution, pairs, variant: Variant, seed: int) -> dic
 
 
 def run_pointwise(judge, constitution, pairs, variant: Variant, seed: int) -> dict:
-    """Each answer scored alone (`Judge.score_single`, assumed to take the constitution,
-    the conversations, the responses and one principle per response, and to return
-    P(good) of each); the pair goes to the higher."""
+    """Each answer scored alone by `Judge.score_single(constitution, conversations,
+    responses, principles)` (P(good) of each, averaged over its principles: the row's own
+    instruction, or k drawn as in the pairwise variants); the pair goes to the higher."""
     from cai.feedback import comparison_key, draw_principles
     from cai.stages.label import expected_calibration_error
 
-    principles = [draw_principles(constitution, seed, comparison_key(p.conversation), 1)[0]
-                  if variant.ensemble or not p.principle else p.principle for p in pairs]
+    principles = [[p.principle] if p.principle and not variant.ensemble else
+                  draw_principles(constitution, seed, comparison_key(p.conversation), max(variant.ensemble, 1))
+                  for p in pairs]
     started = time.perf_counter()
     scores = judge.score_single(constitution, [p.conversation for p in pairs] * 2,
                                 [p.correct for p in pairs] + [p.incorrect for p in pairs], principles * 2)
