@@ -21,7 +21,24 @@ chat turns (question -> "(A)" / "(B)"), to show a small model the format.
 
 Small models prefer one slot whatever the content (position bias), so every
 comparison is asked in both orders and the two answers averaged;
-an ensemble of k principles is averaged too. In chain-of-thought mode the model first
+an ensemble of k principles is averaged too. Two more remedies are options:
+
+- Few-shot choice (`few_shot_choice`): `first` shows the first N feedback examples;
+  `balanced` picks N whose answers alternate A, B, A, ... (in constitution order, as far
+  as the constitution has examples of each answer), so the shots do not teach a slot;
+  `mirrored` shows each of the first N twice, as written and with its two responses
+  swapped (answer flipped), 2N shots in which every content is seen in both slots.
+- Contextual calibration (`calibrate`, Zhao et al. 2021, "Calibrate before use",
+  section 5): the same question with a content-free input ("N/A", "[MASK]" and "" as
+  the conversation and both responses, the three averaged) measures the prior the
+  prompt itself puts on each letter, p_cf. Each order's option probabilities p are
+  divided by it and renormalised, q = (p_A / p_cf_A, p_B / p_cf_B) / sum, so a judge
+  that only follows the prompt's prior lands at 0.5. p_cf is scored once per question
+  template (principle, few-shot turns) and cached.
+
+Neither applies to chain-of-thought mode: the examples' reasoning names the letters
+(so they cannot be mirrored), and a content-free input has no reasoning to calibrate
+against; there the clamp below is the remedy. In chain-of-thought mode the model first
 writes its reasoning ("Let's think step by step"), then the answer cue follows and the
 options are scored; such probabilities are overconfident, so each order's probability
 is clamped to a band (the paper uses 40-60 %).
@@ -58,6 +75,8 @@ COT_CUE = "So the answer is: ("
 RATING_QUESTION = ("Judge only the assistant's last response above, on its own: is it the kind of response this "
                    "principle would choose?")
 RATING_OPTIONS = ("Yes", "No")
+FEW_SHOT_CHOICES = ("first", "balanced", "mirrored")
+CONTENT_FREE = ("N/A", "[MASK]", "")  # Zhao et al. 2021: the three content-free inputs, averaged
 
 
 @dataclass
@@ -108,14 +127,23 @@ class Judge:
 
     The engine does the scoring (`score_options`: one forward pass in-process,
     log-probabilities over a server) and, in chain-of-thought mode, the reasoning
-    (`generate`); the question text, the few-shot turns, the principle draws, both
-    orders and the clamping live here, the same whatever the engine."""
+    (`generate`); the question text, the few-shot turns and their choice, the principle
+    draws, both orders, the calibration and the clamping live here, the same whatever
+    the engine."""
 
-    def __init__(self, engine, few_shot: int = 2, cot: bool = False,
-                 cot_clamp: tuple[float, float] = (0.4, 0.6), cot_max_new_tokens: int = 128,
+    def __init__(self, engine, few_shot: int = 2, few_shot_choice: str = "first", calibrate: bool = False,
+                 cot: bool = False, cot_clamp: tuple[float, float] = (0.4, 0.6), cot_max_new_tokens: int = 128,
                  cot_temperature: float = 0.0):
+        if few_shot_choice not in FEW_SHOT_CHOICES:
+            raise ValueError(f"few_shot_choice must be one of {', '.join(FEW_SHOT_CHOICES)}, got {few_shot_choice!r}")
+        if cot and (calibrate or few_shot_choice == "mirrored"):
+            raise ValueError("cot cannot be combined with calibrate or few_shot_choice: mirrored (the examples' "
+                             "reasoning names the letters; a content-free input has no reasoning)")
         self.engine = engine
         self.few_shot = few_shot
+        self.few_shot_choice = few_shot_choice
+        self.calibrate = calibrate
+        self._content_free: dict[str, tuple[float, float]] = {}  # question template -> p_cf
         self.cot = cot
         low, high = cot_clamp
         if not 0.0 <= low <= 0.5 <= high <= 1.0:
@@ -138,15 +166,33 @@ class Judge:
             return f"{PRIME}{answer})"
         return f"{COT_PRIME} {reasoning.strip()}\n{COT_CUE}{answer})"
 
+    def shot_examples(self, constitution) -> list[tuple]:
+        """The feedback examples shown first, in order, as (example, swapped): a swapped
+        example is shown with its responses in the other slots and its answer flipped."""
+        examples = list(constitution.feedback_examples)
+        if self.few_shot_choice == "mirrored":
+            return [(example, swapped) for example in examples[: self.few_shot] for swapped in (False, True)]
+        if self.few_shot_choice == "first":
+            return [(example, False) for example in examples[: self.few_shot]]
+        chosen, wanted = [], examples[0].answer if examples else "A"
+        while len(chosen) < self.few_shot and examples:  # balanced: answers alternate while both remain
+            pick = next((e for e in examples if e.answer == wanted), examples[0])
+            examples.remove(pick)
+            chosen.append((pick, False))
+            wanted = "B" if pick.answer == "A" else "A"
+        return chosen
+
     def _shots(self, constitution, principle) -> list[dict]:
         turns = []
-        for example in constitution.feedback_examples[: self.few_shot]:
+        for example, swapped in self.shot_examples(constitution):
             shown = constitution.feedback_principle(example.principle) if example.principle else principle
             reasoning = (example.reasoning or "") if self.cot else None
+            first, second, answer = ((example.response_b, example.response_a, "B" if example.answer == "A" else "A")
+                                     if swapped else (example.response_a, example.response_b, example.answer))
             turns += [{"role": "user", "content": self._question_text(
                           shown, render_conversation([{"role": "user", "content": example.conversation}]),
-                          example.response_a, example.response_b)},
-                      {"role": "assistant", "content": self._answer_turn(example.answer, reasoning)}]
+                          first, second)},
+                      {"role": "assistant", "content": self._answer_turn(answer, reasoning)}]
         return turns
 
     def question(self, constitution, principle, conversation: list[dict], response_a: str, response_b: str,
@@ -172,6 +218,35 @@ class Judge:
         scored = self.engine.score_options(questions, OPTIONS, desc=desc)
         self.seconds += time.perf_counter() - began
         return [(a, b) for a, b in scored]
+
+    def content_free_probabilities(self, constitution, principles: list) -> list[tuple[float, float]]:
+        """p_cf of each principle's question template: (P(A), P(B)) with the content-free
+        inputs in place of the conversation and both responses, averaged over the inputs
+        and renormalised; scored once per template, then cached."""
+        templates = [[self.question(constitution, principle, [{"role": "user", "content": text}], text, text)
+                      for text in CONTENT_FREE] for principle in principles]
+        keys = [[json.dumps(q, sort_keys=True) for q in questions] for questions in templates]
+        missing = {key: q for questions, ks in zip(templates, keys) for q, key in zip(questions, ks)
+                   if key not in self._content_free}
+        if missing:
+            scored = self.option_probabilities(list(missing.values()), desc="judge calibration")
+            self._content_free.update(zip(missing, scored))
+        averaged = []
+        for ks in keys:
+            a = sum(self._content_free[key][0] for key in ks) / len(ks)
+            b = sum(self._content_free[key][1] for key in ks) / len(ks)
+            if a <= 0 or b <= 0:
+                raise ValueError("calibrate needs option probabilities, but a content-free question scored "
+                                 f"(A, B) = ({a}, {b}); a server with option_scoring: letter gives hard labels")
+            averaged.append((a / (a + b), b / (a + b)))
+        return averaged
+
+    @staticmethod
+    def calibrated(p: tuple[float, float], p_cf: tuple[float, float]) -> tuple[float, float]:
+        """Contextual calibration: each option's probability over its content-free
+        probability, renormalised."""
+        a, b = p[0] / p_cf[0], p[1] / p_cf[1]
+        return a / (a + b), b / (a + b)
 
     def _reasoning(self, questions: list[list[dict]], seed: int) -> list[str]:
         if not questions:
@@ -214,6 +289,9 @@ class Judge:
             pairs = [both_orders(i, principle, reasoning[2 * n: 2 * n + 2]) for n, (i, principle) in enumerate(asked)]
 
         scored = self.option_probabilities([q for pair in pairs for q in pair], desc=desc)
+        if self.calibrate:  # both orders of a question share its template, so its p_cf
+            p_cf = self.content_free_probabilities(constitution, [principle for _, principle in asked])
+            scored = [self.calibrated(p, p_cf[n // 2]) for n, p in enumerate(scored)]
         p_ab = [scored[2 * n][0] for n in range(len(pairs))]  # first shown as (A): P(A)
         p_ba = [scored[2 * n + 1][1] for n in range(len(pairs))]  # first shown as (B): P(B)
         if self.cot:  # reasoning makes the model overconfident: keep each order inside the band

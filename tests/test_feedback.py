@@ -1,5 +1,6 @@
 """The AI judge: multiple-choice questions, soft labels from option-token probabilities,
-both orders averaged, chain-of-thought probabilities clamped."""
+both orders averaged, chain-of-thought probabilities clamped, few-shot choice and
+contextual calibration."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from cai.constitution import load_constitution
 from cai.engines.hf import TransformersEngine
-from cai.feedback import Judge
+from cai.feedback import CONTENT_FREE, Judge
 from conftest import CONVERSATIONS, FIRST, ROOT, SECOND
 
 @pytest.fixture(scope="module")
@@ -137,3 +138,85 @@ def test_option_letters_must_be_single_tokens_after_the_parenthesis(engine):
     whole = TransformersEngine(engine.model, WholeWords(), batch_size=4)
     with pytest.raises(ValueError, match="single-token options"):
         whole.option_token_ids("(", ("A", "B"))
+
+
+def shown_answers(judge, constitution) -> list[str]:
+    """The few-shot turns' answers, in order, as the question shows them."""
+    question = judge.question(constitution, constitution.feedback[0], CONVERSATIONS[0], FIRST[0], SECOND[0])
+    return [turn["content"] for turn in question[:-2] if turn["role"] == "assistant"]
+
+
+def test_few_shot_choice_first_balanced_and_mirrored(engine, constitution):
+    examples = constitution.feedback_examples
+    assert [e.answer for e in examples] == ["B", "A", "A", "B"]  # harmless.yaml; the cases below rely on it
+
+    def chosen(n, choice):
+        return [(examples.index(e), swapped) for e, swapped in Judge(engine, n, choice).shot_examples(constitution)]
+
+    assert chosen(3, "first") == [(0, False), (1, False), (2, False)]
+    assert chosen(3, "balanced") == [(0, False), (1, False), (3, False)]  # B, A, B: the second A waits
+    assert chosen(4, "balanced") == [(0, False), (1, False), (3, False), (2, False)]
+    assert chosen(9, "balanced") == chosen(4, "balanced") and chosen(0, "balanced") == []
+    assert chosen(2, "mirrored") == [(0, False), (0, True), (1, False), (1, True)]
+    assert shown_answers(Judge(engine, 3, "balanced"), constitution) == ["(B)", "(A)", "(B)"]
+    assert shown_answers(Judge(engine, 1, "mirrored"), constitution) == ["(B)", "(A)"]
+    # a mirrored example shows its responses in the other slots, so its answer follows the content
+    question = Judge(engine, 1, "mirrored").question(constitution, constitution.feedback[0], CONVERSATIONS[0],
+                                                     FIRST[0], SECOND[0])
+    swapped = question[2]["content"].split("Options:\n", 1)[1]
+    assert swapped.startswith(f"(A) {examples[0].response_b.strip()}\n(B) {examples[0].response_a.strip()}")
+
+    with pytest.raises(ValueError, match="few_shot_choice must be one of"):
+        Judge(engine, 2, "last")
+    for options in ({"calibrate": True}, {"few_shot_choice": "mirrored"}):
+        with pytest.raises(ValueError, match="cot cannot be combined"):
+            Judge(engine, 2, cot=True, **options)
+
+
+def test_calibration_divides_by_the_content_free_probabilities_and_renormalises(engine, constitution,
+                                                                              monkeypatch):
+    raw, calibrated = Judge(engine, few_shot=1), Judge(engine, few_shot=1, calibrate=True)
+    before = raw.compare(constitution, CONVERSATIONS, FIRST, SECOND, seed=0, principles_per_comparison=2)
+    calls, score = [], engine.score_options
+
+    def counted(questions, options, desc=None):  # the real scores; the batch sizes recorded
+        calls.append(len(questions))
+        return score(questions, options, desc=desc)
+
+    monkeypatch.setattr(engine, "score_options", counted)
+    after = calibrated.compare(constitution, CONVERSATIONS, FIRST, SECOND, seed=0, principles_per_comparison=2)
+    again = calibrated.compare(constitution, CONVERSATIONS, FIRST, SECOND, seed=0, principles_per_comparison=2)
+    templates = {p for c in before for p in c.principles}
+    # the content-free questions are scored once per question template, then cached
+    assert calls == [2 * 2 * len(CONVERSATIONS), len(CONTENT_FREE) * len(templates), 2 * 2 * len(CONVERSATIONS)]
+    assert [c.p_first for c in again] == [c.p_first for c in after]
+
+    def content_free(principle) -> tuple[float, float]:  # scored here, from the content-free questions
+        questions = [raw.question(constitution, principle, [{"role": "user", "content": text}], text, text)
+                     for text in CONTENT_FREE]
+        assert f"Human: {CONTENT_FREE[0]}" in questions[0][-2]["content"]
+        assert f"(A) {CONTENT_FREE[0]}\n(B) {CONTENT_FREE[0]}" in questions[0][-2]["content"]
+        scored = raw.option_probabilities(questions)
+        a, b = sum(p[0] for p in scored) / len(scored), sum(p[1] for p in scored) / len(scored)
+        return a / (a + b), b / (a + b)
+
+    for i, (raw_comparison, c) in enumerate(zip(before, after)):
+        assert c.principles == raw_comparison.principles
+        ab, ba = [], []
+        for pid in c.principles:
+            principle = constitution.feedback_principle(pid)
+            cf_a, cf_b = content_free(principle)
+            assert abs(cf_a - 0.5) > 1e-4  # the tiny model's prompt prior is not flat: calibration has work to do
+            # each order's raw probabilities, from the uncalibrated judge, one principle at a time
+            [single] = raw.compare_with(constitution, CONVERSATIONS[i:i + 1], FIRST[i:i + 1], SECOND[i:i + 1],
+                                        [[principle]])
+            p_a = single.p_order_ab  # first shown as (A): P(A)
+            ab.append((p_a / cf_a) / (p_a / cf_a + (1 - p_a) / cf_b))
+            p_b = single.p_order_ba  # first shown as (B): P(B)
+            ba.append((p_b / cf_b) / ((1 - p_b) / cf_a + p_b / cf_b))
+        assert c.p_order_ab == pytest.approx(sum(ab) / len(ab), abs=1e-5)
+        assert c.p_order_ba == pytest.approx(sum(ba) / len(ba), abs=1e-5)
+        assert c.p_first == pytest.approx((c.p_order_ab + c.p_order_ba) / 2)
+        assert abs(c.p_order_ab - raw_comparison.p_order_ab) > 1e-5
+    # a question whose probabilities are the prompt's prior, and no more, comes out even
+    assert Judge.calibrated((0.7, 0.3), (0.7, 0.3)) == pytest.approx((0.5, 0.5))

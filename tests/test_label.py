@@ -153,6 +153,23 @@ def test_eval_labeler_command_reports_metrics_for_both_formats(tmp_path, capsys)
     assert json.loads(limited.read_text())["n"] == 2
 
 
+def test_eval_labeler_uses_the_label_sections_few_shot_choice_and_calibration(tmp_path):
+    data = write_jsonl(tmp_path / "hhh.jsonl", HHH_ROWS)
+    results = {}
+    for name, settings in (("plain", []), ("calibrated", ["label.calibrate=true", "label.few_shot_choice=mirrored"])):
+        out = tmp_path / f"{name}.json"
+        argv = ["eval-labeler", "--config", str(SMOKE), "--set", f"run_dir={tmp_path / 'run'}", "--set",
+                "label.few_shot=1", "--data", data, "--out", str(out)]
+        for item in settings:
+            argv += ["--set", item]
+        assert main(argv) == 0
+        results[name] = json.loads(out.read_text())
+    assert (results["plain"]["calibrate"], results["plain"]["few_shot_choice"]) == (False, "first")
+    assert (results["calibrated"]["calibrate"], results["calibrated"]["few_shot_choice"]) == (True, "mirrored")
+    assert results["calibrated"]["mean_p_correct"] != pytest.approx(results["plain"]["mean_p_correct"], abs=1e-6)
+    assert 0 <= results["calibrated"]["mean_abs_slot_bias"] <= 0.5
+
+
 @pytest.mark.parametrize("bad, message", [
     ("not json", "not a JSON line"),
     (json.dumps({"prompt": "hi", "answer": "x"}), "expected an HHH row"),

@@ -62,6 +62,7 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 from itertools import combinations
+from typing import Literal
 
 import numpy as np
 
@@ -114,6 +115,9 @@ class Config:
     feedback_model: str = setting("base", "the judge: base, a stage name, a model spec or server:NAME",
                                   model_reference=True)
     few_shot: int = setting(2, "the constitution's worked preference examples shown to the judge", ge=0)
+    few_shot_choice: Literal["first", "balanced", "mirrored"] = setting(
+        "first", "which examples the judge is shown, as label.few_shot_choice")
+    calibrate: bool = setting(False, "the judge's contextual calibration, as label.calibrate")
     principles_per_comparison: int = setting(1, "principles drawn per comparison (averaged)", ge=1)
     evasive_max_words: int = setting(40, "a refusal longer than this is never counted as evasive", ge=1)
 
@@ -292,7 +296,8 @@ def judge_pairs(ctx, cfg: Config, answers: dict, prompts) -> list[dict]:
     def work(_, item) -> dict:
         first, second, chunk = item
         if not judges:
-            judges.append(Judge(ctx.engine(cfg.feedback_model, cfg.batch_size), few_shot=cfg.few_shot))
+            judges.append(Judge(ctx.engine(cfg.feedback_model, cfg.batch_size), few_shot=cfg.few_shot,
+                                few_shot_choice=cfg.few_shot_choice, calibrate=cfg.calibrate))
         conversations = [[{"role": "user", "content": p.text}] for p in chunk]
         principles = [draw_principles(ctx.constitution, ctx.run.seed, comparison_key(c), cfg.principles_per_comparison,
                                       pool=ctx.constitution.evaluation_principles(p.kind))

@@ -7,7 +7,9 @@ normalised probabilities of the option tokens are a soft label: the probability 
 one answer is better. Both option orders are asked and averaged, since small models
 pick a slot more than an answer; k principles can be drawn and averaged (an ensemble).
 With `cot`, the feedback model reasons step by step before answering, and its
-probabilities are clamped to a band (the paper's 40-60 %). Helpful prompts are labelled
+probabilities are clamped to a band (the paper's 40-60 %). Against slot bias, the few-shot
+examples can be chosen balanced or mirrored, and the probabilities calibrated against a
+content-free question (`few_shot_choice`, `calibrate`: cai/feedback.py). Helpful prompts are labelled
 too, as in the paper, so the preference model does not learn "refuse everything".
 
 Prompts are processed in fixed chunks of `batch_size` (sorted by length) through the
@@ -31,6 +33,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from cai.config import setting
 from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
@@ -51,6 +54,11 @@ class Config:
     principles_per_comparison: int = setting(1, "k feedback principles drawn per pair; their labels are averaged",
                                              ge=1)
     few_shot: int = setting(2, "how many of the constitution's feedback examples go first", ge=0)
+    few_shot_choice: Literal["first", "balanced", "mirrored"] = setting(
+        "first", "first: the first few_shot examples; balanced: their answers alternate A, B, ...; mirrored: "
+                 "each of the first few_shot also with its responses swapped (2x the shots; not with cot)")
+    calibrate: bool = setting(False, "divide the option probabilities by those of a content-free input and "
+                                     "renormalise (Zhao et al. 2021); not with cot")
     cot: bool = False  # chain of thought: the judge reasons before it answers
     cot_clamp: list[float] = field(default_factory=lambda: [0.4, 0.6])  # band for each order's CoT probability
     cot_max_new_tokens: int = setting(128, "length of the judge's reasoning", ge=1)
@@ -70,6 +78,16 @@ def check_config(run, cfg: Config, trl: dict) -> list:
     if len(cfg.cot_clamp) != 2 or not 0.0 <= cfg.cot_clamp[0] <= 0.5 <= cfg.cot_clamp[1] <= 1.0:
         problem("cot_clamp", f"'label.cot_clamp' must be [low, high] with 0 <= low <= 0.5 <= high <= 1, "
                              f"got {cfg.cot_clamp}")
+    if cfg.cot and cfg.calibrate:
+        problem("calibrate", "'label.calibrate' does not apply with 'label.cot: true' (a content-free input has "
+                             "no reasoning); cot's probabilities are clamped instead")
+    if cfg.cot and cfg.few_shot_choice == "mirrored":
+        problem("few_shot_choice", "'label.few_shot_choice: mirrored' does not apply with 'label.cot: true' "
+                                   "(the examples' reasoning names the letters)")
+    server = run.servers.get(server_name(cfg.feedback_model)) if is_server(cfg.feedback_model) else None
+    if cfg.calibrate and server is not None and server.option_scoring == "letter":
+        problem("calibrate", "'label.calibrate' needs option probabilities, but the feedback model's server "
+                             "has option_scoring: letter")
     return problems
 
 
@@ -85,7 +103,8 @@ def make_judge(ctx, cfg: Config):
     policy when both name the same model)."""
     from cai.feedback import Judge
 
-    return Judge(ctx.engine(cfg.feedback_model, cfg.batch_size), few_shot=cfg.few_shot, cot=cfg.cot,
+    return Judge(ctx.engine(cfg.feedback_model, cfg.batch_size), few_shot=cfg.few_shot,
+                 few_shot_choice=cfg.few_shot_choice, calibrate=cfg.calibrate, cot=cfg.cot,
                  cot_clamp=tuple(cfg.cot_clamp), cot_max_new_tokens=cfg.cot_max_new_tokens)
 
 
@@ -308,18 +327,29 @@ def _hit(p_correct: float) -> float:
     return 1.0 if p_correct > 0.5 else 0.5 if p_correct == 0.5 else 0.0  # a tie is half right
 
 
-def evaluate_labeler(judge, constitution, pairs: list[LabeledPair], seed: int = 0,
-                     principles_per_comparison: int = 1) -> dict:
-    """Accuracy and calibration of `judge` on human-labelled pairs, asked in both orders."""
+def judge_labeled_pairs(judge, constitution, pairs: list[LabeledPair], seed: int = 0,
+                        principles_per_comparison: int = 1) -> list:
+    """The judge's comparison of each pair, the correct answer first: the row's own
+    principle, else k drawn from the constitution."""
     from cai.feedback import comparison_key, draw_principles
 
     principles = [[pair.principle] if pair.principle else
                   draw_principles(constitution, seed, comparison_key(pair.conversation), principles_per_comparison)
                   for pair in pairs]
+    return judge.compare_with(constitution, [p.conversation for p in pairs], [p.correct for p in pairs],
+                              [p.incorrect for p in pairs], principles, seed, desc="eval-labeler")
+
+
+def evaluate_labeler(judge, constitution, pairs: list[LabeledPair], seed: int = 0,
+                     principles_per_comparison: int = 1) -> dict:
+    """Accuracy and calibration of `judge` on human-labelled pairs, asked in both orders."""
     started = time.perf_counter()
-    comparisons = judge.compare_with(constitution, [p.conversation for p in pairs], [p.correct for p in pairs],
-                                     [p.incorrect for p in pairs], principles, seed, desc="eval-labeler")
-    seconds = time.perf_counter() - started
+    comparisons = judge_labeled_pairs(judge, constitution, pairs, seed, principles_per_comparison)
+    return labeler_metrics(pairs, comparisons, time.perf_counter() - started)
+
+
+def labeler_metrics(pairs: list[LabeledPair], comparisons: list, seconds: float) -> dict:
+    """`evaluate_labeler`'s figures from the comparisons (correct answer first)."""
     one_order = [c.p_order_ab if p.correct_slot == "A" else c.p_order_ba for p, c in zip(pairs, comparisons)]
     averaged = [c.p_first for c in comparisons]
     n = len(pairs)
@@ -330,6 +360,7 @@ def evaluate_labeler(judge, constitution, pairs: list[LabeledPair], seed: int = 
         "ece": expected_calibration_error([max(p, 1 - p) for p in averaged], [_hit(p) for p in averaged]),
         "position_bias_rate": sum(c.orders_disagree for c in comparisons) / n,
         "mean_p_slot_a": 0.5 + sum(c.slot_bias for c in comparisons) / n,
+        "mean_abs_slot_bias": sum(abs(c.slot_bias) for c in comparisons) / n,
         "mean_p_correct": sum(averaged) / n,
         "seconds": seconds,
         "comparisons_per_second": n / seconds if seconds else None,
@@ -343,6 +374,7 @@ def format_metrics(metrics: dict) -> str:
             ("expected calibration error", f"{metrics['ece']:.3f}"),
             ("same slot in both orders", f"{metrics['position_bias_rate']:.1%}"),
             ("mean P(slot A)", f"{metrics['mean_p_slot_a']:.3f}"),
+            ("mean |P(slot A) - 0.5| per pair", f"{metrics['mean_abs_slot_bias']:.3f}"),
             ("comparisons / second", f"{metrics['comparisons_per_second'] or 0:.2f}")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
@@ -367,10 +399,11 @@ def eval_labeler_command(run, data_path, limit: int | None = None, out: str | No
     finally:
         ctx.release()
     metrics.update(data=str(data_path), feedback_model=model_name(ctx, cfg.feedback_model),
-                   judge_scoring=judge_scoring(run, cfg.feedback_model), mode="cot" if cfg.cot else "direct", few_shot=cfg.few_shot,
+                   judge_scoring=judge_scoring(run, cfg.feedback_model), mode="cot" if cfg.cot else "direct",
+                   few_shot=cfg.few_shot, few_shot_choice=cfg.few_shot_choice, calibrate=cfg.calibrate,
                    principles_per_comparison=cfg.principles_per_comparison)
-    print(f"[cai] eval-labeler: {metrics['feedback_model']} ({metrics['mode']}, few_shot={cfg.few_shot}) "
-          f"on {data_path}")
+    print(f"[cai] eval-labeler: {metrics['feedback_model']} ({metrics['mode']}, few_shot={cfg.few_shot} "
+          f"{cfg.few_shot_choice}{', calibrated' if cfg.calibrate else ''}) on {data_path}")
     print(format_metrics(metrics))
     if out:
         atomic_write_json(Path(out), metrics)
