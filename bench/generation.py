@@ -64,12 +64,48 @@ import torch
 import torch.nn.functional as F
 
 from cai import models
+from cai.config import PROJECT_ROOT
 from cai.engines import Sampling
 from cai.engines.hf import TransformersEngine
 from cai.prompts import load_source
 
 MODES = {"greedy": Sampling(temperature=0.0), "sampled": Sampling(temperature=0.7, top_p=0.95)}
-BASELINE_THREADS, BASELINE_BATCH = 1, 8  # the demo's setting today (configs/demo.yaml)
+BASELINE_THREADS, BASELINE_BATCH = 1, 8  # the demo's setting before issue 10 (configs/demo.yaml)
+
+
+class PreviousEngine(TransformersEngine):
+    """The baseline: `generate` as cai ran it before issue 10 (commit 5872d5d), kept here
+    to be timed in the same process. transformers' own sampling (top-p sorts the whole
+    vocabulary) and its DynamicCache, into which the shared prefix's cache is copied for
+    every row and which is concatenated at every step."""
+
+    @torch.inference_mode()
+    def generate(self, conversations, sampling, seed, desc=None, prefill=""):
+        from transformers import GenerationConfig
+
+        prompts = [self.render(c, prefill) for c in conversations]
+        sampled = sampling.temperature > 0
+        config = GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens, do_sample=sampled,
+            temperature=sampling.temperature if sampled else None, top_p=sampling.top_p if sampled else None,
+            top_k=sampling.top_k if sampled else None,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids, use_cache=True)
+        results = [None] * len(prompts)
+        shared, prefix_ids, prefix_cache = self._shared_prefix(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+        for index, start in enumerate(range(0, len(order), self.batch_size)):
+            batch = order[start:start + self.batch_size]
+            torch.manual_seed(seed * 1_000_003 + index)
+            input_ids, attention = self._pad_left([prompts[i][shared:] for i in batch])
+            cache = self._batch_cache(prefix_cache, len(batch))
+            if cache is not None:
+                input_ids = torch.cat([prefix_ids.expand(len(batch), -1), input_ids], dim=1)
+                attention = torch.cat([attention.new_ones(len(batch), shared), attention], dim=1)
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention, past_key_values=cache,
+                                         generation_config=config)
+            for row, i in zip(output[:, input_ids.shape[1]:].tolist(), batch):
+                results[i] = self._completion(row)
+        return results
 QUICK = {"model": models.TINY, "prompts": 8, "max_new_tokens": 8, "batches": "8,16", "threads": "1",
          "probe_seconds": 0.02}
 WARM_UP_TOKENS = 4
@@ -77,6 +113,7 @@ WARM_UP_TOKENS = 4
 
 @dataclass
 class GenerationRow:
+    engine: str  # previous (the baseline's code) or current
     threads: int
     batch: int
     mode: str
@@ -154,6 +191,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="picks the prompts and seeds sampling (default: %(default)s)")
     parser.add_argument("--probe-seconds", type=float, default=0.25,
                         help="each probe timing lasts at least this long (default: %(default)s)")
+    parser.add_argument("--few-shot", type=int, default=0,
+                        help="critique-shaped prompts: the system prompt and N constitution critique examples first")
+    parser.add_argument("--no-previous", action="store_true", help="skip the previous engine's baseline rows")
     parser.add_argument("--out", help="write the settings, the probe and all rows to this JSON file")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run in seconds: builtin:tiny, 8 prompts, 8 tokens, batch 8 and 16, 1 thread "
@@ -172,8 +212,16 @@ def main() -> None:
 
     red_team = load_source("builtin:donotanswer", "red_team")
     prompts = random.Random(args.seed).sample(red_team, min(args.prompts, len(red_team)))
-    conversations = [[{"role": "user", "content": p.text}] for p in prompts]
+    context = []
+    if args.few_shot:  # critique-shaped: system prompt and worked critique/revision chats first
+        from cai.constitution import load_constitution
+        from cai.stages.critique import few_shot_turns, system_turns
+
+        constitution = load_constitution(PROJECT_ROOT / "constitutions" / "harmless.yaml")
+        context = system_turns(constitution) + few_shot_turns(constitution, args.few_shot)
+    conversations = [context + [{"role": "user", "content": p.text}] for p in prompts]
     engine = TransformersEngine.from_spec(args.model, "cpu", batches[0])
+    previous = PreviousEngine(engine.model, engine.tokenizer, BASELINE_BATCH)
     model, config = engine.model, engine.model.config
     dtype = next(model.parameters()).dtype
     rows = [engine.render(c) for c in conversations]
@@ -184,32 +232,36 @@ def main() -> None:
 
     probes: dict[int, dict[str, float]] = {}
     results: list[GenerationRow] = []
-    for threads in thread_counts:
+    def measure(name: str, runner: TransformersEngine, threads: int, batch: int, roofline: float) -> None:
+        runner.batch_size = batch
+        runner.generate(conversations[:batch], Sampling(max_new_tokens=min(WARM_UP_TOKENS, args.max_new_tokens)),
+                        seed=99)  # warm-up at this thread count and batch size
+        for mode, sampling in MODES.items():
+            runner.tokens_generated = 0
+            start = time.perf_counter()
+            completions = runner.generate(conversations, replace(sampling, max_new_tokens=args.max_new_tokens),
+                                          seed=args.seed)
+            seconds = time.perf_counter() - start
+            tokens = runner.tokens_generated
+            flops = 2 * body * (prompt_tokens + tokens) + 2 * head * tokens
+            ignored = attention_flops(config, shared, rows, [c.num_tokens for c in completions])
+            gflops = flops / seconds / 1e9
+            results.append(GenerationRow(name, threads, batch, mode, tokens, prompt_tokens, seconds,
+                                         tokens / seconds, gflops, gflops / roofline, ignored / flops))
+
+    for threads in sorted(set(thread_counts) | {BASELINE_THREADS}):
         models.set_threads(threads)
         probes[threads] = probe(config, dtype, batches, max(batches) * mean_tail, args.probe_seconds)
         roofline = max(probes[threads].values())
-        for batch in batches:
-            engine.batch_size = batch
-            engine.generate(conversations[:batch], Sampling(max_new_tokens=min(WARM_UP_TOKENS, args.max_new_tokens)),
-                            seed=99)  # warm-up at this thread count and batch size
-            for mode, sampling in MODES.items():
-                engine.tokens_generated = 0
-                start = time.perf_counter()
-                completions = engine.generate(conversations, replace(sampling, max_new_tokens=args.max_new_tokens),
-                                              seed=args.seed)
-                seconds = time.perf_counter() - start
-                tokens = engine.tokens_generated
-                flops = 2 * body * (prompt_tokens + tokens) + 2 * head * tokens
-                ignored = attention_flops(config, shared, rows, [c.num_tokens for c in completions])
-                gflops = flops / seconds / 1e9
-                results.append(GenerationRow(threads, batch, mode, tokens, prompt_tokens, seconds, tokens / seconds,
-                                             gflops, gflops / roofline, ignored / flops))
+        if threads == BASELINE_THREADS and not args.no_previous:
+            measure("previous", previous, threads, BASELINE_BATCH, roofline)
+        for batch in batches if threads in thread_counts else []:
+            measure("current", engine, threads, batch, roofline)
 
     baselines = {}
     for mode in MODES:
         of_mode = [r for r in results if r.mode == mode]
-        baselines[mode] = next((r for r in of_mode if (r.threads, r.batch) == (BASELINE_THREADS, BASELINE_BATCH)),
-                               of_mode[0])
+        baselines[mode] = next((r for r in of_mode if r.engine == "previous"), of_mode[0])
     for row in results:
         row.vs_baseline = row.tokens_per_second / baselines[row.mode].tokens_per_second
 
@@ -221,15 +273,16 @@ def main() -> None:
           f"per prompt); matmul weights: body {body:,}, head {head:,}")
     print("FLOPs = 2*body*(prompt tokens + generated) + 2*head*generated; attention's quadratic term is left out "
           f"(here at most {max(r.attention_share for r in results):.1%} of the count)")
-    print(f"baseline (vs base): threads={base.threads} batch={base.batch}, same mode")
+    print(f"baseline (vs base): the {base.engine} engine, threads={base.threads} batch={base.batch}, same mode")
     for threads, shapes in probes.items():
         print(f"probe, {threads} thread{'s' if threads > 1 else ''}: best {max(shapes.values()):.1f} GFLOP/s")
         for name, gflops in shapes.items():
             print(f"    {name:48s} {gflops:8.1f} GFLOP/s")
-    print(f"{'threads':>7} {'batch':>5} {'mode':>7} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'GFLOP/s':>8} "
-          f"{'of probe':>8} {'vs base':>7}")
+    print(f"{'engine':>8} {'threads':>7} {'batch':>5} {'mode':>7} {'tokens':>7} {'seconds':>8} {'tok/s':>8} "
+          f"{'GFLOP/s':>8} {'of probe':>8} {'vs base':>7}")
     for r in results:
-        print(f"{r.threads:7d} {r.batch:5d} {r.mode:>7} {r.tokens:7d} {r.seconds:8.2f} {r.tokens_per_second:8.1f} "
+        print(f"{r.engine:>8} {r.threads:7d} {r.batch:5d} {r.mode:>7} {r.tokens:7d} {r.seconds:8.2f} "
+              f"{r.tokens_per_second:8.1f} "
               f"{r.gflops:8.2f} {r.probe_share:8.1%} {r.vs_baseline:6.2f}x")
 
     if args.out:

@@ -10,6 +10,7 @@ so a machine that gets busier or quieter during the benchmark shifts both alike.
     .venv/bin/python bench/stages.py --baseline /tmp/cai-base [--config configs/demo.yaml]
         [--stages critique,sft,...] [--set KEY=VALUE ...] [--runs /tmp/cai-stages] [--out FILE.json]
     .venv/bin/python bench/stages.py --quick       # smoke config, this tree against itself: checks the script
+    .venv/bin/python bench/stages.py --show runs/a runs/b ...   # finished runs' seconds side by side
 
 Prints one row per stage: the stage's own seconds (its manifest's `seconds`: model loads,
 work and writes, without the interpreter's start) for the baseline and this tree, and
@@ -54,8 +55,23 @@ def stages_of(tree: Path, config: str) -> list[str]:
     return [s for s in STAGES if s != "dpo" or "dpo" in data]
 
 
+def show(runs: list[Path]) -> None:
+    """Finished runs' per-stage seconds (their manifests), side by side."""
+    table = {}
+    for run in runs:
+        manifests = {stage: run / stage / "manifest.json" for stage in STAGES}
+        table[run] = {stage: json.loads(path.read_text())["seconds"] if path.exists() else None
+                      for stage, path in manifests.items()}
+    width = max(len(str(run)) for run in runs)
+    print(f"{'stage':10s} " + " ".join(f"{str(run):>{width}s}" for run in runs))
+    for stage in STAGES + ("total",):
+        values = [sum(v for v in table[run].values() if v) if stage == "total" else table[run][stage] for run in runs]
+        print(f"{stage:10s} " + " ".join(f"{v:>{width}.1f}" if v is not None else f"{'-':>{width}s}" for v in values))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--show", nargs="+", type=Path, metavar="RUN", help="print finished runs' seconds and stop")
     parser.add_argument("--baseline", type=Path, help="root of the code tree to compare against")
     parser.add_argument("--config", default="configs/demo.yaml", help="relative to each tree's root")
     parser.add_argument("--stages", default=None, help="comma-separated; default: what `cai run` runs")
@@ -65,6 +81,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--quick", action="store_true", help="configs/smoke.yaml, this tree against itself")
     args = parser.parse_args()
+    if args.show:
+        return show(args.show)
     if args.quick:
         args.baseline, args.config = args.baseline or ROOT, "configs/smoke.yaml"
     if args.baseline is None:

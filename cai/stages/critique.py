@@ -52,7 +52,7 @@ class Config:
     critique: bool = setting(True, "critique before revising; false = the revision request follows the answer "
                                    "directly (and the few-shot examples lose their critique turns)")
     system_prompt: bool = setting(True, "use the constitution's system prompt (false = none of cai's own)")
-    batch_size: int = setting(8, "prompts per generation batch (and per resume chunk)", ge=1)
+    batch_size: int = setting(64, "prompts per generation batch (and per resume chunk)", ge=1)
     max_new_tokens: int = setting(128, "for answers and revisions", ge=1)
     critique_max_new_tokens: int = setting(96, "for critiques", ge=1)
     temperature: float = setting(0.7, "sampling temperature (0 = greedy)", ge=0)

@@ -109,7 +109,7 @@ class Config:
     max_new_tokens: int = setting(128, "answer length", ge=1)
     temperature: float = setting(0.0, "0 = greedy: differences come from the models, not the sampling", ge=0)
     top_p: float = setting(0.95, "nucleus sampling: the smallest token set with this probability", gt=0, le=1)
-    batch_size: int = setting(8, "prompts per generation batch; also the judge's and reward model's batch", ge=1)
+    batch_size: int = setting(64, "prompts per generation batch; also the judge's and reward model's batch", ge=1)
     system_prompt: bool = False  # answer with the constitution's system prompt (training data has none)
     win_rates: bool = True  # judge every pair of models (after generation, the slowest part)
     feedback_model: str = setting("base", "the judge: base, a stage name, a model spec or server:NAME",

@@ -62,7 +62,7 @@ class Config:
     cot: bool = False  # chain of thought: the judge reasons before it answers
     cot_clamp: list[float] = field(default_factory=lambda: [0.4, 0.6])  # band for each order's CoT probability
     cot_max_new_tokens: int = setting(128, "length of the judge's reasoning", ge=1)
-    batch_size: int = setting(8, "prompts per generation batch and resume chunk; questions per scoring batch",
+    batch_size: int = setting(64, "prompts per generation batch and resume chunk; questions per scoring batch",
                               ge=1)
     max_new_tokens: int = setting(128, "length of the policy's answers", ge=1)
     temperature: float = setting(1.0, "sampling temperature of the two answers (high: the pair differs)", ge=0)

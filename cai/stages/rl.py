@@ -106,7 +106,7 @@ class Config:
                                      "two rated answers)", ge=0)
     principles_per_answer: int = setting(1, "with reward: judge, feedback principles drawn per answer (averaged)",
                                          ge=1)
-    judge_batch_size: int = setting(8, "with reward: judge, questions per scoring batch", ge=1)
+    judge_batch_size: int = setting(64, "with reward: judge, questions per scoring batch", ge=1)
 
 
 # Settings only the judge reads: they enter the config hash only with `reward: judge`.

@@ -38,7 +38,7 @@ class Config:
     helpful_prompts: int = setting(0, "helpful train prompts answered by the model and mixed in (0 = none)", ge=0)
     helpful_max_new_tokens: int = setting(128, "length of those answers", ge=1)
     helpful_temperature: float = setting(0.7, "their sampling temperature (0 = greedy)", ge=0)
-    generation_batch_size: int = setting(8, "prompts per generation batch", ge=1)
+    generation_batch_size: int = setting(64, "prompts per generation batch", ge=1)
 
 
 def prompt_completion(messages: list[dict]) -> dict:
