@@ -97,9 +97,26 @@ def test_reward_model_head_has_one_output_and_a_pad_token():
 
 def test_thread_count_is_a_setting():
     before = torch.get_num_threads()
-    models.set_threads(1)
+    assert models.set_threads(1) == {"threads": 1, "chosen_by": "config"}
     assert torch.get_num_threads() == 1
     torch.set_num_threads(before)
+
+
+def test_auto_threads_read_omp_num_threads_else_probe(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert models.choose_threads("auto") == {"threads": 3, "chosen_by": "OMP_NUM_THREADS"}
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(models, "_probed", None)
+    monkeypatch.setattr(models, "PROBE_SECONDS", 0.02)
+    monkeypatch.setattr(models, "usable_cpus", lambda: 3)
+    before = torch.get_num_threads()
+    choice = models.choose_threads("auto")
+    assert choice["chosen_by"] == "probe" and set(choice["probe_gflops"]) == {1, 2, 3}
+    assert all(g > 0 for g in choice["probe_gflops"].values())
+    gflops = choice["probe_gflops"]  # the smallest count within PROBE_GAIN of every larger one that won
+    assert choice["threads"] == 1 or gflops[choice["threads"]] >= models.PROBE_GAIN * gflops[1]
+    assert torch.get_num_threads() == before  # probing leaves the count as it was
+    assert models.choose_threads("auto") == choice  # probed once per process
 
 
 # ---------------------------------------------------------------- prompts

@@ -24,6 +24,7 @@ def test_critique_writes_records_sft_and_preference_sets(tmp_path):
     manifest = run_stage(run, "critique")
     rows = records(run.path)
     assert manifest["counts"]["records"] == len(rows) == 8
+    assert manifest["threads"] == {"threads": 1, "chosen_by": "config"}  # the thread choice is recorded
     for r in rows:
         assert r["model"] == "builtin:tiny" and r["seed"] == 0 and r["prompt"] and r["initial_response"]
         assert [x["round"] for x in r["rounds"]] == [1, 2]
