@@ -60,8 +60,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -73,6 +71,7 @@ from cai.engines import Sampling, open_engine  # noqa: E402
 from cai.feedback import Judge  # noqa: E402
 from cai.pipeline import stage_config  # noqa: E402
 from cai.prompts import load_splits  # noqa: E402
+from cai.stats import bootstrap_mean  # noqa: E402
 from cai.stages import critique  # noqa: E402
 
 VARIANTS = {
@@ -124,14 +123,6 @@ def parse_args() -> argparse.Namespace:
     if args.prompts < 1 or args.judge_principles < 1 or args.resamples < 1:
         parser.error("--prompts, --judge-principles and --resamples must be at least 1")
     return args
-
-
-def bootstrap_interval(values: list[float], seed: int, resamples: int) -> tuple[float, float]:
-    """Percentile 95 % interval of the mean, resampling the per-prompt values."""
-    data = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, len(data), size=(resamples, len(data)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def run_variant(cfg, prompts, engine, judge_engine, constitution, seed: int, model: str) -> tuple[list[dict], float]:
@@ -232,14 +223,15 @@ def main() -> None:
     for name, result in results.items():
         result["effect"] = results[result["same_as"]]["effect"] if "same_as" in result else effect(result["records"])
         values = result["effect"]
-        low, high = bootstrap_interval(values, args.seed, args.resamples)
+        estimate = bootstrap_mean(values, args.resamples, args.seed)
+        low, high = estimate.low, estimate.high
         counts, rounds = result["counts"], max(result["counts"]["rounds"], 1)
         rows.append({"variant": name, "overrides": VARIANTS[name], "same_as": result.get("same_as"),
                      "prompts": len(result["records"]), "rounds": counts["rounds"],
                      "kept": counts["kept_rounds"] / rounds,
                      "revised": counts["revised_prompts"] / max(len(result["records"]), 1),
                      **{reason: counts[f"{reason}_rounds"] / rounds for reason in critique.DROP_REASONS},
-                     "seconds": result["seconds"], "effect": float(np.mean(values)), "effect_low": low,
+                     "seconds": result["seconds"], "effect": estimate.value, "effect_low": low,
                      "effect_high": high})
 
     print(f"model={model_spec} config={args.config} prompts={len(prompts)} seed={args.seed} "

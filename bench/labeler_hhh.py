@@ -55,7 +55,7 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
+from cai.stats import bootstrap_mean
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDARD = ("few0", "few1", "few2", "few3", "few-all", "balanced+few3", "mirrored+few1", "mirrored+few2",
@@ -108,14 +108,6 @@ def subsample(pairs: list, limit: int | None, seed: int) -> list:
         return pairs
     keep = sorted(random.Random(f"{seed}:labeler-hhh").sample(range(len(pairs)), limit))
     return [pairs[i] for i in keep]
-
-
-def bootstrap_interval(values: list[float], seed: int, resamples: int = 2000) -> tuple[float, float]:
-    """95 % percentile bootstrap interval of the mean, resampling pairs."""
-    values = np.asarray(values, dtype=float)
-    draws = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
-    means = values[draws].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def hit(p_correct: float) -> float:
@@ -188,7 +180,8 @@ def measure(variant: Variant, engines: dict, constitution, pairs, args) -> dict:
     judge = make_judge(variant, constitution, engines[variant.model])
     run = run_pointwise if variant.pointwise else run_pairwise
     metrics = run(judge, constitution, pairs, variant, args.seed)
-    metrics["accuracy_interval"] = bootstrap_interval(metrics.pop("hits"), args.seed)
+    estimate = bootstrap_mean(metrics.pop("hits"), seed=args.seed)
+    metrics["accuracy_interval"] = (estimate.low, estimate.high)
     return {"variant": variant.name, **settings, **metrics}
 
 
