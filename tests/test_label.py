@@ -156,7 +156,8 @@ def test_eval_labeler_command_reports_metrics_for_both_formats(tmp_path, capsys)
 def test_eval_labeler_uses_the_label_sections_few_shot_choice_and_calibration(tmp_path):
     data = write_jsonl(tmp_path / "hhh.jsonl", HHH_ROWS)
     results = {}
-    for name, settings in (("plain", []), ("calibrated", ["label.calibrate=true", "label.few_shot_choice=mirrored"])):
+    for name, settings in (("plain", ["label.calibrate=false"]),
+                           ("calibrated", ["label.calibrate=true", "label.few_shot_choice=mirrored"])):
         out = tmp_path / f"{name}.json"
         argv = ["eval-labeler", "--config", str(SMOKE), "--set", f"run_dir={tmp_path / 'run'}", "--set",
                 "label.few_shot=1", "--data", data, "--out", str(out)]
@@ -184,3 +185,15 @@ def test_a_bad_row_is_an_error_naming_file_and_line(tmp_path, capsys, bad, messa
         read_labeled_pairs(path)
     code = main(["eval-labeler", "--config", str(SMOKE), "--set", f"run_dir={tmp_path / 'run'}", "--data", str(path)])
     assert code == 1 and f"{path}:3:" in capsys.readouterr().err
+
+
+def test_calibration_is_on_by_default_wherever_it_applies(tmp_path):
+    from cai.config import load_config
+    from cai.stages.label import calibrated
+
+    run = load_config(SMOKE, [f"run_dir={tmp_path / 'run'}",
+                              "servers={gen: {base_url: 'http://127.0.0.1:9/v1', model: x, option_scoring: letter}}"])
+    assert calibrated(run, None, "base") is True
+    assert calibrated(run, None, "base", cot=True) is False  # a content-free input has no reasoning
+    assert calibrated(run, None, "server:gen") is False  # hard letters: no probabilities to divide
+    assert calibrated(run, False, "base") is False and calibrated(run, True, "base") is True

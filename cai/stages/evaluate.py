@@ -72,7 +72,7 @@ from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
 from cai.engines import Sampling
 from cai.refusals import REFUSAL_WINDOW, is_evasive, refusal_kind
 from cai.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl
-from cai.stages.label import judge_scoring
+from cai.stages.label import calibrated, judge_scoring
 from cai.stats import ANCHOR_ELO, LEVEL, RESAMPLES, EloStatistics, Estimate, Resampler, mean_of, verdict
 
 # The stages whose outputs evaluate reads (a stage that has not run hashes as None):
@@ -117,7 +117,7 @@ class Config:
     few_shot: int = setting(2, "the constitution's worked preference examples shown to the judge", ge=0)
     few_shot_choice: Literal["first", "balanced", "mirrored"] = setting(
         "first", "which examples the judge is shown, as label.few_shot_choice")
-    calibrate: bool = setting(False, "the judge's contextual calibration, as label.calibrate")
+    calibrate: bool | None = setting(None, "the judge's contextual calibration, as label.calibrate")
     principles_per_comparison: int = setting(1, "principles drawn per comparison (averaged)", ge=1)
     evasive_max_words: int = setting(40, "a refusal longer than this is never counted as evasive", ge=1)
 
@@ -297,7 +297,8 @@ def judge_pairs(ctx, cfg: Config, answers: dict, prompts) -> list[dict]:
         first, second, chunk = item
         if not judges:
             judges.append(Judge(ctx.engine(cfg.feedback_model, cfg.batch_size), few_shot=cfg.few_shot,
-                                few_shot_choice=cfg.few_shot_choice, calibrate=cfg.calibrate))
+                                few_shot_choice=cfg.few_shot_choice,
+                                calibrate=calibrated(ctx.run, cfg.calibrate, cfg.feedback_model)))
         conversations = [[{"role": "user", "content": p.text}] for p in chunk]
         principles = [draw_principles(ctx.constitution, ctx.run.seed, comparison_key(c), cfg.principles_per_comparison,
                                       pool=ctx.constitution.evaluation_principles(p.kind))

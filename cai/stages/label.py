@@ -57,8 +57,9 @@ class Config:
     few_shot_choice: Literal["first", "balanced", "mirrored"] = setting(
         "first", "first: the first few_shot examples; balanced: their answers alternate A, B, ...; mirrored: "
                  "each of the first few_shot also with its responses swapped (2x the shots; not with cot)")
-    calibrate: bool = setting(False, "divide the option probabilities by those of a content-free input and "
-                                     "renormalise (Zhao et al. 2021); not with cot")
+    calibrate: bool | None = setting(None, "divide the option probabilities by those of a content-free input and "
+                                            "renormalise (Zhao et al. 2021); null = on where it applies (not with "
+                                            "cot or a letter-scoring server)")
     cot: bool = False  # chain of thought: the judge reasons before it answers
     cot_clamp: list[float] = field(default_factory=lambda: [0.4, 0.6])  # band for each order's CoT probability
     cot_max_new_tokens: int = setting(128, "length of the judge's reasoning", ge=1)
@@ -78,14 +79,14 @@ def check_config(run, cfg: Config, trl: dict) -> list:
     if len(cfg.cot_clamp) != 2 or not 0.0 <= cfg.cot_clamp[0] <= 0.5 <= cfg.cot_clamp[1] <= 1.0:
         problem("cot_clamp", f"'label.cot_clamp' must be [low, high] with 0 <= low <= 0.5 <= high <= 1, "
                              f"got {cfg.cot_clamp}")
-    if cfg.cot and cfg.calibrate:
+    if cfg.cot and cfg.calibrate is True:
         problem("calibrate", "'label.calibrate' does not apply with 'label.cot: true' (a content-free input has "
                              "no reasoning); cot's probabilities are clamped instead")
     if cfg.cot and cfg.few_shot_choice == "mirrored":
         problem("few_shot_choice", "'label.few_shot_choice: mirrored' does not apply with 'label.cot: true' "
                                    "(the examples' reasoning names the letters)")
     server = run.servers.get(server_name(cfg.feedback_model)) if is_server(cfg.feedback_model) else None
-    if cfg.calibrate and server is not None and server.option_scoring == "letter":
+    if cfg.calibrate is True and server is not None and server.option_scoring == "letter":
         problem("calibrate", "'label.calibrate' needs option probabilities, but the feedback model's server "
                              "has option_scoring: letter")
     return problems
@@ -104,8 +105,19 @@ def make_judge(ctx, cfg: Config):
     from cai.feedback import Judge
 
     return Judge(ctx.engine(cfg.feedback_model, cfg.batch_size), few_shot=cfg.few_shot,
-                 few_shot_choice=cfg.few_shot_choice, calibrate=cfg.calibrate, cot=cfg.cot,
+                 few_shot_choice=cfg.few_shot_choice, cot=cfg.cot,
+                 calibrate=calibrated(ctx.run, cfg.calibrate, cfg.feedback_model, cfg.cot),
                  cot_clamp=tuple(cfg.cot_clamp), cot_max_new_tokens=cfg.cot_max_new_tokens)
+
+
+def calibrated(run, calibrate: bool | None, feedback_model: str, cot: bool = False) -> bool:
+    """Whether a judge calibrates: as set, else (null) wherever it applies. On the CAI
+    paper's HHH pairs it cut SmolLM2-135M's same-slot share from 100 % to 82 % at the same
+    accuracy (bench/labeler_hhh.py)."""
+    if calibrate is not None:
+        return calibrate
+    letter = is_server(feedback_model) and run.servers[server_name(feedback_model)].option_scoring == "letter"
+    return not cot and not letter
 
 
 def judge_scoring(run, reference: str) -> str:
@@ -400,10 +412,10 @@ def eval_labeler_command(run, data_path, limit: int | None = None, out: str | No
         ctx.release()
     metrics.update(data=str(data_path), feedback_model=model_name(ctx, cfg.feedback_model),
                    judge_scoring=judge_scoring(run, cfg.feedback_model), mode="cot" if cfg.cot else "direct",
-                   few_shot=cfg.few_shot, few_shot_choice=cfg.few_shot_choice, calibrate=cfg.calibrate,
+                   few_shot=cfg.few_shot, few_shot_choice=cfg.few_shot_choice, calibrate=judge.calibrate,
                    principles_per_comparison=cfg.principles_per_comparison)
     print(f"[cai] eval-labeler: {metrics['feedback_model']} ({metrics['mode']}, few_shot={cfg.few_shot} "
-          f"{cfg.few_shot_choice}{', calibrated' if cfg.calibrate else ''}) on {data_path}")
+          f"{cfg.few_shot_choice}{', calibrated' if judge.calibrate else ''}) on {data_path}")
     print(format_metrics(metrics))
     if out:
         atomic_write_json(Path(out), metrics)
