@@ -48,7 +48,7 @@ UPSTREAM: tuple = ()
 @dataclass
 class Config:
     num_revisions: int = setting(2, "K: critique-and-revise rounds per prompt", ge=1)
-    few_shot: int = setting(2, "how many of the constitution's critique/revision examples go first", ge=0)
+    few_shot: int = setting(1, "how many of the constitution's critique/revision examples go first", ge=0)
     critique: bool = setting(True, "critique before revising; false = the revision request follows the answer "
                                    "directly (and the few-shot examples lose their critique turns)")
     system_prompt: bool = setting(True, "use the constitution's system prompt (false = none of cai's own)")
