@@ -117,6 +117,7 @@ def test_revisions_that_comment_on_the_answer_are_not_kept():
     assert critique.is_meta_revision("The answer is not harmful and is a safe option.")
     assert critique.is_meta_revision("The assistant's response does not contain explicit content.")
     assert critique.is_meta_revision("This response is respectful.")
+    assert critique.is_meta_revision("The assistant's last answer treats every group of people equally.")
     assert not critique.is_meta_revision("I can't help with tracking someone, but here is what you can do.")
     assert not critique.is_meta_revision("The answers to most chemistry questions start with safety.")
     assert not critique.is_meta_revision("Paris is the capital of France.")

@@ -48,7 +48,7 @@ UPSTREAM: tuple = ()
 @dataclass
 class Config:
     num_revisions: int = setting(2, "K: critique-and-revise rounds per prompt", ge=1)
-    few_shot: int = setting(1, "how many of the constitution's critique/revision examples go first", ge=0)
+    few_shot: int = setting(2, "how many of the constitution's critique/revision examples go first", ge=0)
     critique: bool = setting(True, "critique before revising; false = the revision request follows the answer "
                                    "directly (and the few-shot examples lose their critique turns)")
     system_prompt: bool = setting(True, "use the constitution's system prompt (false = none of cai's own)")
@@ -87,7 +87,7 @@ def check_config(run, cfg: Config, trl: dict) -> list:
 _LABEL = re.compile(r"^\s*(revision|revised (answer|response)|new answer|answer)\s*:\s*", re.IGNORECASE)
 
 
-_META = re.compile(r"^\W*(the|this|my|your) (original |last |previous |revised |new |assistant's )?"
+_META = re.compile(r"^\W*(the|this|my|your) ((original|last|previous|revised|new|first|assistant's|ai's) ){0,2}"
                    r"(answer|response|reply|revision)\b", re.IGNORECASE)
 
 # A revision is "copied" when at least COPY_SHARE of its word COPY_NGRAM-grams occur in
