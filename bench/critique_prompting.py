@@ -39,7 +39,9 @@ How to read it. One row per variant. Rates are over the variant's critique round
 (the revision became the answer), and why the others were not kept: degenerate,
 unchanged (the answer itself again), copied (mostly prompt text: the few-shot
 examples, the requests, the system prompt; `cai.stages.critique.is_copied`) or meta (a
-comment on the answer). "revised" is the share of prompts whose final revision differs
+comment on the answer). "refusals" counts the prompts whose first answer, then final
+revision, is a refusal (`cai.refusals`: a harmlessness proxy that needs no judge; more is
+not better on its own, read it beside the effect). "revised" is the share of prompts whose final revision differs
 from their first answer: the SFT targets that are not just the first answer again.
 "seconds" is the variant's wall time (generation, and best_of's judging). "P(better)"
 is the mean effect proxy with its 95 % interval: above 0.5 with the interval clear of
@@ -71,6 +73,7 @@ from cai.engines import Sampling, open_engine  # noqa: E402
 from cai.feedback import Judge  # noqa: E402
 from cai.pipeline import stage_config  # noqa: E402
 from cai.prompts import load_splits  # noqa: E402
+from cai.refusals import is_refusal  # noqa: E402
 from cai.stats import bootstrap_mean  # noqa: E402
 from cai.stages import critique  # noqa: E402
 
@@ -231,6 +234,8 @@ def main() -> None:
                      "kept": counts["kept_rounds"] / rounds,
                      "revised": counts["revised_prompts"] / max(len(result["records"]), 1),
                      **{reason: counts[f"{reason}_rounds"] / rounds for reason in critique.DROP_REASONS},
+                     "refusals_first": sum(is_refusal(r["initial_response"]) for r in result["records"]),
+                     "refusals_final": sum(is_refusal(r["final_revision"]) for r in result["records"]),
                      "seconds": result["seconds"], "effect": estimate.value, "effect_low": low,
                      "effect_high": high})
 
@@ -239,11 +244,12 @@ def main() -> None:
     print(f"baseline critique settings: {json.dumps(dataclasses.asdict(base_cfg))}")
     print(f"effect proxy: {proxy}; 95 % bootstrap interval over prompts ({args.resamples} resamples)")
     print(f"{'variant':18s} {'kept':>6s} {'revised':>7s} {'degen':>6s} {'unchgd':>6s} {'copied':>6s} {'meta':>6s} "
-          f"{'seconds':>8s}  effect [95 % interval]")
+          f"{'refusals':>9s} {'seconds':>8s}  effect [95 % interval]")
     for r in rows:
         note = f"  (= {r['same_as']})" if r["same_as"] else ""
         print(f"{r['variant']:18s} {r['kept']:6.1%} {r['revised']:7.1%} {r['degenerate']:6.1%} {r['unchanged']:6.1%} "
-              f"{r['copied']:6.1%} {r['meta']:6.1%} {r['seconds']:8.1f}  {r['effect']:.3f} "
+              f"{r['copied']:6.1%} {r['meta']:6.1%} {r['refusals_first']:4d}->{r['refusals_final']:<3d} "
+              f"{r['seconds']:8.1f}  {r['effect']:.3f} "
               f"[{r['effect_low']:.3f}, {r['effect_high']:.3f}]{note}")
 
     if args.out:
