@@ -226,11 +226,12 @@ class Judge:
         templates = [[self.question(constitution, principle, [{"role": "user", "content": text}], text, text)
                       for text in CONTENT_FREE] for principle in principles]
         keys = [[json.dumps(q, sort_keys=True) for q in questions] for questions in templates]
-        missing = {key: q for questions, ks in zip(templates, keys) for q, key in zip(questions, ks)
-                   if key not in self._content_free}
-        if missing:
-            scored = self.option_probabilities(list(missing.values()), desc="judge calibration")
-            self._content_free.update(zip(missing, scored))
+        for questions, ks in zip(templates, keys):
+            # One call per template: its p_cf must not depend on which other templates
+            # happen to be scored with it (batch composition moves the last float bits,
+            # and a resumed run must label exactly as an uninterrupted one).
+            if ks[0] not in self._content_free:
+                self._content_free.update(zip(ks, self.option_probabilities(questions)))
         averaged = []
         for ks in keys:
             a = sum(self._content_free[key][0] for key in ks) / len(ks)
