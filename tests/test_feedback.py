@@ -187,8 +187,9 @@ def test_calibration_divides_by_the_content_free_probabilities_and_renormalises(
     after = calibrated.compare(constitution, CONVERSATIONS, FIRST, SECOND, seed=0, principles_per_comparison=2)
     again = calibrated.compare(constitution, CONVERSATIONS, FIRST, SECOND, seed=0, principles_per_comparison=2)
     templates = {p for c in before for p in c.principles}
-    # the content-free questions are scored once per question template, then cached
-    assert calls == [2 * 2 * len(CONVERSATIONS), len(CONTENT_FREE) * len(templates), 2 * 2 * len(CONVERSATIONS)]
+    # the content-free questions are scored once per question template, each template in a
+    # call of its own (its p_cf must not depend on the batch), then cached
+    assert calls == [2 * 2 * len(CONVERSATIONS)] + [len(CONTENT_FREE)] * len(templates) + [2 * 2 * len(CONVERSATIONS)]
     assert [c.p_first for c in again] == [c.p_first for c in after]
 
     def content_free(principle) -> tuple[float, float]:  # scored here, from the content-free questions
