@@ -91,7 +91,11 @@ def cai_run(run_dir: Path, hooks: Path, wait_at: str = "") -> subprocess.Popen:
     for item in OVERRIDES:
         argv += ["--set", item]
     with open(hooks / f"{run_dir.name}-{wait_at or 'end'}.log", "w") as log:
-        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # SIGINT back to its default in the child: a test suite started in the background by
+        # a non-interactive shell inherits it ignored, and Python then never raises
+        # KeyboardInterrupt, so the Ctrl-C stop would wait forever.
+        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     process.log = Path(log.name)
     return process
 
