@@ -61,7 +61,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
 from cai import models
 from cai.config import PROJECT_ROOT
@@ -151,25 +150,6 @@ def attention_flops(config, shared: int, rows: list[list[int]], generated: list[
     return per_position * total
 
 
-def gemm_gflops(m: int, k: int, n: int, dtype: torch.dtype, min_seconds: float) -> float:
-    """Best GFLOP/s of x[m, k] @ w[n, k]^T, as nn.Linear computes it."""
-    x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
-
-    def timed(repeats: int) -> float:
-        start = time.perf_counter()
-        for _ in range(repeats):
-            F.linear(x, w)
-        return time.perf_counter() - start
-
-    with torch.inference_mode():
-        timed(2)  # warm-up: allocation, the thread pool at this size
-        repeats = 1
-        while (seconds := timed(repeats)) < min_seconds:
-            repeats *= 2
-        seconds = min([seconds] + [timed(repeats) for _ in range(4)])
-    return 2 * m * n * k * repeats / seconds / 1e9
-
-
 def probe(config, dtype: torch.dtype, batches: list[int], prefill_rows: int, min_seconds: float) -> dict[str, float]:
     """GFLOP/s of the model's GEMM shapes at the current thread count."""
     hidden, intermediate, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
@@ -178,7 +158,7 @@ def probe(config, dtype: torch.dtype, batches: list[int], prefill_rows: int, min
         shapes[f"decode mlp [{batch}x{hidden}]x[{hidden}x{intermediate}]"] = (batch, hidden, intermediate)
         shapes[f"decode lm head [{batch}x{hidden}]x[{hidden}x{vocab}]"] = (batch, hidden, vocab)
     shapes[f"prefill mlp [{prefill_rows}x{hidden}]x[{hidden}x{intermediate}]"] = (prefill_rows, hidden, intermediate)
-    return {name: gemm_gflops(m, k, n, dtype, min_seconds) for name, (m, k, n) in shapes.items()}
+    return {name: models.gemm_gflops(m, k, n, min_seconds, dtype) for name, (m, k, n) in shapes.items()}
 
 
 def parse_args() -> argparse.Namespace:

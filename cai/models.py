@@ -89,7 +89,7 @@ def set_threads(setting: "int | str") -> dict:
 
 
 PROBE_SHAPE = (128, 576, 1536)  # [rows, hidden] x [hidden, intermediate]: SmolLM2-135M's MLP at batch 128
-PROBE_SECONDS = 0.15  # per thread count
+PROBE_SECONDS = 0.03  # each of a thread count's five timings lasts at least this
 PROBE_GAIN = 1.15  # a larger count must be this much faster than the best smaller one to be chosen
 _probed: dict | None = None
 
@@ -105,21 +105,27 @@ def usable_cpus() -> int:
     return max(1, cpus // max(1, distributed.local_world_size()))
 
 
-def _gemm_gflops(threads: int, seconds: float) -> float:
-    """Best fp32 GFLOP/s of `PROBE_SHAPE` matmuls (`F.linear`, as nn.Linear runs) at `threads`."""
-    rows, inner, out = PROBE_SHAPE
-    generator = torch.Generator().manual_seed(0)
-    x, w = torch.randn(rows, inner, generator=generator), torch.randn(out, inner, generator=generator)
-    torch.set_num_threads(threads)
+def gemm_gflops(m: int, k: int, n: int, min_seconds: float, dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s of x[m, k] @ w[n, k]^T (`F.linear`, as nn.Linear runs it) at the
+    current thread count: the repeats double until one timing lasts `min_seconds`, then
+    the best of five such timings. (The thread probe and bench/generation.py's roofline.)"""
+    generator = torch.Generator().manual_seed(0)  # not the global generator: runs seed that
+    x = torch.randn(m, k, generator=generator).to(dtype)
+    w = torch.randn(n, k, generator=generator).to(dtype)
+
+    def timed(repeats: int) -> float:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.nn.functional.linear(x, w)
+        return time.perf_counter() - start
+
     with torch.inference_mode():
-        torch.nn.functional.linear(x, w)  # warm-up: thread pool, packing
-        best, began = 0.0, time.perf_counter()
-        while time.perf_counter() - began < seconds:
-            start = time.perf_counter()
-            for _ in range(8):
-                torch.nn.functional.linear(x, w)
-            best = max(best, 8 * 2 * rows * inner * out / (time.perf_counter() - start) / 1e9)
-    return round(best, 1)
+        timed(2)  # warm-up: allocation, the thread pool at this size
+        repeats = 1
+        while (seconds := timed(repeats)) < min_seconds:
+            repeats *= 2
+        seconds = min([seconds] + [timed(repeats) for _ in range(4)])
+    return 2 * m * n * k * repeats / seconds / 1e9
 
 
 def choose_threads(setting: "int | str") -> dict:
@@ -144,7 +150,10 @@ def choose_threads(setting: "int | str") -> dict:
             counts.append(counts[-1] * 2)
         if cpus not in counts:
             counts.append(cpus)
-        gflops = {n: _gemm_gflops(n, PROBE_SECONDS) for n in counts}
+        gflops = {}
+        for n in counts:
+            torch.set_num_threads(n)
+            gflops[n] = round(gemm_gflops(*PROBE_SHAPE, PROBE_SECONDS), 1)
         chosen = 1
         for n in counts[1:]:
             if gflops[n] >= PROBE_GAIN * gflops[chosen]:
