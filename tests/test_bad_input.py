@@ -23,6 +23,16 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
 DEEP_FLOW = "[" * 3000 + "]" * 3000
 DEEP_BLOCK = "".join("  " * i + f"k{i}:\n" for i in range(150)) + "  " * 150 + "v\n"
+# Deep flow nesting: cai refuses past 100 levels, but PyYAML >= 6.0.4's own parser may stop
+# first; cai then reports it as a "YAML syntax error". Either way the words are cai's, and
+# the test never pins the library's sentence (issue 15).
+TOO_DEEP = re.compile(r"nested more than 100 levels|YAML syntax error")
+
+
+def says(err: str, expected: str | re.Pattern) -> bool:
+    """cai's message is in `err`: a substring, or a pattern where more than one of cai's
+    messages is right."""
+    return bool(expected.search(err)) if isinstance(expected, re.Pattern) else expected in err
 
 
 def smoke(old: str = "", new: str = "", append: str = "") -> str:
@@ -139,14 +149,15 @@ SET_CASES = [
     ("set-syntax", ["critique.num_revisions=[1"], "YAML syntax error"),
     ("set-python-tag", ["critique.num_revisions=!!python/object/apply:os.system [ls]"], "unsupported YAML"),
     ("set-bomb", [f"critique.num_revisions={{{BOMB.replace(chr(10), ', ')}}}"], "aliases are expanded"),
-    ("set-deep", [f"critique.num_revisions={DEEP_FLOW}"], "nested more than 100 levels"),
+    ("set-deep", [f"critique.num_revisions={DEEP_FLOW}"], TOO_DEEP),
     ("set-duplicate", ["critique={batch_size: 1, batch_size: 2}"], "duplicate key 'batch_size'"),
     ("set-no-equals", ["critique.num_revisions"], "expected KEY=VALUE"),
     ("set-empty-part", ["critique..num_revisions=1"], "expected KEY=VALUE"),
     ("set-no-key", ["=1"], "expected KEY=VALUE"),
     ("set-through-scalar", ["model.name=x"], "'model' is str 'builtin:tiny', not a section"),
     ("set-through-list", ["evaluate.models=[base]", "evaluate.models.0=x"], "'evaluate.models' is list"),
-    ("set-new-section-located", ["evaluate.models.first=x"], "--set evaluate.models.first=x: 'evaluate.models' must be"),
+    ("set-new-section-located", ["evaluate.models.first=x"],
+     "--set evaluate.models.first=x: 'evaluate.models' must be"),
     ("set-section-scalar", ["critique=3"], "section 'critique' must be a mapping"),
     # run directories
     ("run-dir-empty", ["run_dir=''"], "'run_dir' is empty"),
@@ -229,7 +240,7 @@ def test_set_values_are_refused_before_any_work(workspace, capsys, overrides, ex
     for item in overrides:
         argv += ["--set", item]
     err = refused(capsys, argv, run_dir)
-    assert expected in err
+    assert says(err, expected), err
     if not any(k in overrides[0] for k in ("run_dir", "constitution", "evaluate.models", "..", "=1")):
         # The message names the --set argument (it was not on a YAML line).
         key = overrides[0].partition("=")[0]
@@ -325,7 +336,7 @@ FILE_CASES = [
     ("duplicate-top-key", smoke("seed: 0\n", "seed: 0\nseed: 1\n"), "seed: 1", 1, "duplicate key 'seed'"),
     ("billion-laughs", smoke(append="\nbomb:\n" + "".join("  " + line + "\n" for line in BOMB.splitlines())),
      None, 1, "aliases are expanded"),
-    ("deep-flow", smoke(append=f"\ndeep: {DEEP_FLOW}\n"), "deep:", 1, "nested more than 100 levels"),
+    ("deep-flow", smoke(append=f"\ndeep: {DEEP_FLOW}\n"), "deep:", 1, TOO_DEEP),
     ("deep-block", smoke(append="\n" + DEEP_BLOCK), "k99:", 1, "nested more than 100 levels"),
     ("self-alias", smoke(append="\nloop: &loop [*loop]\n"), "loop:", 1, "refers to a value that contains it"),
     ("python-tag", smoke("model: builtin:tiny", "model: !!python/object/apply:os.system [echo hi]"), "model:", 1,
@@ -361,7 +372,7 @@ def test_config_files_are_refused_with_file_and_line(workspace, capsys, text, ne
     started = time.perf_counter()
     err = refused(capsys, ["run", "--config", str(config)], workspace / "run")
     assert time.perf_counter() - started < 2
-    assert expected in err
+    assert says(err, expected), err
     if needle is None:  # the line where the expansion passed the limit
         assert re.search(rf"{re.escape(str(config))}:\d+: ", err)
     else:
@@ -424,7 +435,7 @@ def test_report_on_bad_run_folders(workspace, capsys, setup, expected):
         name, content = files[setup]
         (run_dir / name).write_text(content)
     err = refused(capsys, ["report", str(run_dir)])
-    assert expected in err
+    assert says(err, expected), err
     assert not (run_dir / "report").exists()
 
 
