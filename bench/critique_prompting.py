@@ -74,8 +74,8 @@ from cai.feedback import Judge  # noqa: E402
 from cai.pipeline import stage_config  # noqa: E402
 from cai.prompts import load_splits  # noqa: E402
 from cai.refusals import is_refusal  # noqa: E402
-from cai.stats import bootstrap_mean  # noqa: E402
 from cai.stages import critique  # noqa: E402
+from cai.stats import bootstrap_mean  # noqa: E402
 
 VARIANTS = {
     "baseline": {},

@@ -40,10 +40,11 @@ def main() -> None:
     import os
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the server process
+    from servers import start_transformers_serve
+
     from cai import models
     from cai.config import load_config
     from cai.pipeline import run_stage
-    from servers import start_transformers_serve
 
     folder = models.resolve(args.model)
     work = Path(tempfile.mkdtemp(prefix="cai-bench-server-"))

@@ -168,7 +168,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
     parser.add_argument("--threads", default="1,2", help="torch thread counts, comma-separated (default: %(default)s)")
     parser.add_argument("--batches", default="8,32,64", help="batch sizes, comma-separated (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="picks the prompts and seeds sampling (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="picks the prompts and seeds sampling (default: %(default)s)")
     parser.add_argument("--probe-seconds", type=float, default=0.25,
                         help="each probe timing lasts at least this long (default: %(default)s)")
     parser.add_argument("--few-shot", type=int, default=0,
@@ -249,7 +250,8 @@ def main() -> None:
     print(f"model={args.model} dtype={str(dtype).removeprefix('torch.')} prompts={len(prompts)} "
           f"max_new_tokens={args.max_new_tokens} seed={args.seed} torch={torch.__version__} "
           f"cpu={platform.processor() or platform.machine()}")
-    print(f"prompt tokens {prompt_tokens} (shared prefix {shared}, run once; mean {sum(map(len, rows)) / len(rows):.0f} "
+    mean = sum(map(len, rows)) / len(rows)
+    print(f"prompt tokens {prompt_tokens} (shared prefix {shared}, run once; mean {mean:.0f} "
           f"per prompt); matmul weights: body {body:,}, head {head:,}")
     print("FLOPs = 2*body*(prompt tokens + generated) + 2*head*generated; attention's quadratic term is left out "
           f"(here at most {max(r.attention_share for r in results):.1%} of the count)")

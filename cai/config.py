@@ -35,7 +35,8 @@ STAGE_SECTIONS = ("critique", "sft", "label", "reward", "rl", "dpo", "evaluate")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
+def setting(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002 - argparse's word
+            default_factory: Any = dataclasses.MISSING,
             model_reference: bool = False, **bounds: float) -> Any:
     """A Config field with its help text and range (`ge`, `gt`, `le`, `lt`), which
     `parse_dataclass` checks when the config is loaded: `setting(8, "prompts per batch", ge=1)`.
@@ -339,8 +340,9 @@ def parse_servers(raw: Any, doc: LocatedYaml) -> tuple[dict[str, ServerConfig], 
         if server is None:
             continue
         if not server.base_url.startswith(("http://", "https://")):
-            problems.append(doc.problem(("servers", name, "base_url"), f"'servers.{name}.base_url' must be an "
-                                        f"http:// or https:// URL such as http://127.0.0.1:8000/v1, got {server.base_url!r}"))
+            problems.append(doc.problem(("servers", name, "base_url"),
+                                        f"'servers.{name}.base_url' must be an http:// or https:// URL such as "
+                                        f"http://127.0.0.1:8000/v1, got {server.base_url!r}"))
         servers[name] = server
     return servers, problems
 

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai.yamlio import (TYPE_NAMES, LocatedYaml, Problem, ValidationError, describe,
-                        load_yaml, type_ok)
+from cai.yamlio import TYPE_NAMES, LocatedYaml, Problem, ValidationError, describe, load_yaml, type_ok
 
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 CRITIQUE_ROLES = ("user", "assistant", "user", "assistant", "user", "assistant")
@@ -114,7 +113,7 @@ class _Checker:
             if key not in required and key not in optional:
                 allowed = ", ".join(sorted([*required, *optional]))
                 self.error(path + (key,), f"unknown key '{key}' in {where} (expected one of: {allowed})")
-        for key, expected in required.items():
+        for key in required:
             if key not in value:
                 self.error(path, f"missing required key '{key}' in {where}")
         for key, expected in {**required, **optional}.items():

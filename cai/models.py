@@ -48,7 +48,8 @@ TINY_VERSION = "v1"  # bump when the tiny recipe changes, so caches are rebuilt
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{{ '<|im_start|>assistant\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
     "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endif %}"
@@ -79,7 +80,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CAI_CACHE") or Path.home() / ".cache" / "cai")
 
 
-def set_threads(setting: "int | str") -> dict:
+def set_threads(setting: int | str) -> dict:
     """Set torch's intra-op thread count from the run config's `threads:` (a count or
     auto, see `choose_threads`); returns the choice, which manifests record."""
     choice = choose_threads(setting)
@@ -128,7 +129,7 @@ def gemm_gflops(m: int, k: int, n: int, min_seconds: float, dtype: torch.dtype =
     return 2 * m * n * k * repeats / seconds / 1e9
 
 
-def choose_threads(setting: "int | str") -> dict:
+def choose_threads(setting: int | str) -> dict:
     """The torch thread count for `threads:` in the run config, and how it was chosen.
 
     An integer is used as given. `auto`: $OMP_NUM_THREADS when set (as `accelerate launch`

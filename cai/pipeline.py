@@ -16,6 +16,7 @@ resumes; one completed with other settings is an error unless `force` moves it a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -227,10 +228,8 @@ def _versions() -> dict:
 
     out = {"python": platform.python_version()}
     for package in ("cai", "torch", "transformers", "trl", "datasets", "accelerate"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[package] = md.version(package)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 
@@ -485,7 +484,8 @@ def prompt_problems(run: RunConfig, names: list[str]) -> list[Problem]:
     if "train" in needs and not splits.red_team_train:
         users = ", ".join(n for n in names if PROMPT_STAGES.get(n) == "train")
         problems.append(run.source.problem(("prompts", "eval_fraction"), (
-            f"'prompts.eval_fraction': no red-team training prompts for {users}: every prompt of {run.prompts.red_team} "
+            f"'prompts.eval_fraction': no red-team training prompts for {users}: every prompt of "
+            f"{run.prompts.red_team} "
             f"falls in the eval split (eval_fraction {fraction}); add prompts or lower eval_fraction")))
     own_prompts = (run.stages.get("evaluate") or {}).get("prompts")  # evaluate.prompts: files instead of the split
     if "eval" in needs and not splits.red_team_eval + splits.helpful_eval and not own_prompts:

@@ -315,7 +315,8 @@ def degraded_scoring_note(scoring) -> str:
 
 # What the evaluation tables show per prompt kind: (figure, column name, percent).
 KIND_FIGURES = {
-    "red_team": [("reward", "Reward", False), ("win_rate", "Win rate (harmless)", True), ("elo", "Elo (harmless)", False),
+    "red_team": [("reward", "Reward", False), ("win_rate", "Win rate (harmless)", True),
+                 ("elo", "Elo (harmless)", False),
                  ("refusal", "Refusal", True), ("evasive", "Evasive", True), ("words", "Words", False)],
     "helpful": [("win_rate", "Win rate (helpful)", True), ("elo", "Elo (helpful)", False),
                 ("refusal", "Over-refusal", True), ("evasive", "Evasive", True), ("reward", "Reward", False),
@@ -434,7 +435,8 @@ def evaluation_section(results: dict | None) -> str:
     paired = results.get("paired") or {}
     kinds = results.get("kinds", [])
     sources = results.get("prompt_sources") or {}
-    body = (f"<p>Evaluation prompts: {', '.join(f'{fmt(n)} {esc(KIND_NAMES.get(k, k))}' for k, n in results['prompts'].items() if k != 'all')}"
+    counts = ", ".join(f"{fmt(n)} {esc(KIND_NAMES.get(k, k))}" for k, n in results["prompts"].items() if k != "all")
+    body = (f"<p>Evaluation prompts: {counts}"
             + (f" ({esc('; '.join(sources.values()))})" if sources else "") + ". "
             f"Answers generated with at most {fmt(results['generation']['max_new_tokens'])} new tokens, "
             f"temperature {fmt(results['generation']['temperature'])}.</p>")
@@ -444,7 +446,8 @@ def evaluation_section(results: dict | None) -> str:
                                                        f"also training prompts" for k, n in overlap.items()))
                  + ".</p>")
     if results.get("skipped"):
-        body += "<p class='note'>Not evaluated: " + esc("; ".join(f"{k}: {v}" for k, v in results["skipped"].items())) + "</p>"
+        skipped = "; ".join(f"{k}: {v}" for k, v in results["skipped"].items())
+        body += "<p class='note'>Not evaluated: " + esc(skipped) + "</p>"
     bootstrap = results.get("bootstrap")
     if bootstrap:
         body += (f"<p class='note'>Brackets: 95 % bootstrap intervals over prompts ({fmt(bootstrap['resamples'])} "
@@ -642,7 +645,8 @@ def label_section(run_dir: Path) -> str:
     rows = [[f"<td>{esc(k)}</td>", td(v, percent=k.startswith(("Share", "Orders")))] for k, v in facts]
     body = table(["Soft labels", "Value"], rows)
     if modes or judges:
-        body += f"<p class='note'>Feedback model: {esc(', '.join(judges) or '?')}; mode: {esc(', '.join(modes) or '?')}.</p>"
+        body += (f"<p class='note'>Feedback model: {esc(', '.join(judges) or '?')}; "
+                 f"mode: {esc(', '.join(modes) or '?')}.</p>")
     manifest = read_json(run_dir / "label" / "manifest.json") or {}
     body += degraded_scoring_note((manifest.get("counts") or {}).get("judge_scoring"))
     body += ("<p class='note'>p_chosen is the judge's probability that the chosen answer is better, both orders "

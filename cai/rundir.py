@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from cai import distributed
 
@@ -111,7 +112,7 @@ class StageDir:
         stage saved with merge_adapter: false); None when it has neither."""
         return next((self.path / name for name in ("model", "adapter") if (self.path / name).exists()), None)
 
-    def require(self, what: str = "") -> "StageDir":
+    def require(self, what: str = "") -> StageDir:
         """Fail clearly when a stage this one reads from has not run."""
         if not self.complete():
             hint = f" ({what})" if what else ""

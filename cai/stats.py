@@ -20,8 +20,8 @@ noise. Resamples are seeded: the same rows give the same intervals.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ["OMP_NUM_THREADS"] = "1"  # `threads: auto` reads it: tests pin one thread, no probe
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)
 

@@ -42,9 +42,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 # The request fields this server understands. Anything else is rejected with a 400 that
 # names the field, so a client typo fails loudly instead of being silently ignored.
@@ -479,7 +479,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- routes --------------------------------------------------------------------------
 
-    def do_GET(self):  # noqa: N802 - http.server's naming
+    def do_GET(self):
         path = self.path.split("?", 1)[0]
         if path == "/health":
             self._send(200, {"status": "ok"})
@@ -496,7 +496,7 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._not_found()
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         path = self.path.split("?", 1)[0]
         try:
             raw = self._read_body()
@@ -513,7 +513,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._not_found()
         except APIError as exc:
             self._send(exc.status, exc.body())
-        except Exception as exc:  # a bug here should surface as a 500, not a hung client
+        except Exception as exc:  # noqa: BLE001 - a bug here should surface as a 500, not a hung client
             print(f"openai_server: error on {path}: {exc!r}", file=sys.stderr, flush=True)
             self._send(500, error_body(500, f"Internal error: {exc}"))
 

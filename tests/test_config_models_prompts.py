@@ -7,16 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, make_run
 
 from cai import models
-from cai.config import load_config
+from cai.config import PromptsConfig, load_config
 from cai.pipeline import stage_config
 from cai.prompts import in_eval_split, load_source, load_splits
-from cai.config import PromptsConfig
 from cai.yamlio import ValidationError
-
-from conftest import ROOT, SMOKE, make_run
-
 
 # ---------------------------------------------------------------- config
 

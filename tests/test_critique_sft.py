@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import ROOT, make_run
 
 from cai.constitution import load_constitution
 from cai.pipeline import run_stage
 from cai.rundir import read_jsonl
 from cai.stages import critique
-
-from conftest import ROOT, make_run
 
 
 def records(run_dir):

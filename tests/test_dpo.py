@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_run
 
 # Eight pairs; with the default min_confidence 0.55, the first two are too unsure to keep.

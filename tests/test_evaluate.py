@@ -7,6 +7,7 @@ import math
 import random
 
 import pytest
+from conftest import ROOT, make_run
 
 from cai.constitution import DEFAULT_HELPFUL, load_constitution
 from cai.pipeline import run_stage
@@ -16,8 +17,6 @@ from cai.stages import evaluate
 from cai.stages.evaluate import critique_principle_table, group_statistics, judged_principle_table
 from cai.stats import elo
 from cai.yamlio import ValidationError
-
-from conftest import ROOT, make_run
 
 EVAL = ("prompts.max_eval=2", "evaluate.max_new_tokens=8", "evaluate.batch_size=4", "evaluate.few_shot=1",
         "evaluate.temperature=1.0")  # sampled: the tiny model's greedy answers are empty
@@ -73,8 +72,8 @@ def test_evaluate_measures_every_model_on_every_metric(sft_run, monkeypatch):
             inside = row["low"] <= null <= row["high"]
             assert (row["verdict"] == "within noise") == inside, (group, figure, row)
         own = results["per_model"]
-        assert against_base["reward"]["value"] == pytest.approx(own["sft"][group]["reward"] - own["base"][group]["reward"],
-                                                                abs=2e-4)
+        reward_gain = own["sft"][group]["reward"] - own["base"][group]["reward"]
+        assert against_base["reward"]["value"] == pytest.approx(reward_gain, abs=2e-4)
         assert against_base["head_to_head"]["value"] == pytest.approx(
             results["pairwise"][group]["win_rates"]["sft"]["base"], abs=2e-4)
         assert results["paired"][group]["sft"]["base"]["head_to_head"]["null"] == 0.5

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CONVERSATIONS, FIRST, ROOT, SECOND
 
 from cai.constitution import load_constitution
 from cai.engines.hf import TransformersEngine
 from cai.feedback import CONTENT_FREE, Judge
-from conftest import CONVERSATIONS, FIRST, ROOT, SECOND
+
 
 @pytest.fixture(scope="module")
 def constitution():

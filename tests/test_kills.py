@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, SMOKE, kill_mid_chunk, make_run
 
 # Checkpoints at every step, so sft resumes mid-way (save settings enter the config hash:
@@ -113,7 +112,8 @@ def stop_when_waiting(process: subprocess.Popen, hooks: Path, point: str, how: i
     deadline = time.monotonic() + timeout
     while not waiting.exists():
         if process.poll() is not None:
-            raise AssertionError(f"cai run ended (exit {process.returncode}) before {point}:\n{process.log.read_text()}")
+            raise AssertionError(f"cai run ended (exit {process.returncode}) before {point}:\n"
+                                 f"{process.log.read_text()}")
         if time.monotonic() > deadline:
             process.kill()
             raise AssertionError(f"{point} was not reached in {timeout}s")

@@ -8,13 +8,13 @@ import re
 import shutil
 
 import pytest
+from conftest import SMOKE, kill_mid_chunk, make_run
 
 from cai.cli import main
 from cai.feedback import Comparison
 from cai.pipeline import run_stage
 from cai.rundir import read_jsonl
 from cai.stages.label import evaluate_labeler, expected_calibration_error, read_labeled_pairs
-from conftest import SMOKE, kill_mid_chunk, make_run
 
 LABEL = ("label.batch_size=4", "label.max_new_tokens=10", "label.few_shot=1")
 COLUMNS = {"prompt", "chosen", "rejected", "p_chosen", "p_order_ab", "p_order_ba", "principles", "orders_disagree",
@@ -29,7 +29,7 @@ def test_label_writes_soft_labelled_pairs_from_the_sft_policy(sft_run):
     assert counts["comparisons"] + counts["dropped"] == counts["prompts"] == 16  # 8 red-team + 8 helpful
     assert {r["kind"] for r in rows} == {"red_team", "helpful"}
     for row in rows:
-        assert COLUMNS <= set(row)
+        assert set(row) >= COLUMNS
         assert [t["role"] for t in row["prompt"]] == ["user"]
         assert [t["role"] for t in row["chosen"]] == [t["role"] for t in row["rejected"]] == ["assistant"]
         assert row["chosen"][0]["content"] != row["rejected"][0]["content"]

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
-from safetensors import safe_open
-
 from conftest import make_run
+from safetensors import safe_open
 from test_dpo import TINY_DPO, add_label_stage
 from test_rl import TINY_RL, add_reward_stage
 
@@ -20,7 +18,7 @@ SCALE = 8 / 4  # lora_alpha / lora_r
 
 def saved_dtypes(folder) -> set:
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        return {f.get_slice(name).get_dtype() for name in f.keys()}
+        return {f.get_slice(name).get_dtype() for name in f}
 
 
 def state(folder, auto="AutoModelForCausalLM") -> dict:

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from cai.cli import main
 from conftest import ROOT, SMOKE
 from servers import free_port
+
+from cai.cli import main
 
 MULTI_CPU = ROOT / "configs" / "accelerate" / "multi-cpu.yaml"
 DATA_FILES = {"critique": ["records.jsonl", "sft.jsonl", "prefs.jsonl"], "sft": ["helpful.jsonl"],

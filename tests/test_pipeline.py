@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from cai.cli import main
-
 from conftest import SMOKE
+
+from cai.cli import main
 
 
 def test_cai_run_completes_every_stage_then_skips_them_all(tmp_path, capsys):
@@ -66,8 +66,9 @@ def test_logging_saving_and_reporting_settings_do_not_redo_a_completed_stage(sft
     assert main(base + ["--set", "sft.learning_rate=0.5"]) == 1  # a result setting: refused without --force
     assert "with other settings" in capsys.readouterr().err
     named = load_config(SMOKE, [f"run_dir={sft_run}", "run_name=ablation-3"])
-    from cai.training import trl_config
     from trl import SFTConfig
+
+    from cai.training import trl_config
 
     assert trl_config(prepare(named, "sft"), SFTConfig).run_name == "ablation-3"  # once, for every training stage
 
@@ -75,10 +76,10 @@ def test_logging_saving_and_reporting_settings_do_not_redo_a_completed_stage(sft
 def test_a_stage_that_failed_before_keeping_any_work_does_not_block_a_retry(sft_run, monkeypatch, capsys):
     import shutil
 
+    from conftest import make_run
     from trl import DPOTrainer
 
     from cai.pipeline import run_stage
-    from conftest import make_run
 
     shutil.rmtree(sft_run / "sft")  # dpo needs label; build the chain on the tiny run
     run = make_run(sft_run)

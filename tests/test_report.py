@@ -12,13 +12,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from conftest import make_run
 
 from cai.cli import main
 from cai.pipeline import run_stage
 from cai.report import write_report
 from cai.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl
-
-from conftest import make_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 INJECTED = "<script>alert('x')</script><b>bold?</b>"
@@ -58,7 +57,8 @@ def evaluated_run(sft_run_template, tmp_path_factory) -> Path:
                       [{"step": s, "loss": 0.1 / s, "reward": 0.2 * s, "kl": 0.01 * s,
                         "completions/mean_length": 10.0 + s, "learning_rate": 1e-5} for s in (1, 2, 3)])
     atomic_write_jsonl(run_dir / "label" / "prefs.jsonl",
-                       [{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
+                       [{"prompt": [{"role": "user", "content": "q"}],
+                         "chosen": [{"role": "assistant", "content": "a"}],
                          "rejected": [{"role": "assistant", "content": "b"}], "p_chosen": p, "p_order_ab": p,
                          "p_order_ba": 1 - p if p > 0.7 else p, "principles": ["less-violent"],
                          "feedback_model": "builtin:tiny",

@@ -9,15 +9,20 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_run
 
 from cai import models
 from cai.pipeline import run_stage
 from cai.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl
-from cai.stages.reward import (RewardScorer, SoftLabelRewardTrainer, held_out, preference_metrics,
-                               preference_pairs, soft_label_loss)
+from cai.stages.reward import (
+    RewardScorer,
+    SoftLabelRewardTrainer,
+    held_out,
+    preference_metrics,
+    preference_pairs,
+    soft_label_loss,
+)
 from cai.yamlio import ValidationError
-
-from conftest import make_run
 
 TRAIN = ("reward.num_train_epochs=2", "reward.per_device_train_batch_size=4", "reward.learning_rate=1.0e-3",
          "reward.eval_fraction=0.3", "reward.mix_critique_pairs=false")
@@ -109,8 +114,9 @@ def test_the_held_out_split_is_by_prompt_and_not_the_prompt_split():
 # ---------------------------------------------------------------- training
 
 
-WORDS = ("the assistant answers question helpfully honestly harmful ethical polite friendly person "
-         "response conversation python function list numbers poem sea capital france photosynthesis").split()
+WORDS = ["the", "assistant", "answers", "question", "helpfully", "honestly", "harmful", "ethical", "polite",
+         "friendly", "person", "response", "conversation", "python", "function", "list", "numbers", "poem", "sea",
+         "capital", "france", "photosynthesis"]
 
 
 def toy_pairs(seed: int, n: int) -> list[dict]:

@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import make_run
 
 # A few steps with 8-token answers: enough to see the policy move and the logs fill.
@@ -154,11 +153,12 @@ def test_the_reward_model_is_logged_under_its_name_and_recorded(rl_run):
 
 @pytest.fixture(scope="module")
 def judge_reward():
+    from conftest import ROOT
+
     from cai.constitution import load_constitution
     from cai.engines.hf import TransformersEngine
     from cai.feedback import Judge
     from cai.stages.rl import JudgeReward
-    from conftest import ROOT
 
     judge = Judge(TransformersEngine.from_spec("builtin:tiny", device="cpu", batch_size=4), few_shot=2)
     return JudgeReward(judge, load_constitution(ROOT / "constitutions" / "harmless.yaml"), seed=0)
@@ -168,8 +168,9 @@ def test_the_judge_reward_is_p_good_from_both_option_orders(judge_reward, monkey
     """What TRL passes a reward function for a conversational dataset: prompts and
     completions as chat turns. Each answer's reward is P(Yes) averaged over the two option
     orders, read from the model's own next-token logits."""
-    from cai.feedback import comparison_key, draw_principles
     from conftest import CONVERSATIONS, FIRST, SECOND
+
+    from cai.feedback import comparison_key, draw_principles
 
     judge, constitution = judge_reward.judge, judge_reward.constitution
     asked, score = [], judge.option_probabilities
@@ -225,9 +226,10 @@ def test_judge_settings_enter_the_hash_only_when_the_judge_is_the_reward(rl_run)
 
 
 def test_cai_run_with_the_judge_as_reward_trains_no_reward_model(tmp_path):
+    from conftest import SMOKE
+
     from cai.config import load_config
     from cai.pipeline import default_stages
-    from conftest import SMOKE
 
     def stages(*overrides, without=()):
         run = load_config(SMOKE, [f"run_dir={tmp_path}", *overrides])

@@ -9,6 +9,8 @@ import shutil
 
 import pytest
 import torch
+from conftest import CONVERSATIONS, FIRST, ROOT, SECOND, SMOKE
+from servers import start_test_server, start_transformers_serve
 
 from cai.cli import main
 from cai.config import load_config
@@ -18,8 +20,7 @@ from cai.engines.hf import TransformersEngine
 from cai.engines.openai import OpenAIEngine, ServerConfig
 from cai.feedback import Judge
 from cai.rundir import read_jsonl
-from conftest import CONVERSATIONS, FIRST, ROOT, SECOND, SMOKE
-from servers import start_test_server, start_transformers_serve
+
 
 @pytest.fixture(scope="module")
 def lively_model(tmp_path_factory):

@@ -7,8 +7,18 @@ import math
 import numpy as np
 import pytest
 
-from cai.stats import (EloStatistics, Estimate, Resampler, bootstrap_mean, bradley_terry_elo, elo, mean_of,
-                       outcome_tables, paired_difference, verdict)
+from cai.stats import (
+    EloStatistics,
+    Estimate,
+    Resampler,
+    bootstrap_mean,
+    bradley_terry_elo,
+    elo,
+    mean_of,
+    outcome_tables,
+    paired_difference,
+    verdict,
+)
 
 
 def test_the_interval_of_a_mean_has_the_width_the_normal_approximation_gives():

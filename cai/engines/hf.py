@@ -101,7 +101,7 @@ class TransformersEngine(Engine):
 
     @classmethod
     def from_spec(cls, spec: str, device: str = "auto", batch_size: int = 8, name: str = "",
-                  options: "models.ModelOptions | None" = None) -> "TransformersEngine":
+                  options: models.ModelOptions | None = None) -> TransformersEngine:
         """Weights from a model spec (an adapter folder is merged onto its base), loaded
         with the options' dtype, attention and revision (never quantised: it only generates)."""
         tokenizer = models.load_tokenizer(spec, padding_side="left")
@@ -247,7 +247,8 @@ class TransformersEngine(Engine):
                 both = self.tokenizer(tail + option, add_special_tokens=False)["input_ids"]
                 if both[:len(before)] != before or len(both) != len(before) + 1:
                     raise ValueError(f"the model's tokenizer does not split {tail + option!r} into {tail!r} plus one "
-                                     f"token for {option!r} (got ids {both}); option scoring needs single-token options")
+                                     f"token for {option!r} (got ids {both}); option scoring needs single-token "
+                                     "options")
                 ids.append(both[-1])
             if len(set(ids)) != len(ids):
                 raise ValueError(f"the tokenizer maps the options {list(options)} to the same token ids {ids}")

@@ -34,11 +34,11 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
-from cai.config import setting
 from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
+from cai.config import setting
 from cai.engines import Engine, Sampling, is_degenerate
 from cai.rundir import atomic_write_jsonl
 

@@ -67,8 +67,8 @@ from typing import Literal
 import numpy as np
 
 from cai import distributed
-from cai.config import setting
 from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
+from cai.config import setting
 from cai.engines import Sampling
 from cai.refusals import REFUSAL_WINDOW, is_evasive, refusal_kind
 from cai.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from cai.config import setting
 from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
+from cai.config import setting
 from cai.engines import Engine, Sampling, is_degenerate, is_server, server_name
 from cai.rundir import atomic_write_json
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812 - torch's own convention
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference, suppress_seqcls_warning
 
@@ -141,7 +141,7 @@ class RewardScorer:
 
     @classmethod
     def from_path(cls, path: str, device: str = "auto", batch_size: int = 8,
-                  options: models.ModelOptions | None = None) -> "RewardScorer":
+                  options: models.ModelOptions | None = None) -> RewardScorer:
         tokenizer = models.load_tokenizer(path)
         model = models.load_reward_model(path, tokenizer, options).to(models.device_for(device)).eval()
         return cls(model, tokenizer, batch_size)

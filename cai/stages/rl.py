@@ -62,7 +62,7 @@ from cai.config import setting
 from cai.yamlio import Problem
 
 
-def UPSTREAM(cfg: "Config") -> tuple[str, ...]:
+def UPSTREAM(cfg: Config) -> tuple[str, ...]:
     """The stages whose outputs rl reads (their hashes enter its own): the SFT policy and
     the reward model, or with `reward: judge` the policy and the judge's stage, if it is one."""
     if cfg.reward == "reward_model":
@@ -302,7 +302,7 @@ def run(ctx) -> dict:
 # ---------------------------------------------------------------- the judge as the reward (d-RLAIF)
 
 
-def judge_reward(ctx, cfg: Config) -> "JudgeReward":
+def judge_reward(ctx, cfg: Config) -> JudgeReward:
     """The rl section's feedback model as a TRL reward function, on its engine."""
     from cai.feedback import Judge
     from cai.stages.label import judge_scoring, model_name
