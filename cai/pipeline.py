@@ -487,11 +487,30 @@ def prompt_problems(run: RunConfig, names: list[str]) -> list[Problem]:
             f"'prompts.eval_fraction': no red-team training prompts for {users}: every prompt of "
             f"{run.prompts.red_team} "
             f"falls in the eval split (eval_fraction {fraction}); add prompts or lower eval_fraction")))
-    own_prompts = (run.stages.get("evaluate") or {}).get("prompts")  # evaluate.prompts: files instead of the split
-    if "eval" in needs and not splits.red_team_eval + splits.helpful_eval and not own_prompts:
+    if "eval" in needs:
+        problems += eval_split_problems(run, splits)
+    return problems
+
+
+def eval_split_problems(run: RunConfig, splits) -> list[Problem]:
+    """Every kind evaluate measures has held-out prompts: red-team prompts (harmlessness)
+    and, when `prompts.helpful` is set, helpful ones (helpfulness). A kind whose split is
+    empty is refused, never dropped from the results in silence; a file in
+    `evaluate.prompts.KIND` replaces that kind's split (its own checks are evaluate's)."""
+    own = (run.stages.get("evaluate") or {}).get("prompts")
+    own = own if isinstance(own, dict) else {}
+    fraction = run.prompts.eval_fraction
+    held_out = {"red_team": (run.prompts.red_team, splits.red_team_eval),
+                "helpful": (run.prompts.helpful, splits.helpful_eval)}
+    problems = []
+    for kind, (source, prompts) in held_out.items():
+        if source is None or kind in own or prompts:
+            continue
+        measure = "harmlessness" if kind == "red_team" else "helpfulness"
         problems.append(run.source.problem(("prompts", "eval_fraction"), (
-            f"'prompts.eval_fraction': no held-out prompts for evaluate: eval_fraction {fraction} puts none of "
-            f"the prompts in the eval split; raise it, add prompts, or name prompt files in evaluate.prompts")))
+            f"'prompts.eval_fraction': no held-out {kind} prompts for evaluate ({measure} would not be measured): "
+            f"eval_fraction {fraction} puts none of the prompts of {source} in the eval split; raise it, add "
+            f"prompts, or name a prompt file in evaluate.prompts.{kind}")))
     return problems
 
 

@@ -15,6 +15,12 @@ prompt-to-prompt variation both models share (an easy prompt, a hard one) cancel
 difference is called better or worse only when its interval excludes the null value
 (0 for a difference, 0.5 for a head-to-head win probability); otherwise it is within
 noise. Resamples are seeded: the same rows give the same intervals.
+
+No verdict comes from too little: with fewer than `MIN_PROMPTS` prompts the bootstrap
+interval is too narrow to trust (with one prompt it has zero width whatever the
+difference), so the verdict is "too few to compare"; an interval with a non-finite end
+(a figure no resample could compute) gives "no interval". A zero-width interval over
+`MIN_PROMPTS` or more prompts is a real result: every prompt moved by the same amount.
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ import numpy as np
 RESAMPLES = 2000  # bootstrap draws: the interval ends move by well under 1 % of their width between seeds
 LEVEL = 0.95
 ANCHOR_ELO = 1000.0
+# The fewest prompts a verdict may rest on. Below ~10 the percentile bootstrap's interval
+# undercovers badly (Efron & Tibshirani 1993, ch. 13): a handful of prompts resampled
+# cannot show how another draw of prompts would differ.
+MIN_PROMPTS = 10
+TOO_FEW = "too few to compare"
 
 # A statistic maps prompt weights (resamples x prompts) to one value per resample.
 Statistic = Callable[[np.ndarray], np.ndarray]
@@ -41,10 +52,16 @@ class Estimate:
     low: float
     high: float
     null: float = 0.0  # the value meaning "no difference": 0 for differences, 0.5 for win probabilities
+    n: int = 0  # the prompts behind the interval; 0 = unknown (no verdict)
+
+    @property
+    def measured(self) -> bool:
+        """Enough prompts, and an interval with finite ends: a verdict may be given."""
+        return self.n >= MIN_PROMPTS and math.isfinite(self.low) and math.isfinite(self.high)
 
     @property
     def significant(self) -> bool:
-        return self.low > self.null or self.high < self.null
+        return self.measured and (self.low > self.null or self.high < self.null)
 
     def as_dict(self, digits: int = 4) -> dict:
         return {"value": _round(self.value, digits), "low": _round(self.low, digits),
@@ -57,7 +74,12 @@ def _round(value: float, digits: int) -> float:
 
 def verdict(estimate: Estimate, higher_is_better: bool | None = True) -> str:
     """"better" / "worse" when the interval excludes the null value, else "within noise".
-    A figure with no good direction (length) is "higher" / "lower" instead."""
+    A figure with no good direction (length) is "higher" / "lower" instead. Fewer than
+    `MIN_PROMPTS` prompts: "too few to compare"; a non-finite interval: "no interval"."""
+    if estimate.n < MIN_PROMPTS:
+        return TOO_FEW
+    if not estimate.measured:
+        return "no interval"
     if not estimate.significant:
         return "within noise"
     up = estimate.low > estimate.null
@@ -88,7 +110,7 @@ class Resampler:
     def estimate(self, statistic: Statistic, null: float = 0.0) -> Estimate:
         """The statistic on all prompts, and its percentile interval over the resamples."""
         value = float(statistic(np.ones((1, self.n)))[0])
-        return Estimate(value, *self._interval(statistic(self.counts)), null=null)
+        return Estimate(value, *self._interval(statistic(self.counts)), null=null, n=self.n)
 
     def difference(self, first: Statistic, second: Statistic) -> Estimate:
         """first - second, both computed on the same resampled prompts (paired)."""

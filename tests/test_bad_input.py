@@ -197,7 +197,7 @@ SET_CASES = [
     ("prompts-extension", ["prompts.red_team={file}"], "expected a .jsonl or .txt file or a datasets folder"),
     ("prompts-plain-folder", ["prompts.red_team={folder}"], "is not a datasets folder"),
     ("prompts-nothing-to-train", ["prompts.eval_fraction=0.999999"], "no red-team training prompts for critique"),
-    ("prompts-nothing-to-evaluate", ["prompts.eval_fraction=0"], "no held-out prompts for evaluate"),
+    ("prompts-nothing-to-evaluate", ["prompts.eval_fraction=0"], "no held-out red_team prompts for evaluate"),
 ]
 
 

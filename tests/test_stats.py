@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from cai.stats import (
+    MIN_PROMPTS,
+    TOO_FEW,
     EloStatistics,
     Estimate,
     Resampler,
@@ -33,7 +35,7 @@ def test_the_interval_of_a_mean_has_the_width_the_normal_approximation_gives():
 def test_intervals_are_seeded_and_constant_values_have_no_spread():
     values = [0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
     assert bootstrap_mean(values, seed=3) == bootstrap_mean(values, seed=3)
-    assert bootstrap_mean([0.25] * 10) == Estimate(0.25, 0.25, 0.25)
+    assert bootstrap_mean([0.25] * 10) == Estimate(0.25, 0.25, 0.25, n=10)
 
 
 def test_a_known_difference_is_detected_and_identical_models_are_within_noise():
@@ -73,12 +75,30 @@ def test_without_a_true_difference_the_interval_covers_zero_about_95_percent_of_
 
 
 def test_verdicts_name_a_direction_only_outside_the_null():
-    assert verdict(Estimate(0.2, 0.1, 0.3)) == "better"
-    assert verdict(Estimate(0.2, 0.1, 0.3), higher_is_better=False) == "worse"
-    assert verdict(Estimate(-5.0, -9.0, -1.0), higher_is_better=None) == "lower"
-    assert verdict(Estimate(0.1, -0.1, 0.3)) == "within noise"
-    assert verdict(Estimate(0.7, 0.55, 0.85, null=0.5)) == "better"  # a win probability against 0.5
-    assert verdict(Estimate(0.6, 0.45, 0.75, null=0.5)) == "within noise"
+    n = MIN_PROMPTS
+    assert verdict(Estimate(0.2, 0.1, 0.3, n=n)) == "better"
+    assert verdict(Estimate(0.2, 0.1, 0.3, n=n), higher_is_better=False) == "worse"
+    assert verdict(Estimate(-5.0, -9.0, -1.0, n=n), higher_is_better=None) == "lower"
+    assert verdict(Estimate(0.1, -0.1, 0.3, n=n)) == "within noise"
+    assert verdict(Estimate(0.7, 0.55, 0.85, null=0.5, n=n)) == "better"  # a win probability against 0.5
+    assert verdict(Estimate(0.6, 0.45, 0.75, null=0.5, n=n)) == "within noise"
+
+
+@pytest.mark.parametrize(("first", "second", "expected"), [
+    ([0.5001], [0.5], TOO_FEW),  # one prompt: a zero-width interval, whatever the difference
+    ([1.0, 1.2, 0.9], [0.0, 0.1, 0.0], TOO_FEW),  # a few prompts, all one way: still no verdict
+    ([1.0] * (MIN_PROMPTS - 1), [0.0] * (MIN_PROMPTS - 1), TOO_FEW),
+    ([1.0] * MIN_PROMPTS, [0.0] * MIN_PROMPTS, "better"),  # every prompt moved the same way: a real result
+    ([0.2, 0.4] * MIN_PROMPTS, [0.3, 0.3] * MIN_PROMPTS, "within noise"),
+])
+def test_no_verdict_from_one_or_a_few_prompts(first, second, expected):
+    assert verdict(paired_difference(first, second)) == expected
+
+
+def test_an_interval_without_finite_ends_or_a_count_gives_no_verdict():
+    assert verdict(Estimate(0.2, float("nan"), float("nan"), n=MIN_PROMPTS)) == "no interval"
+    assert verdict(Estimate(0.2, 0.1, 0.3)) == TOO_FEW  # how many prompts is unknown
+    assert not Estimate(0.2, 0.1, 0.3, n=3).significant
 
 
 def test_paired_values_must_belong_to_the_same_prompts():
@@ -106,7 +126,7 @@ def test_elo_intervals_over_prompts_separate_a_clearly_better_model():
     resampler = Resampler(n, resamples=500, seed=0)
     statistics = EloStatistics(wins, games, anchor=0)
     sft = resampler.estimate(statistics.of(1))
-    assert sft.low > 1000 and verdict(Estimate(sft.value - 1000, sft.low - 1000, sft.high - 1000)) == "better"
+    assert sft.low > 1000 and verdict(Estimate(sft.value - 1000, sft.low - 1000, sft.high - 1000, n=n)) == "better"
     anchor = resampler.estimate(statistics.of(0))
     assert (anchor.value, anchor.low, anchor.high) == pytest.approx((1000.0, 1000.0, 1000.0))
     # the Elo difference and the mean outcome are statistics of the same resamples

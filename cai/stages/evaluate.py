@@ -37,6 +37,7 @@ appended pair by pair), `rewards.jsonl`, `revision_rewards.jsonl` and `results.j
 
     run, models, specs, skipped, kinds            what was evaluated
     prompts {red_team, helpful, all}              prompts per group
+    too_few_to_compare {group: n}                 groups under cai.stats.MIN_PROMPTS prompts: no verdicts
     prompt_sources {kind: text}                   the held-out split, or an evaluate.prompts file
     prompts_in_training {kind: n}                 evaluate.prompts rows that are also training prompts
     judge_principles {kind: {set, ids, from}}     the principles the judge drew from, per kind
@@ -53,7 +54,8 @@ appended pair by pair), `rewards.jsonl`, `revision_rewards.jsonl` and `results.j
 
 A verdict is "better" / "worse" (or "higher" / "lower" for a figure without a good
 direction: length, partial refusals, the refusal rate over all prompts) when the
-interval excludes the null value, else "within noise". On red-team prompts a higher
+interval excludes the null value, else "within noise"; a group of fewer than
+`cai.stats.MIN_PROMPTS` prompts gets "too few to compare" instead of any verdict. On red-team prompts a higher
 refusal rate counts as better (harmlessness); on helpful prompts as worse (over-refusal).
 """
 
@@ -73,7 +75,18 @@ from cai.engines import Sampling
 from cai.refusals import REFUSAL_WINDOW, is_evasive, refusal_kind
 from cai.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl
 from cai.stages.label import calibrated, judge_scoring
-from cai.stats import ANCHOR_ELO, LEVEL, RESAMPLES, EloStatistics, Estimate, Resampler, mean_of, verdict
+from cai.stats import (
+    ANCHOR_ELO,
+    LEVEL,
+    MIN_PROMPTS,
+    RESAMPLES,
+    TOO_FEW,
+    EloStatistics,
+    Estimate,
+    Resampler,
+    mean_of,
+    verdict,
+)
 
 # The stages whose outputs evaluate reads (a stage that has not run hashes as None):
 # the models, the reward model, and critique and label for the per-principle table.
@@ -359,7 +372,7 @@ def pairwise_tables(names: list[str], comparisons: list[dict]) -> dict:
 def _rounded(estimate: Estimate, figure: str) -> Estimate:
     digits = 1 if figure == "elo" else 4
     return Estimate(*(round(v, digits) + 0.0 if np.isfinite(v) else float(v)  # + 0.0: no "-0"
-                      for v in (estimate.value, estimate.low, estimate.high)), null=estimate.null)
+                      for v in (estimate.value, estimate.low, estimate.high)), null=estimate.null, n=estimate.n)
 
 
 def group_statistics(names: list[str], anchor: str, answers: dict, comparisons: list[dict], ids: list[str],
@@ -522,7 +535,9 @@ def format_summary(results: dict) -> str:
     lines = []
     for kind in results["kinds"]:
         title = "harmlessness, red-team prompts" if kind == "red_team" else "helpfulness, helpful prompts"
-        lines.append(f"{title} ({results['prompts'][kind]}), 95% intervals:")
+        n = results["prompts"][kind]
+        few = f"; {TOO_FEW}: verdicts need at least {MIN_PROMPTS} prompts" if n < MIN_PROMPTS else ""
+        lines.append(f"{title} ({n}), 95% intervals{few}:")
         for name in results["models"]:
             figures = results["per_model"][name][kind]
             shown = []
@@ -561,6 +576,12 @@ def run(ctx) -> dict:
     for name, why in skipped.items():
         print(f"[cai] evaluate: skipping {name} ({why})")
     names = list(models)
+    for kind in KINDS:
+        n = sum(p.kind == kind for p in prompts)
+        if 0 < n < MIN_PROMPTS:
+            print(f"[cai] evaluate: only {n} {kind} prompt(s) ({sources[kind]}): their figures are computed, "
+                  f"but with fewer than {MIN_PROMPTS} every comparison is '{TOO_FEW}' (raise prompts.max_eval or "
+                  f"prompts.eval_fraction, or name a longer file in evaluate.prompts.{kind})")
 
     generations = generate_answers(ctx, cfg, models, prompts)
     answers = {name: {r["id"]: r for r in generations if r["model"] == name} for name in names}
@@ -589,6 +610,7 @@ def run(ctx) -> dict:
                 "constitution_name": ctx.constitution.name, "seed": ctx.run.seed},
         "models": names, "specs": models, "skipped": skipped, "kinds": kinds,
         "prompts": {group: len(ids) for group, ids in groups.items()},
+        "too_few_to_compare": {group: len(ids) for group, ids in groups.items() if len(ids) < MIN_PROMPTS},
         "prompt_sources": sources,
         "prompts_in_training": {kind: sum(p.id in training for p in prompts if p.kind == kind)
                                 for kind in cfg.prompts if kind in kinds},
