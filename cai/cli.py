@@ -38,25 +38,28 @@ def _load(args):
 
 def cmd_stage(args) -> int:
     from cai.pipeline import check_servers, run_stage, validate
+    from cai.rundir import RunLock
 
     run = _load(args)
     validate(run, [args.command])
     check_servers(run, [args.command])
-    run_stage(run, args.command, force=args.force)
+    with RunLock(run.path, f"cai {args.command}"):
+        run_stage(run, args.command, force=args.force)
     return 0
 
 
 def cmd_run(args) -> int:
+    from cai import distributed
     from cai.pipeline import run_pipeline
+    from cai.rundir import RunLock
 
     run = _load(args)
-    run_pipeline(run, start=args.start, until=args.until, force=args.force)
-    from cai import distributed
+    with RunLock(run.path, "cai run"):
+        run_pipeline(run, start=args.start, until=args.until, force=args.force)
+        if distributed.is_main() and (run.path / "evaluate" / "manifest.json").exists():
+            from cai.report import write_report
 
-    if distributed.is_main() and (run.path / "evaluate" / "manifest.json").exists():
-        from cai.report import write_report
-
-        print(f"[cai] report: {write_report(run.path)}")
+            print(f"[cai] report: {write_report(run.path)}")
     return 0
 
 

@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 
 from cai.config import setting
+from cai.rundir import follow_umask
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,7 @@ def _atomic_build(target: Path, build) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         build(tmp)
+        follow_umask(tmp)  # mkdtemp's folder is 0700: the model cache may be shared
         try:
             tmp.rename(target)
         except OSError:  # another process won the race

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cai import distributed
 from cai.models import ModelOptions, cuda_usable
-from cai.rundir import atomic_write_json, atomic_write_text
+from cai.rundir import atomic_write_json, atomic_write_text, follow_umask, writing
 
 
 def trl_config(ctx, cls, stage_defaults: dict | None = None):
@@ -155,13 +155,17 @@ def train_and_save(trainer, ctx, model_dir: str = "model", base: str = "", data:
     `keep_checkpoints`). `base`: the spec the stage trained from; `data`: {file: rows}
     it trained on (both for the model card)."""
     main = distributed.is_main()
-    checkpoint = distributed.broadcast(resume_checkpoint(Path(trainer.args.output_dir), ctx.name) if main else None)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    output_dir = Path(trainer.args.output_dir)
+    checkpoint = distributed.broadcast(resume_checkpoint(output_dir, ctx.name) if main else None)
+    with writing(output_dir):  # a checkpoint save that fails (disk full) names the checkpoints folder
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     saved = save_trained_model(trainer, ctx, model_dir, base, data or {})
     atomic_write_json(ctx.dir / "log_history.json", trainer.state.log_history)
     options = getattr(ctx, "model_options", None) or ModelOptions()
     if main and not options.keep_checkpoints:
-        shutil.rmtree(trainer.args.output_dir, ignore_errors=True)  # the model is saved: they only cost disk
+        shutil.rmtree(output_dir, ignore_errors=True)  # the model is saved: they only cost disk
+    elif main and output_dir.is_dir():
+        follow_umask(output_dir)  # kept checkpoints: readable like the model
     distributed.barrier()
     return {"train_loss": round(result.training_loss, 6), "global_steps": trainer.state.global_step,
             "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2), **saved}
@@ -261,10 +265,17 @@ def _write_folder(target: Path, write) -> None:
     if distributed.is_main():
         shutil.rmtree(staging, ignore_errors=True)
         staging.parent.mkdir(parents=True, exist_ok=True)
-    write(staging)
-    if distributed.is_main():
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+    with writing(staging):
+        try:
+            write(staging)
+            if distributed.is_main():
+                follow_umask(staging)  # safetensors writes its files 0600
+                shutil.rmtree(target, ignore_errors=True)
+                staging.rename(target)
+        except BaseException:
+            if distributed.is_main():
+                shutil.rmtree(staging, ignore_errors=True)  # a failed save leaves no half folder
+            raise
 
 
 def align_pad_token(model, tokenizer) -> None:
