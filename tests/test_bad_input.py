@@ -23,9 +23,11 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
 DEEP_FLOW = "[" * 3000 + "]" * 3000
 DEEP_BLOCK = "".join("  " * i + f"k{i}:\n" for i in range(150)) + "  " * 150 + "v\n"
+# Tests pin cai's words, never a library's sentence (PyYAML's, TRL's), which changes between
+# releases: where cai passes a library's reason through, the test asserts cai's part of the
+# message (its prefix, the key, the value), exit 2, FILE:LINE and that nothing was written.
 # Deep flow nesting: cai refuses past 100 levels, but PyYAML >= 6.0.4's own parser may stop
-# first; cai then reports it as a "YAML syntax error". Either way the words are cai's, and
-# the test never pins the library's sentence (issue 15).
+# first; cai then reports it as a "YAML syntax error".
 TOO_DEEP = re.compile(r"nested more than 100 levels|YAML syntax error")
 
 
@@ -108,8 +110,8 @@ SET_CASES = [
     ("prompts-max-red-team-0", ["prompts.max_red_team=0"], "'prompts.max_red_team' must be at least 1"),
     # TRL values: types, ranges, then the config object built as the stage builds it
     ("sft-lr-abc", ["sft.learning_rate=abc"], "'sft.learning_rate' must be float, got str 'abc'"),
-    ("sft-scheduler-typo", ["sft.lr_scheduler_type=cosinee"], "'sft.lr_scheduler_type': cosinee is not a valid"),
-    ("reward-optim-typo", ["reward.optim=adamw_foo"], "'reward.optim': adamw_foo is not a valid"),
+    ("sft-scheduler-typo", ["sft.lr_scheduler_type=cosinee"], re.compile(r"'sft\.lr_scheduler_type': .*cosinee")),
+    ("reward-optim-typo", ["reward.optim=adamw_foo"], re.compile(r"'reward\.optim': .*adamw_foo")),
     ("sft-batch-0", ["sft.per_device_train_batch_size=0"], "'sft.per_device_train_batch_size' must be at least 1"),
     ("dpo-accumulation-0", ["dpo.gradient_accumulation_steps=0"], "'dpo.gradient_accumulation_steps' must be"),
     ("rl-mini-batches-0", ["rl.num_mini_batches=0"], "'rl.num_mini_batches' must be at least 1"),
@@ -343,8 +345,8 @@ FILE_CASES = [
      "unsupported YAML"),
     ("unclosed-bracket", smoke("  max_eval: 4\n", "  max_eval: [4\n"), "\ncritique:", 1, "YAML syntax error"),
     ("tab-indent", smoke("  few_shot: 1\n", "\tfew_shot: 1\n"), "\tfew_shot", 1, "YAML syntax error"),
-    ("undefined-alias", smoke("seed: 0", "seed: *nothing"), "seed:", 1, "undefined alias"),
-    ("two-documents", smoke(append="---\nseed: 1\n"), "---", 1, "single document"),
+    ("undefined-alias", smoke("seed: 0", "seed: *nothing"), "seed:", 1, "YAML syntax error"),
+    ("two-documents", smoke(append="---\nseed: 1\n"), "---", 1, "YAML syntax error"),
     ("not-a-mapping", "- a\n- b\n", "- a", 1, "a run config must be a mapping"),
     ("nul-character", smoke("seed: 0", "seed: 0\x00"), "seed:", 1, "YAML syntax error"),
     ("bad-range-line", smoke("  batch_size: 4\n", "  batch_size: -4\n"), "  batch_size: -4", 1,
