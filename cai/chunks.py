@@ -59,11 +59,22 @@ class ChunkLedger:
         return key in self.committed
 
     def commit(self, key: str, rows: dict[str, list[dict]]) -> None:
-        """Append a chunk's rows to its files, then record the chunk as committed."""
-        for name, file_rows in rows.items():
-            append_jsonl(self.paths[name], file_rows)
-        sizes = {name: path.stat().st_size if path.exists() else 0 for name, path in self.paths.items()}
-        append_jsonl(self.ledger, [{"chunk": key, "sizes": sizes}])
+        """Append a chunk's rows to its files, then record the chunk as committed. A write
+        that fails (a full disk) cuts every file back to where it was: the files stay as the
+        last committed chunk left them, and the error goes on."""
+        before = {path: path.stat().st_size for path in [*self.paths.values(), self.ledger] if path.exists()}
+        try:
+            for name, file_rows in rows.items():
+                append_jsonl(self.paths[name], file_rows)
+            sizes = {name: path.stat().st_size if path.exists() else 0 for name, path in self.paths.items()}
+            append_jsonl(self.ledger, [{"chunk": key, "sizes": sizes}])
+        except BaseException:
+            if distributed.is_main():
+                for path in [*self.paths.values(), self.ledger]:
+                    if path.exists() and path.stat().st_size > before.get(path, 0):
+                        with open(path, "r+b") as f:  # cutting back needs no space
+                            f.truncate(before.get(path, 0))
+            raise
         self.committed.add(key)
 
     def rows(self, name: str) -> list[dict]:

@@ -164,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\ncai: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - a bug in cai: one line here, the traceback in a file
+        from cai.rundir import WriteError, write_failure
+
+        if (failure := write_failure(err)) is not None:  # a full disk, a folder made read-only: no bug
+            if args.verbose:
+                traceback.print_exc()
+            print(f"cai: error: {WriteError(failure[0] or '?', failure[1])}", file=sys.stderr)
+            return 1
         log_path = _write_traceback()
         if args.verbose:
             traceback.print_exc()

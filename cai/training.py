@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cai import distributed
 from cai.models import ModelOptions, cuda_usable
-from cai.rundir import atomic_write_json, atomic_write_text, follow_umask, writing
+from cai.rundir import WriteError, atomic_write_json, atomic_write_text, follow_umask, writing
 
 
 def trl_config(ctx, cls, stage_defaults: dict | None = None):
@@ -157,8 +157,15 @@ def train_and_save(trainer, ctx, model_dir: str = "model", base: str = "", data:
     main = distributed.is_main()
     output_dir = Path(trainer.args.output_dir)
     checkpoint = distributed.broadcast(resume_checkpoint(output_dir, ctx.name) if main else None)
-    with writing(output_dir):  # a checkpoint save that fails (disk full) names the checkpoints folder
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        with writing(output_dir):  # a checkpoint save that fails (disk full) names the checkpoints folder
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+    except WriteError:
+        if main:  # free the half-written checkpoint's space now; the complete ones stay for the resume
+            for folder in output_dir.glob("checkpoint-*"):
+                if not checkpoint_complete(folder):
+                    shutil.rmtree(folder, ignore_errors=True)
+        raise
     saved = save_trained_model(trainer, ctx, model_dir, base, data or {})
     atomic_write_json(ctx.dir / "log_history.json", trainer.state.log_history)
     options = getattr(ctx, "model_options", None) or ModelOptions()
@@ -265,7 +272,7 @@ def _write_folder(target: Path, write) -> None:
     if distributed.is_main():
         shutil.rmtree(staging, ignore_errors=True)
         staging.parent.mkdir(parents=True, exist_ok=True)
-    with writing(staging):
+    with writing(target):
         try:
             write(staging)
             if distributed.is_main():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -131,3 +132,154 @@ def test_written_files_follow_the_umask(tmp_path, sft_run_template):
     assert (tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o750
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "model"]  # no temp file left
+
+
+# A full disk. The injected error is the one the system gives: `os.fsync` failing with
+# ENOSPC on a file cai appends to or writes whole (the bytes may be in the file, not on
+# the disk), or safetensors' own error when a model or a checkpoint does not fit.
+
+NO_SPACE = "No space left on device [errno ENOSPC]"
+RESUME = "What was committed before is kept; once the cause is fixed (free space, permissions), the same " \
+         "command resumes from there"
+
+
+def no_space_on_flush(monkeypatch, name: str, after: int = 0) -> None:
+    """`os.fsync` of the file called `name` (or a temp file for it) fails with ENOSPC, from its
+    `after` + 1-th flush on."""
+    import errno
+
+    real, seen = os.fsync, []
+
+    def fsync(fd):
+        written = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if written == name or written.startswith(f".{name}."):
+            seen.append(written)
+            if len(seen) > after:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def no_space_in_safetensors(monkeypatch, where: str) -> None:
+    """safetensors fails as it does on a full disk when it writes into a folder whose path has `where`."""
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    real = transformers.modeling_utils.safe_save_file
+
+    def save_file(tensors, filename, *args, **kwargs):
+        if where in str(filename):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("cai:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_full_disk_mid_chunk_stops_with_the_file_keeps_the_committed_chunks_and_resumes(
+        tmp_path, monkeypatch, capsys, sft_run_template):
+    run_dir = tmp_path / "run"
+    argv = ["critique", "--config", str(SMOKE), "--set", f"run_dir={run_dir}"]
+    with monkeypatch.context() as patch:
+        no_space_on_flush(patch, "records.jsonl", after=1)  # the second chunk's rows
+        assert main(argv) == 1
+    folder = run_dir / "critique"
+    assert error_line(capsys) == f"cai: error: cannot write {folder / 'records.jsonl'}: {NO_SPACE}. {RESUME}"
+    ledger = [json.loads(line) for line in (folder / ".critique.chunks.jsonl").read_text().splitlines()]
+    assert len(ledger) == 1 and (folder / "records.jsonl").stat().st_size == ledger[0]["sizes"]["records.jsonl"]
+    assert main(argv) == 0
+    for name in ("records.jsonl", "sft.jsonl", "prefs.jsonl"):
+        assert (folder / name).read_bytes() == (sft_run_template / "critique" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("failing", ["a.jsonl", "b.jsonl", ".loop.chunks.jsonl"])
+def test_a_failed_commit_cuts_every_file_back_to_the_last_committed_chunk(tmp_path, monkeypatch, failing):
+    from cai.chunks import ChunkLedger, run_chunks
+    from cai.rundir import WriteError
+
+    chunks = [(f"c{i}", i) for i in range(4)]
+
+    def work(index, chunk):
+        return {"a.jsonl": [{"i": chunk}] * 3, "b.jsonl": [{"j": chunk, "text": "x" * chunk}]}
+
+    def run(folder: Path) -> None:
+        run_chunks(ChunkLedger(folder, "loop", ["a.jsonl", "b.jsonl"]), chunks, work, "test", size=lambda c: 1)
+
+    run(tmp_path / "reference")
+    folder = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        no_space_on_flush(patch, failing, after=2)  # the third chunk
+        with pytest.raises(WriteError, match=re.escape(f"cannot write {folder / failing}: {NO_SPACE}")):
+            run(folder)
+    reference = tmp_path / "reference"
+    committed = [json.loads(line) for line in (folder / ".loop.chunks.jsonl").read_text().splitlines()]
+    assert len(committed) == 2
+    for name in ("a.jsonl", "b.jsonl"):
+        assert (folder / name).stat().st_size == committed[-1]["sizes"][name]
+    run(folder)
+    for name in ("a.jsonl", "b.jsonl", ".loop.chunks.jsonl"):
+        assert (folder / name).read_bytes() == (reference / name).read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["manifest", "checkpoint", "model"])
+def test_a_full_disk_in_a_training_stage_stops_with_the_file_and_resumes(sft_run, monkeypatch, capsys, kind,
+                                                                          sft_run_template):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.rmtree(sft_run / "sft")
+    folder = sft_run / "sft"
+    argv = ["sft", "--config", str(SMOKE), "--set", f"run_dir={sft_run}", "--set", "sft.save_steps=1"]
+    with monkeypatch.context() as patch:
+        if kind == "manifest":
+            no_space_on_flush(patch, "manifest.json")
+            failed = folder / "manifest.json"
+        elif kind == "checkpoint":
+            no_space_in_safetensors(patch, "checkpoint-2")
+            failed = folder / "checkpoints"
+        else:
+            no_space_in_safetensors(patch, "model.tmp")
+            failed = folder / "model"
+        assert main(argv) == 1
+    assert error_line(capsys) == f"cai: error: cannot write {failed}: {NO_SPACE}. {RESUME}"
+    assert not (folder / "manifest.json").exists() and (folder / ".in_progress.json").exists()
+    assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*.tmp"))  # nothing half-written left
+    if kind == "checkpoint":
+        assert sorted(p.name for p in (folder / "checkpoints").glob("checkpoint-*")) == ["checkpoint-1"]
+    if kind == "model":
+        assert not (folder / "model").exists()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "sft: resuming" in out
+    if kind == "checkpoint":
+        assert "sft: resuming from checkpoint-1" in out
+    expected = load_file(sft_run_template / "sft" / "model" / "model.safetensors")
+    found = load_file(folder / "model" / "model.safetensors")
+    assert max((found[k] - expected[k]).abs().max().item() for k in expected) <= 1e-6
+
+
+@pytest.mark.parametrize("code, shown", [("ENOSPC", "No space left on device"), ("EDQUOT", "Disk quota exceeded"),
+                                         ("EROFS", "Read-only file system"), ("EACCES", "Permission denied")])
+def test_each_kind_of_write_failure_names_the_file_and_its_cause(tmp_path, monkeypatch, code, shown):
+    import errno
+
+    from cai.rundir import WriteError, atomic_write_json, write_failure
+
+    def replace(src, dst):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(WriteError, match=re.escape(f"cannot write {tmp_path / 'x.json'}: {shown} [errno {code}]")):
+        atomic_write_json(tmp_path / "x.json", {})
+    assert list(tmp_path.iterdir()) == []  # the temp file is gone
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+    assert write_failure(torch_error)[1].startswith("torch could not write the file")
+    assert write_failure(ValueError("a bug")) is None and write_failure(FileNotFoundError(2, "x")) is None
