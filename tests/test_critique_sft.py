@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import ROOT, make_run
 
 from cai.constitution import load_constitution
+from cai.leakage import few_shot_index
 from cai.pipeline import run_stage
 from cai.rundir import read_jsonl
 from cai.stages import critique
@@ -125,7 +128,7 @@ def test_revisions_that_comment_on_the_answer_are_not_kept():
 HARMLESS = load_constitution(ROOT / "constitutions" / "harmless.yaml")
 EXAMPLE_REVISION = HARMLESS.critique_examples[1].messages[5]["content"]  # "I can't write a doctor's note..."
 SHOWN = [turn["content"] for turn in critique.few_shot_turns(HARMLESS, 2)]
-PASTED = HARMLESS.critique_examples[0].messages[5]["content"]  # the revision of the example smoke.yaml shows
+EXAMPLE_REVISIONS = [e.messages[5]["content"] for e in HARMLESS.critique_examples]
 
 
 def test_a_pasted_few_shot_revision_is_copied_a_real_answer_is_not():
@@ -173,6 +176,63 @@ def test_why_a_revision_is_not_kept():
     assert critique.drop_reason("I can't help you get into their account.", None, answer, SHOWN) is None
 
 
+def test_a_partial_copy_of_a_few_shot_answer_is_leaked():
+    """The demo's case: one sentence of an example's revision reused for another request.
+    Too little of the revision for the copy rule; the span rule drops it."""
+    answer = "You could write the note yourself and sign it."
+    partial = ("I can't write a doctor's note, but I can help you find a doctor who can help you. Many towns "
+               "have walk-in clinics open late, and your pharmacist can tell you which ones are near you.")
+    assert not critique.is_copied(partial, SHOWN)
+    index = few_shot_index(HARMLESS)
+    assert index.span(partial) == "i can't write a doctor's note"
+    assert critique.drop_reason(partial, None, answer, SHOWN, index) == "leaked"
+    # Every example's answer, critique and revision counts, shown to this prompt or not.
+    other = HARMLESS.critique_examples[-1].messages[3]["content"]
+    assert other not in SHOWN and index.leaks("Well. " + " ".join(other.split()[:6]))
+    # Five words in a row, or six shared words out of order, are not a span.
+    assert not index.leaks("I can't write a doctor's letter for you.")
+    assert not index.leaks("Note: a doctor's write can't I.")
+    assert critique.drop_reason("I can't help you get into their account.", None, answer, SHOWN, index) is None
+    assert index.share(["x", partial, partial, "a real answer of more than six words here"]) == {
+        "n": 4, "leaked": 2, "share": 0.5}
+    assert index.share([]) == {"n": 0, "leaked": 0, "share": None}
+
+
+def test_few_shot_examples_are_dealt_into_sets_and_drawn_per_prompt():
+    assert len(HARMLESS.critique_examples) >= 8
+    four = SimpleNamespace(critique_examples=HARMLESS.critique_examples[:4])
+    assert critique.example_sets(four, 2) == [(0, 1), (2, 3)]
+    assert critique.example_sets(four, 3) == [(0, 1, 2), (3, 0, 1)]
+    assert critique.example_sets(four, 2, rotation=False) == [(0, 1)]
+    assert critique.example_sets(four, 4) == critique.example_sets(four, 9) == [(0, 1, 2, 3)]
+    assert critique.example_sets(four, 0) == [()]
+    sets = critique.example_sets(HARMLESS, 2)
+    drawn = [critique.example_set(sets, 0, str(i)) for i in range(200)]
+    assert drawn == [critique.example_set(sets, 0, str(i)) for i in range(200)]  # seeded per prompt
+    assert set(drawn) == set(range(len(sets)))
+    assert critique.few_shot_turns(HARMLESS, 2, examples=(2, 3)) == [
+        *HARMLESS.critique_examples[2].messages, *HARMLESS.critique_examples[3].messages]
+
+
+def test_each_generation_call_shares_one_few_shot_set(tmp_path, monkeypatch):
+    calls = spy_generate(monkeypatch)
+    manifest = run_stage(make_run(tmp_path / "run"), "critique")
+    rows = records(tmp_path / "run")
+    assert len({tuple(r["few_shot"]) for r in rows}) > 1  # smoke: 8 prompts, one example each
+    examples = {m[0]["content"] for e in HARMLESS.critique_examples for m in [e.messages]}
+    for conversations, _ in calls:
+        shown = {tuple(t["content"] for t in c if t["content"] in examples) for c in conversations}
+        assert len(shown) == 1, shown
+    for r in rows:  # each prompt saw its own set's requests
+        want = [HARMLESS.critique_examples[e].messages[0]["content"] for e in r["few_shot"]]
+        seen = [c for conversations, _ in calls for c in conversations
+                if len(c) > 3 and c[-1]["content"] in {p.revision for p in HARMLESS.critique_revision}
+                and any(t["content"] == r["prompt"] for t in c)]
+        assert seen and all([t["content"] for t in c if t["content"] in examples] == want for c in seen)
+    assert manifest["counts"]["few_shot_sets"] == [[e] for e in range(len(HARMLESS.critique_examples))]
+    assert set(manifest["counts"]["few_shot_leakage"]) == {"span_words", "sft_targets", "chosen"}
+
+
 def test_few_shot_turns_without_critique_keep_request_answer_revision_request_revision():
     turns = critique.few_shot_turns(HARMLESS, 2, critique=False)
     assert [t["role"] for t in turns] == ["user", "assistant"] * 4
@@ -183,15 +243,18 @@ def test_few_shot_turns_without_critique_keep_request_answer_revision_request_re
 
 
 def scripted_revisions(monkeypatch, critique_text="It gives details that could help someone do harm."):
-    """The real tiny model answers; critiques are `critique_text`; the i-th revision of a
-    call is, by i mod 3: the shown few-shot example's revision (pasted), the answer it revises
-    (unchanged), or a new answer (kept the first time, unchanged when repeated)."""
+    """The real tiny model answers; critiques are `critique_text`; the i-th revision
+    (counted over calls) is, by i mod 4: the revision of the few-shot example the prompt was
+    shown (pasted: copied), the answer it revises (unchanged), a new answer (kept the first
+    time, unchanged when repeated), or the revision of an example it was not shown (leaked)."""
     from cai.engines import Completion
     from cai.engines.hf import TransformersEngine
 
     real = TransformersEngine.generate
     critique_requests = {p.critique for p in HARMLESS.critique_revision}
     revision_requests = {p.revision for p in HARMLESS.critique_revision}
+    revisions = itertools.count()  # over calls: the stage makes one call per few-shot set
+    example_revisions = [e.messages[5]["content"] for e in HARMLESS.critique_examples]
 
     def generate(self, conversations, sampling, seed, desc=None, prefill=""):
         last = conversations[0][-1]["content"] if conversations else None
@@ -200,10 +263,13 @@ def scripted_revisions(monkeypatch, critique_text="It gives details that could h
         if last not in revision_requests:
             return real(self, conversations, sampling, seed, desc, prefill)
         out = []
-        for i, conversation in enumerate(conversations):
+        for conversation in conversations:
+            i = next(revisions)
             answer = next(t["content"] for t in reversed(conversation[:-1]) if t["role"] == "assistant"
                           and t["content"] != critique_text)
-            text = [PASTED, answer, f"A careful new answer, number {i}, with no harmful details."][i % 3]
+            shown = next(t["content"] for t in conversation if t["content"] in example_revisions)
+            other = next(r for r in example_revisions if r != shown)
+            text = [shown, answer, f"A careful new answer, number {i}, with no harmful details.", other][i % 4]
             out.append(Completion(text, 12, True))
         return out
 
@@ -215,22 +281,26 @@ def test_copied_and_unchanged_revisions_are_counted_and_not_kept(tmp_path, monke
     manifest = run_stage(make_run(tmp_path / "run"), "critique")
     counts = manifest["counts"]
     rows = records(tmp_path / "run")
-    seen = {"copied": 0, "unchanged": 0, None: 0}
+    seen = {"copied": 0, "leaked": 0, "unchanged": 0, None: 0}
     for r in rows:
         answer = r["initial_response"]
         for step in r["rounds"]:
-            expected = ("copied" if step["revision"] == PASTED
+            shown = {HARMLESS.critique_examples[e].messages[5]["content"] for e in r["few_shot"]}
+            expected = ("copied" if step["revision"] in shown else "leaked" if step["revision"] in EXAMPLE_REVISIONS
                         else "unchanged" if step["revision"] == answer else None)
             assert step["dropped"] == expected and step["kept"] == (expected is None), step
             seen[expected] += 1
             answer = step["revision"] if step["kept"] else answer
     assert all(seen.values()), seen
     assert counts["copied_rounds"] == seen["copied"] and counts["unchanged_rounds"] == seen["unchanged"]
+    assert counts["leaked_rounds"] == seen["leaked"]
     assert counts["kept_rounds"] == seen[None] and counts["meta_rounds"] == counts["degenerate_rounds"] == 0
-    assert counts["dropped_rounds"] == counts["rounds"] - counts["kept_rounds"] == seen["copied"] + seen["unchanged"]
+    assert (counts["dropped_rounds"] == counts["rounds"] - counts["kept_rounds"]
+            == seen["copied"] + seen["leaked"] + seen["unchanged"])
+    assert manifest["counts"]["few_shot_leakage"]["sft_targets"] == {"n": len(rows), "leaked": 0, "share": 0.0}
     assert counts["revised_prompts"] == sum(r["final_revision"] != r["initial_response"] for r in rows) > 0
     sft = read_jsonl(tmp_path / "run" / "critique" / "sft.jsonl")
-    assert all(row["messages"][1]["content"] != PASTED for row in sft)
+    assert not {row["messages"][1]["content"] for row in sft} & set(EXAMPLE_REVISIONS)
     # A prompt whose every round was unchanged or copied has no preference pair.
     prefs = read_jsonl(tmp_path / "run" / "critique" / "prefs.jsonl")
     assert {p["id"] for p in prefs} == {r["id"] for r in rows if r.get("num_revisions")}
@@ -252,7 +322,9 @@ def spy_generate(monkeypatch) -> list:
 
 def test_direct_revision_without_critique(tmp_path, monkeypatch):
     calls = spy_generate(monkeypatch)
-    manifest = run_stage(make_run(tmp_path / "run", "critique.critique=false"), "critique")
+    # One few-shot set for all, so that calls are not split by set.
+    manifest = run_stage(make_run(tmp_path / "run", "critique.critique=false", "critique.few_shot_rotation=false"),
+                         "critique")
     assert manifest["config"]["critique"] is False
     critique_requests = {p.critique for p in HARMLESS.critique_revision}
     critique_turns = {e.messages[i]["content"] for e in HARMLESS.critique_examples for i in (2, 3)}

@@ -11,9 +11,21 @@ A round's revision is kept (it becomes the answer the next round revises) unless
 - unchanged: the very answer it was asked to revise (a no-op, not a revision);
 - copied: mostly prompt text the model was shown (`is_copied`), typically a few-shot
   example's revision pasted as the answer to an unrelated request;
+- leaked: it repeats a 6-word span of a few-shot example's answer, critique or
+  revision (`cai.leakage`): a partial copy, such as an example's refusal sentence reused
+  for an unrelated request;
 - meta: a comment on the answer ("The answer is not harmful...") instead of one.
 Every round is recorded, with `kept` and the reason it was `dropped`; the manifest
-counts each reason.
+counts each reason, and the share of SFT targets and chosen answers that repeat a
+few-shot span (which the leaked rule keeps at zero for revisions; a first answer, written
+without the examples, can still repeat one by chance).
+
+Few-shot examples rotate (`few_shot_rotation`, on by default): the constitution's
+critique examples are dealt, in order, into sets of `few_shot` (the last set wraps round
+to the first examples), and each prompt gets one set, drawn seeded per prompt, so no
+single example's phrasing is in every prompt. The prompts of a chunk are generated set
+by set, each set's shared few-shot prefix cached once; off, every prompt gets the first
+`few_shot` examples.
 
 Options for small models (the paper finds critiques matter most for them):
 `critique: false` revises directly, without a critique (the few-shot examples then
@@ -40,6 +52,7 @@ from dataclasses import dataclass
 from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
 from cai.config import setting
 from cai.engines import Engine, Sampling, is_degenerate
+from cai.leakage import SpanIndex, few_shot_index, ngrams, words
 from cai.rundir import atomic_write_jsonl
 
 UPSTREAM: tuple = ()
@@ -49,6 +62,9 @@ UPSTREAM: tuple = ()
 class Config:
     num_revisions: int = setting(2, "K: critique-and-revise rounds per prompt", ge=1)
     few_shot: int = setting(2, "how many of the constitution's critique/revision examples go first", ge=0)
+    few_shot_rotation: bool = setting(True, "draw each prompt's examples (a set of few_shot, seeded per prompt) "
+                                            "from all the constitution's examples; false = always the first "
+                                            "few_shot")
     critique: bool = setting(True, "critique before revising; false = the revision request follows the answer "
                                    "directly (and the few-shot examples lose their critique turns)")
     system_prompt: bool = setting(True, "use the constitution's system prompt (false = none of cai's own)")
@@ -97,7 +113,6 @@ _META = re.compile(r"^\W*(the|this|my|your) ((original|last|previous|revised|new
 # revision 0.13 or less.
 COPY_NGRAM = 6
 COPY_SHARE = 0.3
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
 
 
 def clean_revision(text: str) -> str:
@@ -109,14 +124,6 @@ def is_meta_revision(text: str) -> bool:
     """A 'revision' that talks about the answer ("The answer is not harmful...") instead of
     being one: small models often write these; training on them teaches commentary."""
     return bool(_META.match(text))
-
-
-def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower().replace("\u2019", "'"))
-
-
-def _ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
 def is_copied(text: str, shown: Iterable[str], n: int = COPY_NGRAM, share: float = COPY_SHARE) -> bool:
@@ -131,31 +138,35 @@ def is_copied(text: str, shown: Iterable[str], n: int = COPY_NGRAM, share: float
     W-word revision's W - n + 1 n-grams (quoting a whole 12-word request is a copy only
     in an answer under 28 words: mostly echo). A revision of fewer than n words is never
     called copied: too short to tell a copy from a stock phrase ("I can't help with that.")."""
-    words = _words(text)
-    if len(words) < n:
+    tokens = words(text)
+    if len(tokens) < n:
         return False
-    mine = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    mine = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
     seen: set[tuple[str, ...]] = set()
     for source in shown:
-        seen |= _ngrams(_words(source), n)
+        seen |= ngrams(words(source), n)
     return sum(gram in seen for gram in mine) >= share * len(mine)
 
 
-def drop_reason(revision: str, critique: str | None, answer: str, shown: Iterable[str]) -> str | None:
-    """Why a round's revision is not kept (None: it is): degenerate, unchanged, copied or
-    meta, checked in that order."""
+def drop_reason(revision: str, critique: str | None, answer: str, shown: Iterable[str],
+                few_shot: SpanIndex | None = None) -> str | None:
+    """Why a round's revision is not kept (None: it is): degenerate, unchanged, copied,
+    leaked (it repeats a span of `few_shot`, the examples' answers) or meta, checked in
+    that order."""
     if (critique is not None and is_degenerate(critique)) or is_degenerate(revision):
         return "degenerate"
     if revision.strip() == answer.strip():
         return "unchanged"
     if is_copied(revision, shown):
         return "copied"
+    if few_shot is not None and few_shot.leaks(revision):
+        return "leaked"
     if is_meta_revision(revision):
         return "meta"
     return None
 
 
-DROP_REASONS = ("degenerate", "unchanged", "copied", "meta")
+DROP_REASONS = ("degenerate", "unchanged", "copied", "leaked", "meta")
 
 
 def draw_principle(constitution, seed: int, prompt_id: str, round_index: int):
@@ -177,11 +188,41 @@ def system_turns(constitution) -> list[dict]:
     return [{"role": "system", "content": constitution.system_prompt}] if constitution.system_prompt else []
 
 
-def few_shot_turns(constitution, n: int, critique: bool = True) -> list[dict]:
-    """The first n examples as chat turns; without `critique`, each example is request,
-    answer, revision request, revision (its critique request and critique left out)."""
+def example_sets(constitution, n: int, rotation: bool = True) -> list[tuple[int, ...]]:
+    """The sets of example indices prompts are given: the examples dealt in order into
+    sets of n, the last wrapping round to the first (with `rotation`), or the first n."""
+    pool = len(constitution.critique_examples)
+    if n == 0 or pool == 0:
+        return [()]
+    if not rotation or n >= pool:
+        return [tuple(range(min(n, pool)))]
+    return [tuple((start + i) % pool for i in range(n)) for start in range(0, pool, n)]
+
+
+def example_set(sets: list[tuple[int, ...]], seed: int, prompt_id: str) -> int:
+    """The index of a prompt's example set: seeded per prompt, so batching and resume do not change it."""
+    return random.Random(f"{seed}:{prompt_id}:few-shot").randrange(len(sets))
+
+
+def few_shot_turns(constitution, n: int, critique: bool = True, examples: tuple[int, ...] | None = None) -> list[dict]:
+    """The first n examples (or those of `examples`) as chat turns; without `critique`,
+    each example is request, answer, revision request, revision (its critique request
+    and critique left out)."""
     keep = range(6) if critique else (0, 1, 4, 5)
-    return [example.messages[i] for example in constitution.critique_examples[:n] for i in keep]
+    chosen = range(min(n, len(constitution.critique_examples))) if examples is None else examples
+    return [constitution.critique_examples[e].messages[i] for e in chosen for i in keep]
+
+
+def generate_by_set(generator: Engine, conversations: list[list[dict]], sets: list[int], sampling: Sampling,
+                    seed: int) -> list:
+    """Generations for rows that differ in their few-shot set, one call per set (so each
+    call's rows share their few-shot prefix), returned in row order."""
+    out: list = [None] * len(conversations)
+    for which in sorted(set(sets)):
+        rows = [i for i, s in enumerate(sets) if s == which]
+        for i, generated in zip(rows, generator.generate([conversations[i] for i in rows], sampling, seed=seed)):
+            out[i] = generated
+    return out
 
 
 def chunk_sampling_seed(seed: int, index: int) -> int:
@@ -226,13 +267,15 @@ def critique_chunk(chunk, generator: Engine, constitution, cfg: Config, seed: in
     revising = Sampling(cfg.max_new_tokens, cfg.revision_sampling_temperature, cfg.top_p)
     critic = Sampling(cfg.critique_max_new_tokens, cfg.temperature, cfg.top_p)
     system = system_turns(constitution) if cfg.system_prompt else []
-    shots = few_shot_turns(constitution, cfg.few_shot, cfg.critique)
-    shown_to_all = [turn["content"] for turn in system + shots]
+    sets = example_sets(constitution, cfg.few_shot, cfg.few_shot_rotation)
+    shots = [few_shot_turns(constitution, cfg.few_shot, cfg.critique, examples) for examples in sets]
+    leak = few_shot_index(constitution)
 
     first = generator.generate([system + [{"role": "user", "content": p.text}] for p in chunk], answer,
                                seed=chunk_seed)
     records = [{"id": p.id, "prompt": p.text, "category": p.category, "initial_response": a.text,
-                "rounds": [], "final_revision": a.text, "model": model_name, "seed": seed}
+                "rounds": [], "final_revision": a.text, "model": model_name, "seed": seed,
+                "few_shot": list(sets[example_set(sets, seed, p.id)])}
                for p, a in zip(chunk, first)]
     live = []
     for record, a in zip(records, first):
@@ -243,22 +286,25 @@ def critique_chunk(chunk, generator: Engine, constitution, cfg: Config, seed: in
 
     for round_index in range(cfg.num_revisions):
         principles = [draw_principle(constitution, seed, r["id"], round_index) for r in live]
-        exchanges = [system + shots + [{"role": "user", "content": r["prompt"]},
-                                       {"role": "assistant", "content": r["final_revision"]}] for r in live]
+        which = [sets.index(tuple(r["few_shot"])) for r in live]
+        exchanges = [system + shots[w] + [{"role": "user", "content": r["prompt"]},
+                                          {"role": "assistant", "content": r["final_revision"]}]
+                     for r, w in zip(live, which)]
         critiques: list[str | None] = [None] * len(live)
         if cfg.critique:
             asked = [turns + [{"role": "user", "content": p.critique}] for turns, p in zip(exchanges, principles)]
-            critiques = [c.text for c in generator.generate(asked, critic, seed=chunk_seed + 2 * round_index + 1)]
+            critiques = [c.text for c in generate_by_set(generator, asked, which, critic,
+                                                         seed=chunk_seed + 2 * round_index + 1)]
             exchanges = [turns + [{"role": "assistant", "content": c}] for turns, c in zip(asked, critiques)]
         revise = [turns + [{"role": "user", "content": p.revision}] for turns, p in zip(exchanges, principles)]
-        sampled = [generator.generate(revise, revising, seed=revision_seed(chunk_seed, round_index, j))
+        sampled = [generate_by_set(generator, revise, which, revising, seed=revision_seed(chunk_seed, round_index, j))
                    for j in range(cfg.best_of)]
         candidates = [[clean_revision(s[i].text) for s in sampled] for i in range(len(live))]
         reasons = []
-        for record, principle, critique, texts in zip(live, principles, critiques, candidates):
-            shown = shown_to_all + [record["prompt"], principle.revision]
+        for record, principle, critique, texts, w in zip(live, principles, critiques, candidates, which):
+            shown = [turn["content"] for turn in system + shots[w]] + [record["prompt"], principle.revision]
             shown += [principle.critique] if cfg.critique else []
-            reasons.append([drop_reason(t, critique, record["final_revision"], shown) for t in texts])
+            reasons.append([drop_reason(t, critique, record["final_revision"], shown, leak) for t in texts])
         # best_of: the judge picks among the candidates that could be kept; with one or
         # none there is nothing to judge (none: the first candidate is recorded, not kept).
         valid = [[j for j, reason in enumerate(why) if reason is None] for why in reasons]
@@ -349,8 +395,13 @@ def run(ctx) -> dict:
     sft, prefs = training_sets(records)
     atomic_write_jsonl(ctx.dir / "sft.jsonl", sft)
     atomic_write_jsonl(ctx.dir / "prefs.jsonl", prefs)
+    leak = few_shot_index(constitution)
     counts = {"prompts": len(prompts), "records": len(records), **round_counts(records),
-              "sft_rows": len(sft), "pref_rows": len(prefs), "model": model_name}
+              "sft_rows": len(sft), "pref_rows": len(prefs), "model": model_name,
+              "few_shot_sets": [list(s) for s in example_sets(constitution, cfg.few_shot, cfg.few_shot_rotation)],
+              "few_shot_leakage": {"span_words": leak.n,
+                                   "sft_targets": leak.share(r["messages"][-1]["content"] for r in sft),
+                                   "chosen": leak.share(r["chosen"][-1]["content"] for r in prefs)}}
     if cfg.best_of > 1:
         counts["feedback_model"] = ctx.model_spec(cfg.feedback_model)
     if judge is not None:
