@@ -9,7 +9,7 @@ import sys
 import tempfile
 import traceback
 
-from cai.yamlio import Problem, ValidationError
+from cai.yamlio import ValidationError
 
 STAGE_HELP = {
     "critique": "SL-CAI: answer red-team prompts, critique and revise against the constitution",
@@ -20,6 +20,11 @@ STAGE_HELP = {
     "dpo": "optimise the policy directly on the AI preferences (TRL DPOTrainer)",
     "evaluate": "evaluate every stage's model on held-out prompts",
 }
+
+
+def _verbose_flag(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="debug logging, and the traceback of an internal error")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -56,10 +61,12 @@ def cmd_run(args) -> int:
     run = _load(args)
     with RunLock(run.path, "cai run"):
         run_pipeline(run, start=args.start, until=args.until, force=args.force)
-        if distributed.is_main() and (run.path / "evaluate" / "manifest.json").exists():
+        if distributed.is_main():  # the report of what the run folder holds, evaluated or not
             from cai.report import write_report
 
-            print(f"[cai] report: {write_report(run.path)}")
+            evaluated = (run.path / "evaluate" / "manifest.json").exists()
+            note = "" if evaluated else " (no evaluation yet: evaluate has not run, so the page shows training only)"
+            print(f"[cai] report: {write_report(run.path)}{note}")
     return 0
 
 
@@ -68,11 +75,7 @@ def cmd_report(args) -> int:
 
     from cai.report import write_report
 
-    run_dir = Path(args.run_dir).expanduser()
-    if not run_dir.is_dir():
-        what = "is a file, not a run folder" if run_dir.exists() else "no such folder"
-        raise ValidationError([Problem(str(run_dir), None, f"{what} (cai report RUN_DIR: the run_dir of a config)")])
-    print(write_report(run_dir))
+    print(write_report(Path(args.run_dir).expanduser()))
     return 0
 
 
@@ -80,13 +83,18 @@ def cmd_constitution(args) -> int:
     from cai.constitution import check_constitution, format_constitution
 
     if args.action == "show":
-        constitution, problems = check_constitution(args.paths[0])
-        if problems:
+        failed = False
+        for number, path in enumerate(args.paths):
+            constitution, problems = check_constitution(path)
             for problem in problems:
                 print(problem, file=sys.stderr)
-            return 2
-        print(format_constitution(constitution))
-        return 0
+            if problems:
+                failed = True
+                continue
+            if len(args.paths) > 1:
+                print(("\n" if number else "") + f"==> {path} <==")
+            print(format_constitution(constitution))
+        return 2 if failed else 0
     failed = False
     for path in args.paths:
         constitution, problems = check_constitution(path)
@@ -108,29 +116,35 @@ def cmd_eval_labeler(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cai", description="Constitutional AI / RLAIF training with TRL")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _verbose_flag(parser, False)
+    # -v after the command too (`cai run -v ...`): SUPPRESS keeps a missing one from
+    # overwriting the flag given before the command.
+    common = argparse.ArgumentParser(add_help=False)
+    _verbose_flag(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
+
     for name, text in STAGE_HELP.items():
-        stage = sub.add_parser(name, help=text, description=text)
+        stage = sub.add_parser(name, help=text, description=text, parents=[common])
         _add_config_args(stage)
         stage.set_defaults(func=cmd_stage)
 
-    run = sub.add_parser("run", help="run the stages in order, skipping completed ones")
+    run = sub.add_parser("run", help="run the stages in order, skipping completed ones", parents=[common])
     _add_config_args(run)
     run.add_argument("--from", dest="start", help="first stage to run")
     run.add_argument("--until", help="last stage to run")
     run.set_defaults(func=cmd_run)
 
-    report = sub.add_parser("report", help="write RUN_DIR/report/index.html")
+    report = sub.add_parser("report", help="write RUN_DIR/report/index.html", parents=[common])
     report.add_argument("run_dir")
     report.set_defaults(func=cmd_report)
 
-    constitution = sub.add_parser("constitution", help="check or show constitution files")
+    constitution = sub.add_parser("constitution", help="check or show constitution files", parents=[common])
     constitution.add_argument("action", choices=["check", "show"])
     constitution.add_argument("paths", nargs="+", metavar="PATH")
     constitution.set_defaults(func=cmd_constitution)
 
-    labeler = sub.add_parser("eval-labeler", help="accuracy of the feedback model on labelled comparisons")
+    labeler = sub.add_parser("eval-labeler", help="accuracy of the feedback model on labelled comparisons",
+                             parents=[common])
     _add_config_args(labeler)
     labeler.add_argument("--data", required=True, help="HHH-format or prompt/chosen/rejected JSONL")
     labeler.add_argument("--limit", type=int, default=None, help="use only the first N comparisons")

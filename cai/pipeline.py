@@ -136,8 +136,6 @@ def check_servers(run: RunConfig, names: list[str]) -> None:
     """Before any work: every server a stage that will run uses answers, serves its
     model and, for a judge, returns log-probabilities. Stages already complete with
     the same settings are skipped, so their servers need not be up."""
-    from cai.engines.openai import OpenAIEngine
-
     used: dict[str, bool] = {}
     for name in names:
         cfg, trl = stage_config(run, name)
@@ -151,14 +149,26 @@ def check_servers(run: RunConfig, names: list[str]) -> None:
             used[reference] = used.get(reference, False) or judge
     error = None
     if distributed.is_main():  # one probe per server, not one per process
-        try:
-            for reference, judge in used.items():
-                OpenAIEngine(run.servers[server_name(reference)], reference).check(judge=judge)
-        except EngineError as err:
-            error = str(err)
+        for reference, judge in used.items():
+            error = server_check_problem(run, reference, judge)
+            if error is not None:
+                break
     error = distributed.broadcast(error)
     if error:
-        raise EngineError(error)
+        raise ValidationError([error])
+
+
+def server_check_problem(run: RunConfig, reference: str, judge: bool) -> Problem | None:
+    """A server that does not answer, serves another model or (for a judge) gives no
+    log-probabilities is a refusal of input, at the line that declares it."""
+    from cai.engines.openai import OpenAIEngine
+
+    name = server_name(reference)
+    try:
+        OpenAIEngine(run.servers[name], reference).check(judge=judge)
+    except EngineError as err:
+        return run.source.problem(("servers", name), str(err)) if run.source else Problem(reference, None, str(err))
+    return None
 
 
 @dataclass
@@ -299,7 +309,7 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
         print(f"[cai] {name}: already complete ({stage_dir.path}), skipped")
         return decision["manifest"]
     if decision["action"] == "refuse":
-        raise RuntimeError(decision["message"])
+        raise ValidationError([Problem(str(stage_dir.path), None, decision["message"])])
     if distributed.is_main():
         if decision.get("aside"):
             stage_dir.path.rename(decision["aside"])

@@ -668,7 +668,12 @@ def write_report(run_dir) -> Path:
     """Write RUN_DIR/report/index.html and return its path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+        what = "is a file, not a run folder" if run_dir.exists() else "no such folder"
+        raise ValidationError([Problem(str(run_dir), None, f"{what} (cai report RUN_DIR: the run_dir of a config)")])
+    if not any((run_dir / stage).is_dir() for stage in STAGES):  # refused before report/ is made
+        raise ValidationError([Problem(str(run_dir), None, f"not a run folder: it holds no stage folder "
+                                                           f"({', '.join(STAGES)}); cai report RUN_DIR takes the "
+                                                           f"run_dir of a config that has run")])
     problems: list[Problem] = []
 
     def read(path: Path):

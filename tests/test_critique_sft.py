@@ -15,6 +15,7 @@ from cai.leakage import few_shot_index
 from cai.pipeline import run_stage
 from cai.rundir import read_jsonl
 from cai.stages import critique
+from cai.yamlio import ValidationError
 
 
 def records(run_dir):
@@ -91,7 +92,7 @@ def test_interrupted_critique_resumes_without_duplicates_or_gaps(tmp_path, monke
 def test_changed_settings_refuse_to_mix_with_old_outputs(tmp_path):
     run_stage(make_run(tmp_path / "run"), "critique")
     changed = make_run(tmp_path / "run", "critique.num_revisions=1")
-    with pytest.raises(RuntimeError, match="other settings"):
+    with pytest.raises(ValidationError, match="other settings"):
         run_stage(changed, "critique")
     assert len(records(changed.path)) == 8  # nothing lost
     manifest = run_stage(changed, "critique", force=True)

@@ -184,7 +184,7 @@ def test_a_bad_row_is_an_error_naming_file_and_line(tmp_path, capsys, bad, messa
     with pytest.raises(ValueError, match=f"{re.escape(str(path))}:3: {message}"):
         read_labeled_pairs(path)
     code = main(["eval-labeler", "--config", str(SMOKE), "--set", f"run_dir={tmp_path / 'run'}", "--data", str(path)])
-    assert code == 1 and f"{path}:3:" in capsys.readouterr().err
+    assert code == 2 and f"{path}:3:" in capsys.readouterr().err  # a refusal of input
 
 
 def test_calibration_is_on_by_default_wherever_it_applies(tmp_path):

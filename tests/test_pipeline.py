@@ -34,6 +34,10 @@ def test_run_slices_with_from_and_until(tmp_path, capsys):
     base = ["run", "--config", str(SMOKE), "--set", f"run_dir={run_dir}"]
     assert main(base + ["--until", "sft"]) == 0
     assert (run_dir / "sft" / "manifest.json").exists() and not (run_dir / "label").exists()
+    # cai run always ends with the report of what the folder holds, and says when it has no evaluation
+    out = capsys.readouterr().out
+    assert f"[cai] report: {run_dir / 'report' / 'index.html'} (no evaluation yet" in out
+    assert (run_dir / "report" / "index.html").exists()
     assert main(base + ["--from", "label", "--until", "label"]) == 0
     assert (run_dir / "label" / "manifest.json").exists() and not (run_dir / "reward").exists()
 

@@ -18,6 +18,7 @@ from cai.cli import main
 from cai.pipeline import run_stage
 from cai.report import write_report
 from cai.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl
+from cai.yamlio import ValidationError
 
 CHROMIUM = Path("/usr/bin/chromium")
 INJECTED = "<script>alert('x')</script><b>bold?</b>"
@@ -193,7 +194,7 @@ def test_report_of_an_unevaluated_run_notes_what_is_missing(sft_run):
 
 
 def test_report_of_a_missing_run_directory_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ValidationError, match="no such folder"):
         write_report(tmp_path / "nowhere")
 
 

@@ -142,13 +142,13 @@ def test_an_unreachable_server_or_unknown_model_stops_the_run_before_any_work(tm
     down = f"http://127.0.0.1:{free_port()}/v1"
     argv = ["run", "--config", str(SMOKE), "--set", f"run_dir={run_dir}", "--set", "critique.model=server:gen",
             "--set", f"servers={{gen: {{base_url: '{down}', model: x, max_retries: 0}}}}"]
-    assert main(argv) == 1
+    assert main(argv) == 2  # a refusal of input, like every other
     err = capsys.readouterr().err
     assert f"{down}/chat/completions: cannot connect" in err and "Traceback" not in err
     assert not run_dir.exists()
 
     assert main(["critique"] + server_run(run_dir, server, "critique.model=server:gen",
-                                         "servers.gen.model=no-such-model")) == 1
+                                         "servers.gen.model=no-such-model")) == 2
     err = capsys.readouterr().err
     assert "HTTP 404" in err and "no-such-model" in err and not run_dir.exists()
 
@@ -203,7 +203,7 @@ def test_cai_run_with_critique_and_evaluate_on_transformers_serve(tmp_path, live
         judged = tmp_path / "judged"
         shutil.copytree(run_dir, judged)
         assert main(["evaluate"] + server_run(judged, serve, "evaluate.feedback_model=server:gen",
-                                              "evaluate.models=[server:gen, sft, dpo]")) == 1
+                                              "evaluate.models=[server:gen, sft, dpo]")) == 2
         assert "no token log-probabilities" in capsys.readouterr().err
 
 
@@ -213,10 +213,10 @@ def test_an_api_key_comes_from_the_environment_and_is_never_written(tmp_path, li
         argv = ["critique"] + server_run(tmp_path / "run", guarded, "critique.model=server:gen",
                                          "critique.num_revisions=1", "servers.gen.api_key_env=CAI_TEST_KEY")
         monkeypatch.delenv("CAI_TEST_KEY", raising=False)
-        assert main(argv) == 1
+        assert main(argv) == 2
         assert "CAI_TEST_KEY" in capsys.readouterr().err and not (tmp_path / "run").exists()
         monkeypatch.setenv("CAI_TEST_KEY", "wrong")
-        assert main(argv) == 1
+        assert main(argv) == 2
         assert "HTTP 401" in capsys.readouterr().err
         monkeypatch.setenv("CAI_TEST_KEY", secret)
         assert main(argv) == 0

@@ -39,6 +39,7 @@ from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
 from cai.config import setting
 from cai.engines import Engine, Sampling, is_degenerate, is_server, server_name
 from cai.rundir import atomic_write_json
+from cai.yamlio import Problem, ValidationError
 
 UPSTREAM = ("sft",)  # the default policy is the SFT model
 
@@ -294,31 +295,39 @@ def _preference_pair(row: dict, where: str, seed: int) -> LabeledPair:
 
 def read_labeled_pairs(path: str | Path, seed: int = 0, limit: int | None = None) -> list[LabeledPair]:
     """HHH-format rows (`prompt` question text, `corrects`, `incorrects`) or
-    prompt/chosen/rejected rows; a bad row is an error naming file:line."""
+    prompt/chosen/rejected rows; a bad row is a problem naming file:line (every one)."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    if not path.is_file():
+        raise ValidationError([Problem(str(path), None, "no such file (--data: HHH-format or prompt/chosen/rejected "
+                                                        "JSONL)" if not path.exists() else "is not a file")])
+    pairs, problems = [], []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
             if limit is not None and len(pairs) >= limit:
                 break
-            if not line.strip():
-                continue
             where = f"{path}:{number}"
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 row = json.loads(line)
+                if isinstance(row, dict) and "corrects" in row and isinstance(row.get("prompt"), str):
+                    pairs.append(_hhh_pair(row, where))
+                elif isinstance(row, dict) and "chosen" in row and "rejected" in row:
+                    pairs.append(_preference_pair(row, where, seed))
+                else:
+                    raise ValueError(f"{where}: expected an HHH row (prompt, corrects, incorrects) or a preference "
+                                     "row (prompt, chosen, rejected)")
+            except UnicodeDecodeError as err:
+                problems.append(Problem(str(path), number, f"not UTF-8 text (byte {raw[err.start]:#04x})"))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not a JSON line ({err.msg})") from None
-            if isinstance(row, dict) and "corrects" in row and isinstance(row.get("prompt"), str):
-                pairs.append(_hhh_pair(row, where))
-            elif isinstance(row, dict) and "chosen" in row and "rejected" in row:
-                pairs.append(_preference_pair(row, where, seed))
-            else:
-                raise ValueError(f"{where}: expected an HHH row (prompt, corrects, incorrects) or a preference "
-                                 "row (prompt, chosen, rejected)")
-    if not pairs:
-        raise ValueError(f"{path}: no comparisons found")
+                problems.append(Problem(str(path), number, f"not a JSON line ({err.msg})"))
+            except ValueError as err:
+                problems.append(Problem(str(path), number, str(err).removeprefix(f"{where}: ")))
+    if not pairs and not problems:
+        problems.append(Problem(str(path), None, "no comparisons found (the file is empty)"))
+    if problems:
+        raise ValidationError(problems)
     return pairs
 
 
@@ -401,9 +410,10 @@ def eval_labeler_command(run, data_path, limit: int | None = None, out: str | No
     cfg: Config = ctx.config
     pairs = read_labeled_pairs(data_path, run.seed, limit)
     if is_server(cfg.feedback_model):
-        from cai.engines.openai import OpenAIEngine
+        from cai.pipeline import server_check_problem
 
-        OpenAIEngine(run.servers[server_name(cfg.feedback_model)], cfg.feedback_model).check(judge=True)
+        if (problem := server_check_problem(run, cfg.feedback_model, judge=True)) is not None:
+            raise ValidationError([problem])
     set_threads(run.threads)
     judge = make_judge(ctx, cfg)
     try:

@@ -1,0 +1,73 @@
+"""The command line itself: flags anywhere, what each command refuses, what it shows."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ROOT
+
+from cai.cli import main
+
+
+@pytest.mark.parametrize("argv", [
+    ["-v", "constitution", "check", "constitutions/harmless.yaml"],
+    ["constitution", "-v", "check", "constitutions/harmless.yaml"],
+    ["constitution", "check", "constitutions/harmless.yaml", "-v"],
+    ["constitution", "check", "constitutions/harmless.yaml", "--verbose"],
+])
+def test_verbose_is_accepted_anywhere_on_the_command_line(argv, monkeypatch, capsys):
+    import cai.cli
+
+    seen = []
+    monkeypatch.setattr(cai.cli, "cmd_constitution", lambda args: seen.append(args.verbose) or 0)
+    monkeypatch.chdir(ROOT)
+    assert main(argv) == 0
+    assert seen == [True]
+
+
+def test_without_verbose_the_flag_is_off(monkeypatch):
+    import cai.cli
+
+    seen = []
+    monkeypatch.setattr(cai.cli, "cmd_constitution", lambda args: seen.append(args.verbose) or 0)
+    assert main(["constitution", "check", str(ROOT / "constitutions" / "harmless.yaml")]) == 0
+    assert seen == [False]
+
+
+@pytest.mark.parametrize("setup", ["empty folder", "unrelated files"])
+def test_report_on_a_folder_that_is_not_a_run_is_refused_and_writes_nothing(tmp_path, capsys, setup):
+    folder = tmp_path / "notarun"
+    folder.mkdir()
+    if setup == "unrelated files":
+        (folder / "notes.txt").write_text("hello\n")
+        (folder / "data").mkdir()
+    assert main(["report", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder}: not a run folder: it holds no stage folder" in err and "Traceback" not in err
+    assert not (folder / "report").exists()
+
+
+def test_constitution_show_shows_every_file(capsys):
+    paths = [str(ROOT / "constitutions" / name) for name in ("harmless.yaml", "concise.yaml")]
+    assert main(["constitution", "show", *paths]) == 0
+    out = capsys.readouterr().out
+    assert f"==> {paths[0]} <==" in out and f"==> {paths[1]} <==" in out
+    assert out.index(paths[0]) < out.index(paths[1])
+    from cai.constitution import format_constitution, load_constitution
+
+    for path in paths:
+        assert format_constitution(load_constitution(path)) in out
+
+
+def test_constitution_show_of_one_file_has_no_header(capsys):
+    path = str(ROOT / "constitutions" / "concise.yaml")
+    assert main(["constitution", "show", path]) == 0
+    assert "==>" not in capsys.readouterr().out
+
+
+def test_constitution_show_with_a_bad_file_shows_the_good_one_and_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\n")
+    good = str(ROOT / "constitutions" / "concise.yaml")
+    assert main(["constitution", "show", good, str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert f"==> {good} <==" in out and str(bad) in err
