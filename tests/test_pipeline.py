@@ -67,7 +67,7 @@ def test_logging_saving_and_reporting_settings_do_not_redo_a_completed_stage(sft
                     "report_to=none", "sft.disable_tqdm=true"):
         assert main(base + ["--set", setting]) == 0, setting
         assert "[cai] sft: already complete" in capsys.readouterr().out, setting
-    assert main(base + ["--set", "sft.learning_rate=0.5"]) == 1  # a result setting: refused without --force
+    assert main(base + ["--set", "sft.learning_rate=0.5"]) == 2  # a result setting: refused without --force
     assert "with other settings" in capsys.readouterr().err
     named = load_config(SMOKE, [f"run_dir={sft_run}", "run_name=ablation-3"])
     from trl import SFTConfig
