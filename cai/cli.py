@@ -41,11 +41,42 @@ def _load(args):
     return load_config(args.config, args.overrides)
 
 
+def _add_check_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config completely and exit (0: usable, 2: FILE:LINE problems): "
+                             "no weights loaded, no server reached, nothing written; hub models and datasets "
+                             "are looked up in the local caches only, and one not there is a warning")
+
+
+def check_config(run, names: list[str]) -> int:
+    """`--check`: every problem `validate` finds for these stages; hub ids that are not
+    cached are printed as warnings, every other problem fails (exit 2)."""
+    from cai.pipeline import validate
+    from cai.prompts import NotCached
+
+    run.cache_only = True
+    try:
+        validate(run, names)
+        warnings = []
+    except ValidationError as err:
+        warnings = [p for p in err.problems if isinstance(p, NotCached)]
+        errors = [p for p in err.problems if not isinstance(p, NotCached)]
+        for problem in warnings:
+            print(f"{problem.file}:{problem.line}: warning: {problem.message}", file=sys.stderr)
+        if errors:
+            raise ValidationError(errors) from None
+    note = f" ({len(warnings)} warning{'s' * (len(warnings) != 1)})" if warnings else ""
+    print(f"[cai] {run.source.file}: ok for {', '.join(names)}{note}")
+    return 0
+
+
 def cmd_stage(args) -> int:
     from cai.pipeline import check_servers, run_stage, validate
     from cai.rundir import RunLock
 
     run = _load(args)
+    if args.check:
+        return check_config(run, [args.command])
     validate(run, [args.command])
     check_servers(run, [args.command])
     with RunLock(run.path, f"cai {args.command}"):
@@ -55,10 +86,13 @@ def cmd_stage(args) -> int:
 
 def cmd_run(args) -> int:
     from cai import distributed
-    from cai.pipeline import run_pipeline
+    from cai.pipeline import default_stages, run_pipeline, select_stages
     from cai.rundir import RunLock
 
     run = _load(args)
+    if args.check:  # every stage `cai run` would validate, and the --from / --until flags
+        select_stages(run, args.start, args.until)
+        return check_config(run, default_stages(run))
     with RunLock(run.path, "cai run"):
         run_pipeline(run, start=args.start, until=args.until, force=args.force)
         if distributed.is_main():  # the report of what the run folder holds, evaluated or not
@@ -126,12 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in STAGE_HELP.items():
         stage = sub.add_parser(name, help=text, description=text, parents=[common])
         _add_config_args(stage)
+        _add_check_arg(stage)
         stage.set_defaults(func=cmd_stage)
 
     run = sub.add_parser("run", help="run the stages in order, skipping completed ones", parents=[common])
     _add_config_args(run)
     run.add_argument("--from", dest="start", help="first stage to run")
     run.add_argument("--until", help="last stage to run")
+    _add_check_arg(run)
     run.set_defaults(func=cmd_run)
 
     report = sub.add_parser("report", help="write RUN_DIR/report/index.html", parents=[common])

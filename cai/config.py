@@ -51,8 +51,11 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002
 class PromptsConfig:
     """Where prompts come from and how they split into train and eval."""
 
-    red_team: str = setting("builtin:donotanswer", "builtin:donotanswer, a .jsonl/.txt file, or a datasets dir")
-    helpful: str | None = setting("builtin:helpful", "helpful prompts mixed into training and evaluation")
+    red_team: str | dict[str, Any] = setting("builtin:donotanswer", "builtin:donotanswer, a .jsonl/.txt file, a "
+                                                                    "datasets dir, or {dataset: ID, split: ..., "
+                                                                    "column: ...} (cai.prompts.DatasetSource)")
+    helpful: str | dict[str, Any] | None = setting("builtin:helpful", "helpful prompts mixed into training and "
+                                                                      "evaluation (a source as red_team)")
     eval_fraction: float = setting(0.1, "share of prompts held out for evaluation (by hash of the text)",
                                    ge=0, lt=1)
     max_red_team: int | None = setting(None, "cap on red-team training prompts (a seeded sample), null = all",
@@ -81,6 +84,9 @@ class RunConfig:
     model_options: dict[str, Any] = field(default_factory=dict, init=False)
     stages: dict[str, dict] = field(default_factory=dict)  # raw stage sections, parsed by stage_config
     source: LocatedYaml | None = field(default=None, repr=False, compare=False)
+    # `cai ... --check`: hub models and datasets are looked up in the local caches only
+    # (nothing is fetched), and one that is not there is a `cai.prompts.NotCached` problem
+    cache_only: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def path(self) -> Path:

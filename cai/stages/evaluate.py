@@ -64,7 +64,7 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -115,9 +115,10 @@ class Config:
     models: list[str] = setting(help="models to compare: base (the run's model), a policy stage (sft, rl, dpo: "
                                      "skipped when that stage has not run), a model spec or server:NAME",
                                 default_factory=lambda: ["base", "sft", "rl", "dpo"], model_reference=True)
-    prompts: dict[str, str] = setting(help="prompt sources to evaluate on instead of the held-out split, by kind: "
+    prompts: dict[str, Any] = setting(help="prompt sources to evaluate on instead of the held-out split, by kind: "
                                            "{red_team: FILE, helpful: FILE} (a .jsonl/.txt file, a datasets "
-                                           "folder or builtin:NAME); a kind left out keeps its held-out prompts",
+                                           "folder, builtin:NAME or a {dataset: ...} mapping as in prompts:); a "
+                                           "kind left out keeps its held-out prompts",
                                       default_factory=dict)
     max_new_tokens: int = setting(128, "answer length", ge=1)
     temperature: float = setting(0.0, "0 = greedy: differences come from the models, not the sampling", ge=0)
@@ -155,9 +156,10 @@ def check_config(run, cfg: Config, trl: dict) -> list:
         if kind not in KINDS:
             problems.append(problem(("prompts", kind), f"'evaluate.prompts': unknown prompt kind '{kind}' "
                                                        f"(expected {' or '.join(KINDS)})"))
-        elif not isinstance(spec, str) or not spec.strip():
+        elif not (isinstance(spec, dict) or isinstance(spec, str) and spec.strip()):
             problems.append(problem(("prompts", kind), f"'evaluate.prompts.{kind}' must be a prompt source "
-                                                       f"(a .jsonl/.txt file, a datasets folder or builtin:NAME)"))
+                                                       f"(a .jsonl/.txt file, a datasets folder, builtin:NAME or "
+                                                       f"a mapping {{dataset: ID, split: ..., column: ...}})"))
     if not problems and cfg.prompts:
         try:  # every line of every file, before any work
             sources = {kind: source_prompts(run, cfg, kind) for kind in cfg.prompts}
@@ -174,7 +176,8 @@ def source_prompts(run, cfg: Config, kind: str) -> list:
     """The prompts of `evaluate.prompts.KIND` (a bad line is a problem at its line)."""
     from cai.prompts import load_source
 
-    return load_source(cfg.prompts[kind], kind, run.source, key=("evaluate", "prompts", kind))
+    return load_source(cfg.prompts[kind], kind, run.source, key=("evaluate", "prompts", kind),
+                       cache_only=run.cache_only)
 
 
 def evaluation_prompts(ctx, cfg: Config) -> tuple[list, dict[str, str]]:
