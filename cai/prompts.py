@@ -349,8 +349,15 @@ def _cap(prompts: list[Prompt], limit: int | None, seed: int) -> list[Prompt]:
 
 def load_splits(config: PromptsConfig, seed: int, source: LocatedYaml | None = None,
                 cache_only: bool = False) -> PromptSplits:
-    red = load_source(config.red_team, "red_team", source, cache_only=cache_only)
-    helpful = load_source(config.helpful, "helpful", source, cache_only=cache_only) if config.helpful else []
+    loaded, problems = {}, []
+    for kind, spec in (("red_team", config.red_team), ("helpful", config.helpful)):
+        try:  # both sources, so one config check reports the problems of both
+            loaded[kind] = load_source(spec, kind, source, cache_only=cache_only) if spec else []
+        except ValidationError as err:
+            problems += err.problems
+    if problems:
+        raise ValidationError(problems)
+    red, helpful = loaded["red_team"], loaded["helpful"]
 
     def split(prompts: list[Prompt], cap: int | None, salt: int) -> tuple[list[Prompt], list[Prompt]]:
         train = [p for p in prompts if not in_eval_split(p.text, config.eval_fraction)]
