@@ -320,6 +320,7 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
     resumed = decision["resumed"]
     threads = set_threads(run.threads)
     print(f"[cai] {name}: {'resuming' if resumed else 'running'} in {stage_dir.path}")
+    reset_peak_memory()
     started = time.time()
     try:
         counts = stage_module(name).run(ctx) or {}
@@ -340,6 +341,7 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
         "shared": shared_fingerprint(run), "upstream": ctx.upstream, "counts": counts, "resumed": resumed,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "seconds": round(time.time() - started, 2), "versions": _versions(), "threads": threads,
+        "peak_memory": peak_memory(),
     }
     if distributed.distributed():
         manifest["processes"] = distributed.world_size()
@@ -349,8 +351,43 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
         atomic_write_json(stage_dir.manifest_path, manifest)
         marker.unlink(missing_ok=True)
     distributed.barrier()  # the next stage reads this one's manifest and outputs
-    print(f"[cai] {name}: done in {manifest['seconds']:.1f}s {counts}")
+    peak = manifest["peak_memory"]
+    print(f"[cai] {name}: done in {manifest['seconds']:.1f}s, peak RSS {peak['rss_bytes'] / 2**30:.2f} GiB"
+          + (f", CUDA {peak['cuda_max_allocated_bytes'] / 2**30:.2f} GiB" if "cuda_max_allocated_bytes" in peak else "")
+          + f" {counts}")
     return manifest
+
+
+def reset_peak_memory() -> None:
+    """Start a stage's memory peaks afresh: the process's peak RSS (Linux: writing 5 to
+    /proc/self/clear_refs resets VmHWM) and torch's CUDA peak."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> dict:
+    """What the manifest records of a stage's memory: the peak resident set size of this
+    process since `reset_peak_memory` (`rss_scope: stage`; where /proc is missing, the
+    process's peak since it started, `rss_scope: process`), and on a GPU the most CUDA
+    memory torch allocated (`torch.cuda.max_memory_allocated`)."""
+    import re
+    import resource
+
+    import torch
+
+    try:
+        kib = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+        peak = {"rss_bytes": kib * 1024, "rss_scope": "stage"}
+    except (OSError, AttributeError):
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        peak = {"rss_bytes": kib if platform.system() == "Darwin" else kib * 1024, "rss_scope": "process"}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return peak
 
 
 def _kept_work(stage_dir: StageDir) -> bool:

@@ -17,6 +17,9 @@ def test_cai_run_completes_every_stage_then_skips_them_all(tmp_path, capsys):
     manifests = {s: json.loads((run_dir / s / "manifest.json").read_text()) for s in stages}
     for stage in ("sft", "reward", "rl", "dpo"):
         assert (run_dir / stage / "model" / "config.json").exists(), stage
+    for stage, manifest in manifests.items():  # each stage's own peak, not the process's so far
+        assert manifest["peak_memory"]["rss_scope"] == "stage", stage
+        assert 10 * 2**20 < manifest["peak_memory"]["rss_bytes"] < 8 * 2**30, stage
     results = json.loads((run_dir / "evaluate" / "results.json").read_text())
     assert {"base", "sft", "rl", "dpo"} <= set(json.dumps(results).split('"'))
     assert (run_dir / "report" / "index.html").exists()
@@ -99,3 +102,24 @@ def test_a_stage_that_failed_before_keeping_any_work_does_not_block_a_retry(sft_
     assert not (sft_run / "dpo" / ".in_progress.json").exists()  # its dataset folder is not kept work
     monkeypatch.undo()
     assert run_stage(make_run(sft_run, "dpo.beta=0.3"), "dpo")["config"]  # other settings: it runs
+
+
+def test_peak_memory_is_the_stages_own():
+    from cai.pipeline import peak_memory, reset_peak_memory
+
+    def touched(mib: int) -> bytearray:  # resident: every page written
+        block = bytearray(mib * 2**20)
+        block[::4096] = b"x" * len(block[::4096])
+        return block
+
+    reset_peak_memory()
+    baseline = peak_memory()["rss_bytes"]
+    ballast = touched(400)
+    assert peak_memory()["rss_bytes"] >= baseline + 390 * 2**20
+    del ballast
+    reset_peak_memory()  # a new stage starts: the freed 400 MiB is not its peak
+    after = peak_memory()
+    assert after["rss_scope"] == "stage" and after["rss_bytes"] < baseline + 100 * 2**20
+    small = touched(100)
+    assert peak_memory()["rss_bytes"] >= after["rss_bytes"] + 90 * 2**20
+    del small
