@@ -398,8 +398,9 @@ def _kept_work(stage_dir: StageDir) -> bool:
 
 
 def _decide(ctx: StageContext, force: bool) -> dict:
-    """Skip (complete with the same config), refuse (other settings, no --force) or run
-    (resuming if a marker says it started), and where a replaced folder goes."""
+    """Skip (complete with the same config), refuse (other settings, or a saved model that
+    cannot be loaded, here or upstream, without --force) or run (resuming if a marker says
+    it started), and where a replaced folder goes."""
     import json
 
     manifest = ctx.dir.manifest()
@@ -407,10 +408,17 @@ def _decide(ctx: StageContext, force: bool) -> dict:
     previous = manifest["config_hash"] if manifest else None
     if previous is None and marker.exists():
         previous = json.loads(marker.read_text())["config_hash"]
+    corrupt = ctx.dir.model_problem() if manifest else None  # a saved model that would fail its readers
     if previous == ctx.config_hash and manifest:
-        return {"action": "skip", "manifest": manifest}
+        if not corrupt:
+            return {"action": "skip", "manifest": manifest}
+        if not force:
+            return {"action": "refuse", "message": corrupt_message(ctx.name, corrupt)}
+    for up in ctx.upstream:  # the models this stage will load are readable, before any work
+        if (problem := ctx.stage(up).model_problem()) is not None:
+            return {"action": "refuse", "message": corrupt_message(up, problem)}
     aside = None
-    if previous is not None and previous != ctx.config_hash:
+    if corrupt or previous is not None and previous != ctx.config_hash:
         if not force:
             state = "completed" if manifest else "started"
             return {"action": "refuse", "message": (
@@ -419,6 +427,11 @@ def _decide(ctx: StageContext, force: bool) -> dict:
                 f"run_dir, or pass --force to move the old folder aside and redo the stage.")}
         aside = str(ctx.dir.path.with_name(f"{ctx.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
     return {"action": "run", "aside": aside, "resumed": marker.exists() and aside is None}
+
+
+def corrupt_message(stage: str, problem: str) -> str:
+    return (f"stage '{stage}' is complete but its saved model cannot be loaded: {problem}. Nothing was changed. "
+            f"Redo the stage: `cai {stage} --force` with this config moves its folder aside and runs it again")
 
 
 def default_stages(run: RunConfig) -> list[str]:

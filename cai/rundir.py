@@ -212,6 +212,36 @@ class StageDir:
         stage saved with merge_adapter: false); None when it has neither."""
         return next((self.path / name for name in ("model", "adapter") if (self.path / name).exists()), None)
 
+    def model_problem(self) -> str | None:
+        """Why the stage's saved model or adapter cannot be loaded (a missing or torn
+        config, a truncated or missing weights file), or None. Reads headers only."""
+        folder = self.saved_model()
+        if folder is None:
+            return None
+        adapter = folder.name == "adapter"
+        config = folder / ("adapter_config.json" if adapter else "config.json")
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return f"{config} is missing"
+        except (OSError, ValueError) as err:
+            return f"{config} is not readable JSON ({err})"
+        index = next(folder.glob("*.safetensors.index.json"), None)
+        if index is not None:
+            try:
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError) as err:
+                return f"{index} is not a readable shard index ({err})"
+            weights = [folder / name for name in shards]
+        else:
+            weights = sorted(folder.glob("*.safetensors"))
+        if not weights and not list(folder.glob("*.bin")):
+            return f"{folder} has no weights file ({'adapter_model' if adapter else 'model'}.safetensors)"
+        for path in weights:
+            if (problem := safetensors_problem(path)) is not None:
+                return problem
+        return None
+
     def require(self, what: str = "") -> StageDir:
         """Fail clearly when a stage this one reads from has not run."""
         if not self.complete():
@@ -219,6 +249,28 @@ class StageDir:
             raise FileNotFoundError(f"stage '{self.name}' has not completed in {self.path.parent}{hint}: "
                                     f"run `cai {self.name}` first")
         return self
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """A safetensors file whose header cannot be read or whose tensors end past the end of
+    the file (a copy or a save cut short), or None."""
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            length = struct.unpack("<Q", f.read(8))[0] if size >= 8 else None
+            if length is None or 8 + length > size:
+                return f"{path} is truncated ({size} bytes, shorter than its own header says)"
+            header = json.loads(f.read(length))
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except (OSError, ValueError, struct.error) as err:
+        return f"{path} has an unreadable header ({err})"
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if 8 + length + end != size:
+        return f"{path} is truncated ({size} bytes; its header describes {8 + length + end})"
+    return None
 
 
 LOCK_NAME = ".cai.lock"

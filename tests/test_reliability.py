@@ -283,3 +283,40 @@ def test_each_kind_of_write_failure_names_the_file_and_its_cause(tmp_path, monke
     torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
     assert write_failure(torch_error)[1].startswith("torch could not write the file")
     assert write_failure(ValueError("a bug")) is None and write_failure(FileNotFoundError(2, "x")) is None
+
+
+# A completed stage whose saved model cannot be loaded (a copy cut short, a file deleted).
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no-config"])
+def test_a_corrupt_saved_model_is_reported_with_the_file_and_the_remedy_before_any_work(sft_run, capsys, damage):
+    model = sft_run / "sft" / "model"
+    if damage == "truncated":
+        size = (model / "model.safetensors").stat().st_size
+        truncate(model / "model.safetensors")
+        problem = f"model.safetensors is truncated ({size * 2 // 3} bytes; its header describes {size})"
+    else:
+        (model / "config.json").unlink()
+        problem = "config.json is missing"
+    message = (f"cai: error: stage 'sft' is complete but its saved model cannot be loaded: {model}/{problem}. "
+               f"Nothing was changed. Redo the stage: `cai sft --force` with this config moves its folder aside "
+               f"and runs it again")
+    for command in ("label", "sft"):  # a stage that loads it, and the stage itself when skipped
+        assert main([command, "--config", str(SMOKE), "--set", f"run_dir={sft_run}"]) == 1
+        assert capsys.readouterr().err.strip() == message
+    assert not (sft_run / "label").exists()
+
+
+def test_force_redoes_a_stage_whose_model_is_corrupt(sft_run, capsys, sft_run_template):
+    from safetensors.torch import load_file
+
+    truncate(sft_run / "sft" / "model" / "model.safetensors")
+    assert main(["sft", "--config", str(SMOKE), "--set", f"run_dir={sft_run}", "--force"]) == 0
+    assert "sft: old outputs moved to" in capsys.readouterr().out
+    expected = load_file(sft_run_template / "sft" / "model" / "model.safetensors")
+    found = load_file(sft_run / "sft" / "model" / "model.safetensors")
+    assert max((found[k] - expected[k]).abs().max().item() for k in expected) <= 1e-6
