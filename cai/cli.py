@@ -143,9 +143,12 @@ def cmd_constitution(args) -> int:
 
 
 def cmd_eval_labeler(args) -> int:
+    from cai.pipeline import validate
     from cai.stages.label import eval_labeler_command
 
-    return eval_labeler_command(_load(args), args.data, args.limit, args.out)
+    run = _load(args)
+    validate(run, ["label"])  # the checks `cai label` makes (models, constitution, prompts), before any work
+    return eval_labeler_command(run, args.data, args.limit, args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:

