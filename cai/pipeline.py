@@ -309,7 +309,7 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
         print(f"[cai] {name}: already complete ({stage_dir.path}), skipped")
         return decision["manifest"]
     if decision["action"] == "refuse":
-        raise ValidationError([Problem(str(stage_dir.path), None, decision["message"])])
+        raise ValidationError([Problem(decision.get("where", str(stage_dir.path)), None, decision["message"])])
     if distributed.is_main():
         if decision.get("aside"):
             stage_dir.path.rename(decision["aside"])
@@ -413,10 +413,10 @@ def _decide(ctx: StageContext, force: bool) -> dict:
         if not corrupt:
             return {"action": "skip", "manifest": manifest}
         if not force:
-            return {"action": "refuse", "message": corrupt_message(ctx.name, corrupt)}
+            return corrupt_refusal(ctx.name, corrupt)
     for up in ctx.upstream:  # the models this stage will load are readable, before any work
         if (problem := ctx.stage(up).model_problem()) is not None:
-            return {"action": "refuse", "message": corrupt_message(up, problem)}
+            return corrupt_refusal(up, problem)
     aside = None
     if corrupt or previous is not None and previous != ctx.config_hash:
         if not force:
@@ -429,9 +429,12 @@ def _decide(ctx: StageContext, force: bool) -> dict:
     return {"action": "run", "aside": aside, "resumed": marker.exists() and aside is None}
 
 
-def corrupt_message(stage: str, problem: str) -> str:
-    return (f"stage '{stage}' is complete but its saved model cannot be loaded: {problem}. Nothing was changed. "
-            f"Redo the stage: `cai {stage} --force` with this config moves its folder aside and runs it again")
+def corrupt_refusal(stage: str, problem: tuple[Path, str]) -> dict:
+    """The refusal of a complete stage whose saved model cannot be loaded, at the file."""
+    path, why = problem
+    return {"action": "refuse", "where": str(path), "message": (
+        f"{why}: stage '{stage}' is complete but its saved model cannot be loaded. Nothing was changed. Redo the "
+        f"stage: `cai {stage} --force` with this config moves its folder aside and runs it again")}
 
 
 def default_stages(run: RunConfig) -> list[str]:

@@ -212,9 +212,9 @@ class StageDir:
         stage saved with merge_adapter: false); None when it has neither."""
         return next((self.path / name for name in ("model", "adapter") if (self.path / name).exists()), None)
 
-    def model_problem(self) -> str | None:
-        """Why the stage's saved model or adapter cannot be loaded (a missing or torn
-        config, a truncated or missing weights file), or None. Reads headers only."""
+    def model_problem(self) -> tuple[Path, str] | None:
+        """(file, why) when the stage's saved model or adapter cannot be loaded (a missing
+        or torn config, a truncated or missing weights file), else None. Reads headers only."""
         folder = self.saved_model()
         if folder is None:
             return None
@@ -223,23 +223,23 @@ class StageDir:
         try:
             json.loads(config.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            return f"{config} is missing"
+            return config, "missing"
         except (OSError, ValueError) as err:
-            return f"{config} is not readable JSON ({err})"
+            return config, f"not readable JSON ({err})"
         index = next(folder.glob("*.safetensors.index.json"), None)
         if index is not None:
             try:
                 shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
             except (OSError, ValueError, KeyError, AttributeError) as err:
-                return f"{index} is not a readable shard index ({err})"
+                return index, f"not a readable shard index ({err})"
             weights = [folder / name for name in shards]
         else:
             weights = sorted(folder.glob("*.safetensors"))
         if not weights and not list(folder.glob("*.bin")):
-            return f"{folder} has no weights file ({'adapter_model' if adapter else 'model'}.safetensors)"
+            return folder, f"no weights file ({'adapter_model' if adapter else 'model'}.safetensors)"
         for path in weights:
             if (problem := safetensors_problem(path)) is not None:
-                return problem
+                return path, problem
         return None
 
     def require(self, what: str = "") -> StageDir:
@@ -252,8 +252,8 @@ class StageDir:
 
 
 def safetensors_problem(path: Path) -> str | None:
-    """A safetensors file whose header cannot be read or whose tensors end past the end of
-    the file (a copy or a save cut short), or None."""
+    """Why a safetensors file cannot be loaded: missing, a header that cannot be read, or
+    tensors that end past the end of the file (a copy or a save cut short); else None."""
     import struct
 
     try:
@@ -261,15 +261,15 @@ def safetensors_problem(path: Path) -> str | None:
         with open(path, "rb") as f:
             length = struct.unpack("<Q", f.read(8))[0] if size >= 8 else None
             if length is None or 8 + length > size:
-                return f"{path} is truncated ({size} bytes, shorter than its own header says)"
+                return f"truncated ({size} bytes, shorter than its own header says)"
             header = json.loads(f.read(length))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     except FileNotFoundError:
-        return f"{path} is missing"
-    except (OSError, ValueError, struct.error) as err:
-        return f"{path} has an unreadable header ({err})"
-    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        return "missing"
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error) as err:
+        return f"an unreadable header ({err})"
     if 8 + length + end != size:
-        return f"{path} is truncated ({size} bytes; its header describes {8 + length + end})"
+        return f"truncated ({size} bytes; its header describes {8 + length + end})"
     return None
 
 

@@ -298,15 +298,14 @@ def test_a_corrupt_saved_model_is_reported_with_the_file_and_the_remedy_before_a
     if damage == "truncated":
         size = (model / "model.safetensors").stat().st_size
         truncate(model / "model.safetensors")
-        problem = f"model.safetensors is truncated ({size * 2 // 3} bytes; its header describes {size})"
+        problem = f"model.safetensors: truncated ({size * 2 // 3} bytes; its header describes {size})"
     else:
         (model / "config.json").unlink()
-        problem = "config.json is missing"
-    message = (f"cai: error: stage 'sft' is complete but its saved model cannot be loaded: {model}/{problem}. "
-               f"Nothing was changed. Redo the stage: `cai sft --force` with this config moves its folder aside "
-               f"and runs it again")
+        problem = "config.json: missing"
+    message = (f"{model}/{problem}: stage 'sft' is complete but its saved model cannot be loaded. Nothing was "
+               f"changed. Redo the stage: `cai sft --force` with this config moves its folder aside and runs it again")
     for command in ("label", "sft"):  # a stage that loads it, and the stage itself when skipped
-        assert main([command, "--config", str(SMOKE), "--set", f"run_dir={sft_run}"]) == 1
+        assert main([command, "--config", str(SMOKE), "--set", f"run_dir={sft_run}"]) == 2
         assert capsys.readouterr().err.strip() == message
     assert not (sft_run / "label").exists()
 
