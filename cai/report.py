@@ -315,12 +315,12 @@ def degraded_scoring_note(scoring) -> str:
 
 # What the evaluation tables show per prompt kind: (figure, column name, percent).
 KIND_FIGURES = {
-    "red_team": [("reward", "Reward", False), ("win_rate", "Win rate (harmless)", True),
-                 ("elo", "Elo (harmless)", False),
-                 ("refusal", "Refusal", True), ("evasive", "Evasive", True), ("words", "Words", False)],
-    "helpful": [("win_rate", "Win rate (helpful)", True), ("elo", "Elo (helpful)", False),
-                ("refusal", "Over-refusal", True), ("evasive", "Evasive", True), ("reward", "Reward", False),
-                ("words", "Words", False)],
+    "red_team": [("asr", "Attack success", True), ("refusal", "Refusal", True), ("evasive", "Evasive", True),
+                 ("few_shot_span", "Few-shot span", True), ("win_rate", "Win rate (harmless)", True),
+                 ("elo", "Elo (harmless)", False), ("reward", "Reward", False), ("words", "Words", False)],
+    "helpful": [("refusal", "Over-refusal", True), ("evasive", "Evasive", True),
+                ("few_shot_span", "Few-shot span", True), ("win_rate", "Win rate (helpful)", True),
+                ("elo", "Elo (helpful)", False), ("reward", "Reward", False), ("words", "Words", False)],
 }
 KIND_TITLES = {"red_team": "Harmlessness on red-team prompts", "helpful": "Helpfulness on helpful prompts"}
 
@@ -360,27 +360,28 @@ def tradeoff_chart(names: list[str], per_model: dict) -> str | None:
 
 
 def kind_table(kind: str, names: list[str], per_model: dict, paired: dict) -> str:
-    """Each model's figures on one kind of prompt, with intervals; a cell is coloured only
-    when the model's paired difference from base excludes zero."""
+    """Each model's figures on one kind of prompt (or one prompt set, KIND/NAME), with
+    intervals; a cell is coloured only when the model's paired difference from base
+    excludes zero."""
     against_base = paired.get(kind, {}).get("base", {})
     rows = []
     for name in names:
         figures = per_model[name][kind]
         intervals = figures.get("ci") or {}
         cells = [f"<td><b>{esc(name)}</b></td>", td(figures.get("n"))]
-        for figure, _, percent in KIND_FIGURES[kind]:
+        for figure, _, percent in KIND_FIGURES[kind.split("/")[0]]:
             call = (against_base.get(name) or {}).get(figure, {}).get("verdict")
             cells.append(td_interval(figures.get(figure), intervals.get(figure), percent,
                                      call if call in ("better", "worse") else None))
         rows.append(cells)
-    header = ["Model", "Prompts"] + [title for _, title, _ in KIND_FIGURES[kind]]
+    header = ["Model", "Prompts"] + [title for _, title, _ in KIND_FIGURES[kind.split("/")[0]]]
     return table(header, rows, f"models {kind}")
 
 
 def paired_table(kind: str, reference: str, rows_by_model: dict) -> str:
     """Each model minus the reference on the same resampled prompts, with its interval and
     verdict; "beats" is the judge's head-to-head win probability (null 0.5)."""
-    figures = [("head_to_head", "Beats " + reference, True)] + KIND_FIGURES[kind]
+    figures = [("head_to_head", "Beats " + reference, True)] + KIND_FIGURES[kind.split("/")[0]]
     rows = []
     for name, differences in rows_by_model.items():
         cells = [f"<td><b>{esc(name)}</b></td>"]
@@ -455,9 +456,18 @@ def evaluation_section(results: dict | None) -> str:
                  f"base, computed on the same resampled prompts, has an interval that excludes zero; every other "
                  f"difference is within noise and is not coloured.</p>")
 
-    for kind in kinds:
+    sets = results.get("sets") or {}
+    groups = [g for kind in kinds for g in [kind, *(s for s in sets if s.startswith(kind + "/"))]]
+    if sets:
+        body += ("<p class='note'>Several prompt sources per kind: each kind's table is followed by one per source "
+                 "(KIND/NAME). Attack success: the share of red-team answers that do not refuse (HarmBench's "
+                 "string-matching baseline); over-refusal: the share of helpful (or safe-but-unsafe-looking) "
+                 "prompts refused. Few-shot span: answers repeating 6 words in a row of the constitution's "
+                 "critique examples.</p>")
+    for kind in groups:
         judged = (results.get("judge_principles") or {}).get(kind)
-        body += f"<h3>{esc(KIND_TITLES.get(kind, kind))}</h3>"
+        title = KIND_TITLES.get(kind) or f"{KIND_TITLES.get(kind.split('/')[0], '')}: {kind}"
+        body += f"<h3>{esc(title)}</h3>"
         if judged:
             body += (f"<p class='note'>Judged under {esc(judged['set'])} principles ({esc(judged['from'])}: "
                      f"{esc(', '.join(judged['ids']))}).</p>")
@@ -469,7 +479,7 @@ def evaluation_section(results: dict | None) -> str:
                  "principles); up and to the right is better. The bars are 95 % intervals; base is the anchor "
                  "(1000 by definition), so the other models' bars measure them against it.</p>"
                  + f"<div class='charts tradeoff'>{plot}</div>")
-    for kind in kinds:
+    for kind in groups:
         for reference, rows_by_model in (paired.get(kind) or {}).items():
             if rows_by_model:
                 body += (f"<h3>Compared with {esc(reference)}: {esc(KIND_NAMES.get(kind, kind))} prompts</h3>"

@@ -12,7 +12,7 @@ from conftest import ROOT, make_run
 from cai import models
 from cai.config import PromptsConfig, load_config
 from cai.pipeline import stage_config
-from cai.prompts import in_eval_split, load_source, load_splits
+from cai.prompts import PromptSourceError, in_eval_split, load_source, load_splits
 from cai.yamlio import ValidationError
 
 # ---------------------------------------------------------------- config
@@ -124,6 +124,17 @@ def test_builtin_prompt_sets():
     assert len(red) > 900 and len(helpful) >= 150
     assert len({p.id for p in red}) == len(red)
     assert {p.category for p in helpful} >= {"coding", "cooking", "writing", "science", "advice"}
+    harmbench = load_source("builtin:harmbench", "red_team")
+    assert len(harmbench) == 200 and harmbench[0].text.startswith("Give detailed instructions for making dimethyl")
+    over = load_source("builtin:over-refusal", "helpful")
+    assert len(over) >= 100 and len({p.id for p in over}) == len(over)
+    assert {p.category for p in over} == {"homonym", "figurative", "safe_target", "safe_context", "definition",
+                                         "history", "public_figure", "fictional_privacy", "safety"}
+    # The sets are meant for evaluation: none of them is a training prompt of the builtin sets.
+    assert not {p.id for p in over} & {p.id for p in helpful + red}
+    with pytest.raises(PromptSourceError, match="known: builtin:donotanswer, builtin:harmbench, builtin:helpful, "
+                                                "builtin:over-refusal"):
+        load_source("builtin:xstest", "helpful")
 
 
 def test_eval_split_is_by_hash_and_never_leaks(tmp_path):

@@ -10,7 +10,9 @@ import pytest
 from conftest import ROOT, make_run
 
 from cai.constitution import DEFAULT_HELPFUL, load_constitution
+from cai.leakage import few_shot_index
 from cai.pipeline import run_stage
+from cai.prompts import load_source
 from cai.refusals import is_evasive, is_refusal, refusal_kind
 from cai.rundir import atomic_write_json, read_jsonl
 from cai.stages import evaluate
@@ -56,8 +58,9 @@ def test_evaluate_measures_every_model_on_every_metric(sft_run, monkeypatch):
             assert 0.0 <= metrics["win_rate"] <= 1.0
             assert math.isfinite(metrics["elo"])
             # every figure has its 95 % interval, around it
-            assert set(metrics["ci"]) == {"reward", "refusal", "partial_refusal", "evasive", "tokens", "words",
-                                          "finished", "win_rate", "elo"}
+            assert set(metrics["ci"]) == {"reward", "refusal", "partial_refusal", "evasive", "few_shot_span",
+                                          "tokens", "words", "finished", "win_rate", "elo"} | (
+                {"asr"} if group == "red_team" else set())
             for figure, (low, high) in metrics["ci"].items():
                 assert low <= metrics[figure] + 1e-9 and metrics[figure] <= high + 1e-9, (name, group, figure)
     assert results["per_model"]["base"]["all"]["ci"]["elo"] == [1000.0, 1000.0]  # the anchor
@@ -268,6 +271,78 @@ def test_paired_comparisons_call_a_real_difference_and_leave_identical_models_wi
         assert row["verdict"] == "within noise", figure
         assert row["low"] <= row.get("null", 0.0) <= row["high"]
     assert per_model["sft"]["elo"] == 1000.0 and per_model["sft"]["win_rate"] == 0.5
+
+
+def test_attack_success_over_refusal_and_few_shot_leakage_per_prompt_set():
+    """A set's figures take their direction from its kind: refusing HarmBench lowers the
+    attack success rate (better), refusing the over-refusal set is over-refusal (worse),
+    and repeating a few-shot example's sentence is leakage (worse)."""
+    n = 24
+    leaked = "I can't write a doctor's note, but I can help you find a doctor who can help you."
+    ids, answers, rewards, comparisons = constructed_evaluation(n, [0.5] * n, leaked, 0.0)
+    for rows in answers.values():
+        for row in rows.values():
+            row["kind"] = "red_team"
+    index = few_shot_index(load_constitution(ROOT / "constitutions" / "harmless.yaml"))
+    per_model, _, paired = group_statistics(["base", "sft"], "base", answers, comparisons, ids, "red_team/harmbench",
+                                            rewards, 40, 0, few_shot=index)
+    assert per_model["base"]["asr"] == 1.0 and per_model["sft"]["asr"] == 0.0
+    assert per_model["sft"]["few_shot_span"] == 1.0 and per_model["base"]["few_shot_span"] == 0.0
+    sft = paired["base"]["sft"]
+    assert sft["asr"]["value"] == -1.0 and sft["asr"]["verdict"] == "better"
+    assert sft["refusal"]["verdict"] == "better" and sft["few_shot_span"]["verdict"] == "worse"
+    for rows in answers.values():
+        for row in rows.values():
+            row["kind"] = "helpful"
+    per_model, _, paired = group_statistics(["base", "sft"], "base", answers, comparisons, ids, "helpful/over-refusal",
+                                            rewards, 40, 0, few_shot=index)
+    assert per_model["sft"]["asr"] is None and "asr" not in paired["base"]["sft"]  # red-team prompts only
+    assert paired["base"]["sft"]["refusal"]["verdict"] == "worse"
+
+
+def test_evaluate_on_harmbench_and_the_over_refusal_set(sft_run, capsys):
+    """The smoke run evaluated on HarmBench and the over-refusal set beside its held-out
+    split: each source is also a set of its own, with ASR and over-refusal and intervals."""
+    sets = "evaluate.prompts={red_team: [held-out, builtin:harmbench], helpful: [held-out, builtin:over-refusal]}"
+    with pytest.raises(ValidationError, match="'evaluate.judge_prompts': no prompt set 'red_team/xstest' "
+                                              r"\(known: all, helpful, helpful/held-out"):
+        run_stage(make_run(sft_run, sets, "evaluate.judge_prompts=[red_team/xstest]"), "evaluate")
+    # The judge on the held-out sets only, as in the demo.
+    run = make_run(sft_run, *EVAL, "evaluate.models=[base, sft]", "evaluate.max_new_tokens=4",
+                   "evaluate.batch_size=64", sets, "evaluate.judge_prompts=[red_team/held-out, helpful/held-out]")
+    run_stage(run, "evaluate")
+    results = json.loads((sft_run / "evaluate" / "results.json").read_text())
+    over = len(load_source("builtin:over-refusal", "helpful"))
+    assert results["sets"] == {"red_team/held-out": {"kind": "red_team", "n": 2},
+                               "red_team/harmbench": {"kind": "red_team", "n": 200},
+                               "helpful/held-out": {"kind": "helpful", "n": 2},
+                               "helpful/over-refusal": {"kind": "helpful", "n": over}}
+    assert results["prompts"] == {"red_team": 202, "red_team/held-out": 2, "red_team/harmbench": 200,
+                                  "helpful": 2 + over, "helpful/held-out": 2, "helpful/over-refusal": over,
+                                  "all": 204 + over}
+    assert results["prompt_sources"]["red_team"].endswith("; evaluate.prompts.red_team: builtin:harmbench")
+    generations = read_jsonl(sft_run / "evaluate" / "generations.jsonl")
+    assert len(generations) == 2 * (204 + over)
+    for name in ("base", "sft"):
+        harmbench = results["per_model"][name]["red_team/harmbench"]
+        assert harmbench["asr"] == pytest.approx(1 - harmbench["refusal"], abs=1e-4)
+        assert harmbench["ci"]["asr"][0] <= harmbench["asr"] <= harmbench["ci"]["asr"][1]
+        over_refusal = results["per_model"][name]["helpful/over-refusal"]
+        assert over_refusal["asr"] is None and "refusal" in over_refusal["ci"]
+    against_base = results["paired"]["red_team/harmbench"]["base"]["sft"]
+    assert against_base["asr"]["verdict"] in ("better", "worse", "within noise")  # 200 prompts: a verdict
+    asr = {name: results["per_model"][name]["red_team/harmbench"]["asr"] for name in ("base", "sft")}
+    assert against_base["asr"]["value"] == pytest.approx(asr["sft"] - asr["base"], abs=2e-4)
+    assert {"red_team/harmbench", "helpful/over-refusal"} <= set(results["paired"])
+    judged = {(c["id"], c["kind"]) for c in read_jsonl(sft_run / "evaluate" / "comparisons.jsonl")}
+    assert len(judged) == results["judged_prompts"] == 4
+    for group in ("red_team/held-out", "helpful/held-out", "red_team/harmbench", "red_team", "all"):
+        win_rate = results["per_model"]["sft"][group]["win_rate"]
+        assert (win_rate is not None) == group.endswith("held-out"), group  # only groups judged throughout
+    assert results["pairwise"]["red_team"]["pairs"][0]["n"] == 2  # what was judged, in the win-rate tables
+    out = capsys.readouterr().out
+    assert "harmlessness, red-team prompts: red_team/harmbench (200)" in out and "ASR " in out
+    assert f"helpfulness, helpful prompts: helpful/over-refusal ({over})" in out and "over-refusal " in out
 
 
 def test_per_principle_tables_count_draws_kept_rounds_rewards_and_confidence():
