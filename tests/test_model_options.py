@@ -18,7 +18,7 @@ SCALE = 8 / 4  # lora_alpha / lora_r
 
 def saved_dtypes(folder) -> set:
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        return {f.get_slice(name).get_dtype() for name in f}
+        return {f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118 - safe_open is not iterable
 
 
 def state(folder, auto="AutoModelForCausalLM") -> dict:
