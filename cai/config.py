@@ -75,6 +75,10 @@ class RunConfig:
                                                      "else a short matmul probe at start (cai.models.choose_threads)",
                                              ge=1)
     device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    hub_kernels: bool = setting(False, "let transformers replace layers (rotary embedding, RMSNorm, attention, ...) "
+                                       "with compiled kernels it downloads from the Hugging Face hub "
+                                       "(kernels-community/*, through the `kernels` package) and runs in this "
+                                       "process; off: cai sets USE_HUB_KERNELS=NO whatever the environment says")
     report_to: str | list[str] = setting("none", "where every training stage reports (TRL's report_to: none, "
                                                  "wandb, tensorboard, trackio, ...); a stage's own key wins")
     run_name: str | None = setting(None, "the run name trackers show (TRL's run_name) for every training stage")
@@ -354,7 +358,8 @@ def parse_servers(raw: Any, doc: LocatedYaml) -> tuple[dict[str, ServerConfig], 
 
 
 def shared_fingerprint(run: RunConfig) -> dict:
-    """The shared keys a stage's outputs depend on (threads and device do not change results)."""
+    """The shared keys a stage's outputs depend on (threads, device and hub_kernels do not
+    change results beyond rounding)."""
     constitution = run.constitution_path()
     digest = hashlib.sha256(constitution.read_bytes()).hexdigest() if constitution.exists() else None
     return {"seed": run.seed, "model": run.model, "constitution_sha256": digest,

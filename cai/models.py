@@ -90,6 +90,13 @@ def set_threads(setting: int | str) -> dict:
     return choice
 
 
+def set_hub_kernels(allowed: bool) -> None:
+    """Let transformers use hub kernels (the run config's `hub_kernels: true`) or not.
+    Importing cai turns them off (cai/__init__.py); transformers reads USE_HUB_KERNELS
+    when it loads a model, so this holds for every model loaded after it."""
+    os.environ["USE_HUB_KERNELS"] = "YES" if allowed else "NO"
+
+
 PROBE_SHAPE = (128, 576, 1536)  # [rows, hidden] x [hidden, intermediate]: SmolLM2-135M's MLP at batch 128
 PROBE_SECONDS = 0.03  # each of a thread count's five timings lasts at least this
 PROBE_GAIN = 1.15  # a larger count must be this much faster than the best smaller one to be chosen

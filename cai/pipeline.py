@@ -296,7 +296,7 @@ def prepare(run: RunConfig, name: str) -> StageContext:
 
 def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
     """Run one stage: skip it if complete with the same config, resume it if interrupted."""
-    from cai.models import set_threads
+    from cai.models import set_hub_kernels, set_threads
 
     ctx = prepare(run, name)
     stage_dir = ctx.dir
@@ -319,6 +319,7 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
     distributed.barrier()
     resumed = decision["resumed"]
     threads = set_threads(run.threads)
+    set_hub_kernels(run.hub_kernels)
     print(f"[cai] {name}: {'resuming' if resumed else 'running'} in {stage_dir.path}")
     reset_peak_memory()
     started = time.time()

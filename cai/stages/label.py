@@ -403,7 +403,7 @@ def format_metrics(metrics: dict) -> str:
 
 def eval_labeler_command(run, data_path, limit: int | None = None, out: str | None = None) -> int:
     """`cai eval-labeler`: the label section's feedback model against labelled pairs."""
-    from cai.models import set_threads
+    from cai.models import set_hub_kernels, set_threads
     from cai.pipeline import prepare
 
     ctx = prepare(run, "label")
@@ -415,6 +415,7 @@ def eval_labeler_command(run, data_path, limit: int | None = None, out: str | No
         if (problem := server_check_problem(run, cfg.feedback_model, judge=True)) is not None:
             raise ValidationError([problem])
     set_threads(run.threads)
+    set_hub_kernels(run.hub_kernels)
     judge = make_judge(ctx, cfg)
     try:
         metrics = evaluate_labeler(judge, ctx.constitution, pairs, run.seed, cfg.principles_per_comparison)
