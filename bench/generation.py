@@ -100,7 +100,7 @@ class PreviousEngine(TransformersEngine):
             if cache is not None:
                 input_ids = torch.cat([prefix_ids.expand(len(batch), -1), input_ids], dim=1)
                 attention = torch.cat([attention.new_ones(len(batch), shared), attention], dim=1)
-            output = self.model.generate(input_ids=input_ids, attention_mask=attention, past_key_values=cache,
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention, cache=cache,
                                          generation_config=config)
             for row, i in zip(output[:, input_ids.shape[1]:].tolist(), batch):
                 results[i] = self._completion(row)

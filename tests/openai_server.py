@@ -332,8 +332,8 @@ class Engine:
             for _ in range(req["max_tokens"]):
                 # All positions' logits, not `logits_to_keep=1`: the smaller matmul rounds
                 # differently (~1e-5), and tests compare with a plain forward pass.
-                out = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = self.model(input_ids=step_input, cache=past, use_cache=True)
+                past = out.cache
                 logits = out.logits[0, -1].float()
                 token = self._pick(logits, req, counts, generator)
 

@@ -33,29 +33,48 @@ def drawn_distribution(logits: torch.Tensor, sampler: NucleusSampler) -> torch.T
     return counts / DRAWS
 
 
-@pytest.mark.parametrize("temperature,top_p,top_k,candidates", [
-    (0.7, 0.95, 0, 256),  # the nucleus inside the candidates
-    (1.0, 0.9, 0, 4),  # a nucleus wider than 4 candidates: the full-vocabulary fallback
-    (1.3, 0.8, 5, 256),  # top-k then top-p, renormalised
-    (0.9, 1.0, 0, 256),  # plain temperature sampling
+@pytest.mark.parametrize("static", [False, True])  # draw and check (CPUs); sorted, fixed shapes (accelerators)
+@pytest.mark.parametrize("temperature,top_p,top_k", [
+    (0.7, 0.95, 0),  # a peaked nucleus
+    (1.0, 0.9, 0),  # a wide one
+    (1.0, 0.3, 0),  # a narrow one: most first draws are outside it
+    (1.3, 0.8, 5),  # top-k then top-p, renormalised
+    (0.9, 1.0, 0),  # plain temperature sampling
 ])
-def test_nucleus_sampler_draws_from_transformers_distribution(monkeypatch, temperature, top_p, top_k, candidates):
-    monkeypatch.setattr(hf, "CANDIDATES", candidates)
+def test_nucleus_sampler_draws_from_transformers_distribution(temperature, top_p, top_k, static):
     torch.manual_seed(0)
     logits = torch.randn(1, 40) * 2
     expected = transformers_distribution(logits, temperature, top_p, top_k)[0]
-    drawn = drawn_distribution(logits, NucleusSampler(temperature, top_p, top_k))
+    drawn = drawn_distribution(logits, NucleusSampler(temperature, top_p, top_k, static))
     assert (drawn[expected == 0] == 0).all()  # never outside transformers' support
     assert torch.allclose(drawn, expected, atol=0.01)  # 40k draws: standard error < 0.0025
 
 
-def test_nucleus_sampler_is_seeded():
-    logits = torch.randn(8, 100)
-    sampler = NucleusSampler(0.7, 0.95)
+@pytest.mark.parametrize("static", [False, True])
+def test_nucleus_sampler_draws_each_row_of_a_mixed_batch_from_its_own_distribution(static):
+    """Peaked and flat rows in one batch: each is drawn from its own nucleus (with draw
+    and check, the rows drawn again are a different set each round)."""
+    torch.manual_seed(0)
+    peaked = torch.cat([torch.tensor([[9.0, 8.0, 7.0]]), torch.randn(1, 37)], dim=1)  # nucleus: 3 tokens
+    flat = torch.randn(1, 40) * 0.5  # nucleus: most of the 40
+    rows = torch.cat([peaked, flat]).repeat(DRAWS, 1)
+    drawn = NucleusSampler(1.0, 0.9, static=static)(None, rows).argmax(dim=1)
+    for index, logits in enumerate((peaked, flat)):
+        expected = transformers_distribution(logits, 1.0, 0.9, 0)[0]
+        counts = torch.bincount(drawn[index::2], minlength=40).float() / DRAWS
+        assert (counts[expected == 0] == 0).all()
+        assert torch.allclose(counts, expected, atol=0.01)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_nucleus_sampler_is_seeded(static):
+    logits = torch.randn(64, 100)
+    sampler = NucleusSampler(1.0, 0.5, static=static)
     torch.manual_seed(1)
     first = sampler(None, logits).argmax(1)
     torch.manual_seed(1)
     assert torch.equal(first, sampler(None, logits).argmax(1))
+    assert not torch.equal(first, sampler(None, logits).argmax(1))  # and the next draw differs
 
 
 def test_batches_are_longest_first_and_stay_under_the_cache_bound():

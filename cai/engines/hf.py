@@ -22,54 +22,83 @@ from cai.engines.base import Capabilities, Completion, Engine, Sampling
 
 MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is not worth a cache copy
 MAX_CACHE_BYTES = 4 * 2**30  # a generation batch's key/value cache stays under this (fewer rows if needed)
-CANDIDATES = 256  # tokens a sampling step looks at before falling back to the whole vocabulary
 
 
 class NucleusSampler(LogitsProcessor):
-    """Temperature, top-k and top-p sampling without sorting the vocabulary.
+    """Temperature, top-k and top-p sampling, batched, on the logits' device.
 
-    transformers' sampling path sorts all ~49k logits of every row at every step for top-p
-    and draws with `torch.multinomial` over the whole vocabulary: on a CPU that costs as
-    much as the model's forward pass at batch 64 (bench/generation.py). Here the
-    `CANDIDATES` most likely tokens are taken with `topk`; when they hold at least `top_p`
-    of the probability (nearly always after temperature), the nucleus lies inside them and
-    the draw is made among them; a row whose nucleus is wider falls back to a full sort.
-    The result is the distribution transformers samples from (temperature, then top-k
-    renormalised, then the smallest set of tokens with mass >= top_p), drawn from torch's
-    global generator. The processor returns scores with the drawn token on top, so
-    `generate` runs in greedy mode and its argmax takes the draw.
+    The distribution is transformers' (temperature, then top-k renormalised, then the
+    nucleus: the smallest set of most likely tokens holding >= top_p), drawn from torch's
+    generator by inverting a cumulative distribution at one uniform number per row (no
+    `multinomial`, no per-token random numbers). Two ways to find the nucleus:
+
+    - `static=False` (CPUs): draw and check. A token is drawn from the whole
+      distribution; it is in the nucleus when the tokens more likely than it hold less
+      than top_p (one pass over the row); rows whose draw is outside are drawn again,
+      together, until none is left (each round is a host check, which a CPU does not
+      notice; a round accepts a row with probability >= top_p). Accepted draws follow
+      the nucleus's distribution exactly, and no row is ever sorted: transformers' top-p
+      sorts all ~49k logits of every row at every step, which on a CPU costs as much as
+      the model's forward pass at batch 64, and a top-k-first shortcut falls back to that
+      sort whenever the nucleus is wide (a flat distribution, temperature 1).
+    - `static=True` (accelerators, where a sort of the vocabulary is cheap and a host
+      sync is not): every row is sorted and its nucleus cut from the cumulative sum:
+      no data-dependent branch, no host sync, the same shapes at every step, so the
+      decode step can be captured (CUDA graphs).
+
+    The processor returns scores with the drawn token on top, so `generate` runs in
+    greedy mode and its argmax takes the draw.
     """
 
-    def __init__(self, temperature: float, top_p: float = 1.0, top_k: int = 0):
-        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+    def __init__(self, temperature: float, top_p: float = 1.0, top_k: int = 0, static: bool = False):
+        self.temperature, self.top_p, self.top_k, self.static = temperature, top_p, top_k, static
 
-    def _draw(self, logits: torch.Tensor, k: int, renormalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw from the nucleus of each row's `k` most likely tokens (probabilities
-        renormalised over them for top-k, else taken over the whole vocabulary). Returns
-        (token ids, whether the k tokens held the nucleus)."""
-        top, ids = logits.topk(k, dim=-1)  # sorted, most likely first
-        probs = torch.softmax(top, dim=-1) if renormalise else torch.exp(top - torch.logsumexp(logits, -1, True))
+    @staticmethod
+    def _invert(mass: torch.Tensor, total: torch.Tensor, last: torch.Tensor | int) -> torch.Tensor:
+        """Column of each row's cumulative distribution `mass` at a uniform point below
+        its `total` (at most column `last`), shaped [rows, 1]."""
+        point = torch.rand(total.shape, device=total.device, dtype=total.dtype) * total
+        return torch.searchsorted(mass, point).clamp_(max=last)
+
+    def _sorted_nucleus(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        """Draws from the nucleus of each row's k most likely tokens (k = the vocabulary:
+        a full sort), renormalised over them."""
+        top, ids = logits.topk(k, dim=-1) if k < logits.shape[-1] else logits.sort(dim=-1, descending=True)
+        probs = torch.softmax(top, dim=-1)
         mass = probs.cumsum(-1)
-        held = torch.full_like(mass[:, 0], renormalise or k == logits.shape[-1], dtype=torch.bool)
-        held |= mass[:, -1] >= self.top_p
-        keep = (mass - probs) < self.top_p  # the tokens before this one hold less than top_p
-        keep[:, 0] = True
-        choice = torch.multinomial(probs.masked_fill(~keep, 0.0), 1)
-        return ids.gather(1, choice).squeeze(1), held
+        size = ((mass - probs) < self.top_p).sum(-1, keepdim=True).clamp_(min=1)  # the nucleus: a prefix
+        return ids.gather(1, self._invert(mass, mass.gather(1, size - 1), size - 1)).squeeze(1)
+
+    def _checked_draws(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draws from the whole vocabulary, kept where the drawn token is in the nucleus,
+        drawn again for the other rows (see the class)."""
+        probs = torch.softmax(logits, dim=-1)
+        mass = probs.cumsum(-1)
+        drawn = self._invert(mass, mass[:, -1:], logits.shape[-1] - 1)
+        if self.top_p >= 1.0:
+            return drawn.squeeze(1)
+        rows = None  # all of them, the first time
+        while True:
+            p, m = (probs, mass) if rows is None else (probs[rows], mass[rows])
+            token = drawn if rows is None else self._invert(m, m[:, -1:], logits.shape[-1] - 1)
+            above = torch.where(p > p.gather(1, token), p, 0.0).sum(-1)  # what the more likely tokens hold
+            outside = (above >= self.top_p).nonzero().squeeze(1)
+            if rows is not None:
+                drawn[rows] = token
+            if not len(outside):
+                return drawn.squeeze(1)
+            rows = outside if rows is None else rows[outside]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logits = scores.float() / self.temperature
         vocabulary = logits.shape[-1]
         if self.top_k > 0:  # the nucleus lies inside the top k, renormalised
-            drawn, _ = self._draw(logits, min(self.top_k, vocabulary), renormalise=True)
-        elif self.top_p < 1.0:
-            drawn, held = self._draw(logits, min(CANDIDATES, vocabulary), renormalise=False)
-            for row in (~held).nonzero().flatten().tolist():  # a nucleus wider than the candidates
-                drawn[row] = self._draw(logits[row:row + 1], vocabulary, renormalise=False)[0][0]
-        else:  # plain temperature sampling: the whole vocabulary
-            drawn = torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(1)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, drawn[:, None], 0.0)
+            drawn = self._sorted_nucleus(logits, min(self.top_k, vocabulary))
+        elif self.static:
+            drawn = self._sorted_nucleus(logits, vocabulary)
+        else:
+            drawn = self._checked_draws(logits)
+        return torch.full_like(scores, float("-inf")).scatter_(1, drawn[:, None], 0.0)
 
 
 def shared_prefix_length(rows: list[list[int]]) -> int:
@@ -143,7 +172,7 @@ class TransformersEngine(Engine):
             return 0, None, None
         began = time.perf_counter()
         ids = torch.tensor([rows[0][:shared]], device=self.model.device)
-        cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
         self.seconds += time.perf_counter() - began
         return shared, ids, cache
 
@@ -199,8 +228,10 @@ class TransformersEngine(Engine):
         # Sampled or not, `generate` runs greedy: a NucleusSampler draws the token (see there).
         config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=False,
                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids, use_cache=True)
-        processors = LogitsProcessorList(
-            [NucleusSampler(sampling.temperature, sampling.top_p, sampling.top_k)] if sampling.temperature > 0 else [])
+        # Off a CPU the sampler keeps its shapes and never syncs (see there).
+        static = self.model.device.type != "cpu"
+        processors = LogitsProcessorList([NucleusSampler(sampling.temperature, sampling.top_p, sampling.top_k,
+                                                         static)] if sampling.temperature > 0 else [])
         results: list[Completion | None] = [None] * len(prompts)
         shared, prefix_ids, prefix_cache = self._shared_prefix(prompts)
         batches = self._batches_by_length(prompts, sampling.max_new_tokens)
@@ -214,7 +245,7 @@ class TransformersEngine(Engine):
                 input_ids = torch.cat([prefix_ids.expand(len(batch), -1), input_ids], dim=1)
                 attention = torch.cat([attention.new_ones(len(batch), shared), attention], dim=1)
             began = time.perf_counter()
-            output = self.model.generate(input_ids=input_ids, attention_mask=attention, past_key_values=cache,
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention, cache=cache,
                                          generation_config=config, logits_processor=processors)
             self.seconds += time.perf_counter() - began
             for row, i in zip(output[:, input_ids.shape[1]:].tolist(), batch):
@@ -275,7 +306,7 @@ class TransformersEngine(Engine):
                 attention = torch.cat([attention.new_ones(len(batch), shared), attention], dim=1)
             began = time.perf_counter()
             logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                past_key_values=cache, use_cache=cache is not None, logits_to_keep=1).logits[:, -1, :]
+                                cache=cache, use_cache=cache is not None, logits_to_keep=1).logits[:, -1, :]
             self.seconds += time.perf_counter() - began
             ids = torch.tensor([option_ids[i] for i in batch], device=logits.device)
             probs = torch.softmax(logits.gather(1, ids).float(), dim=-1)

@@ -51,6 +51,7 @@ Logs (`rl/log_history.json`, one entry per optimisation step), by algorithm:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import random
@@ -427,6 +428,14 @@ def _ppo_trainer_class():
             generate, stop = policy.generate, self.stop_token_id
 
             def counting_generate(*args, **kwargs):
+                # TRL passes return_dict_in_generate and output_scores beside its
+                # generation_config, which transformers 5.25 deprecates: fold them in.
+                config = kwargs.get("generation_config")
+                extra = {k: kwargs.pop(k) for k in ("return_dict_in_generate", "output_scores")
+                         if config is not None and k in kwargs}
+                if extra:
+                    kwargs["generation_config"] = copy.deepcopy(config)
+                    kwargs["generation_config"].update(**extra)
                 output = generate(*args, **kwargs)
                 sequences = output.sequences if hasattr(output, "sequences") else output
                 answers = sequences[:, kwargs["input_ids"].shape[1]:]
