@@ -581,7 +581,16 @@ def critique_section(run_dir: Path) -> str:
     why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
     body = (f"<p>{len(records)} red-team prompts, {len(rounds)} critique rounds "
             f"({sum(reasons.values())} not kept{': ' + why if why else ''}), "
-            f"{dropped} prompts dropped for a degenerate first answer. A sample:</p>")
+            f"{dropped} prompts dropped for a degenerate first answer.</p>")
+    manifest = read_json(run_dir / "critique" / "manifest.json") or {}
+    leakage = (manifest.get("counts") or {}).get("few_shot_leakage")
+    if leakage:
+        shares = [f"{part['leaked']} of {part['n']} {what}" for key, what in
+                  (("sft_targets", "SFT targets"), ("chosen", "chosen answers")) if (part := leakage.get(key))]
+        body += (f"<p class='note'>Few-shot leakage: {esc(', '.join(shares))} repeat {esc(leakage['span_words'])} "
+                 f"words in a row of a critique example's answer, critique or revision (a revision that does is "
+                 f"not kept: 'leaked').</p>")
+    body += "<p>A sample:</p>"
     for record in kept[:SAMPLE_CHAINS]:
         chain = (f"<div class='chain'><h4>Prompt</h4>{text_block(record['prompt'])}"
                  f"<h4>Initial answer</h4>{text_block(record['initial_response'])}")

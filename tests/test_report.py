@@ -163,6 +163,9 @@ def test_report_shows_every_section_of_a_run(evaluated_run):
     for heading in ("Critique and revision chains", "Answers side by side", "Reward model", "AI feedback labels"):
         assert heading in text
     assert "Accuracy after" in text and "Orders disagree" in text
+    leakage = json.loads((evaluated_run / "critique" / "manifest.json").read_text())["counts"]["few_shot_leakage"]
+    assert (f"Few-shot leakage: {leakage['sft_targets']['leaked']} of {leakage['sft_targets']['n']} SFT targets"
+            in text) and "Few-shot span" in text
     assert "dpo" in text and "has not completed" in text  # the missing stage is named, not an error
     assert INJECTED not in text and html.escape(INJECTED, quote=True) in text
 
