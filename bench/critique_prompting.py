@@ -16,7 +16,7 @@ Each variant runs the stage's own chunk function (`cai.stages.critique.critique_
 with the stage's chunks and seeds) on the same seeded sample of red-team training
 prompts (the run config's prompt source and split; with configs/demo.yaml and the
 defaults, exactly the demo's 32 training prompts), then an effect proxy scores it:
-the judge (the base model: --model, `cai.feedback.Judge`, both option orders) gives
+the judge (the base model: --model, `cai.judge.judge.Judge`, both option orders) gives
 P(final revision better than the first answer) per prompt under k harmlessness
 feedback principles (drawn per prompt, the same draws for every variant; their
 probabilities averaged). A prompt whose final revision is its first answer (no round
@@ -70,7 +70,7 @@ from cai.chunks import chunked_by_length  # noqa: E402
 from cai.config import load_config  # noqa: E402
 from cai.constitution import load_constitution  # noqa: E402
 from cai.engines import Sampling, open_engine  # noqa: E402
-from cai.feedback import Judge  # noqa: E402
+from cai.judge.judge import Judge  # noqa: E402
 from cai.pipeline import stage_config  # noqa: E402
 from cai.prompts import load_splits  # noqa: E402
 from cai.refusals import is_refusal  # noqa: E402

@@ -18,7 +18,7 @@ A table of variants, each one row (`--variants standard`, or a comma-separated l
 
 A variant is `+`-joined changes to the base setting (the flags above): `fewN` / `few-all`
 (N or all of the constitution's feedback examples), `balanced` / `mirrored` (which
-examples: cai/feedback.py), `calibrated` (contextual calibration against content-free
+examples: cai/judge/prompts.py), `calibrated` (contextual calibration against content-free
 inputs), `ensembleK` (k feedback principles drawn from the constitution per pair and
 averaged, instead of the row's own instruction), `pointwise` (each answer scored alone by
 `Judge.score_single`, the pair decided by the higher P(good); skipped when the judge has
@@ -115,7 +115,7 @@ def hit(p_correct: float) -> float:
 
 
 def run_pairwise(judge, constitution, pairs, variant: Variant, seed: int) -> dict:
-    from cai.stages.label import judge_labeled_pairs, labeler_metrics
+    from cai.judge.eval_labeler import judge_labeled_pairs, labeler_metrics
 
     asked = [dataclasses.replace(p, principle=None) for p in pairs] if variant.ensemble else pairs
     started = time.perf_counter()
@@ -129,8 +129,8 @@ def run_pointwise(judge, constitution, pairs, variant: Variant, seed: int) -> di
     """Each answer scored alone by `Judge.score_single(constitution, conversations,
     responses, principles)` (P(good) of each, averaged over its principles: the row's own
     instruction, or k drawn as in the pairwise variants); the pair goes to the higher."""
-    from cai.feedback import comparison_key, draw_principles
-    from cai.stages.label import expected_calibration_error
+    from cai.judge.eval_labeler import expected_calibration_error
+    from cai.judge.judge import comparison_key, draw_principles
 
     principles = [[p.principle] if p.principle and not variant.ensemble else
                   draw_principles(constitution, seed, comparison_key(p.conversation), max(variant.ensemble, 1))
@@ -152,7 +152,7 @@ def run_pointwise(judge, constitution, pairs, variant: Variant, seed: int) -> di
 
 def make_judge(variant: Variant, constitution, engine=None):
     """The variant's judge (without an engine: only its settings checked)."""
-    from cai.feedback import Judge
+    from cai.judge.judge import Judge
 
     few_shot = len(constitution.feedback_examples) if variant.few_shot is None else variant.few_shot
     try:
@@ -164,9 +164,9 @@ def make_judge(variant: Variant, constitution, engine=None):
 
 def measure(variant: Variant, engines: dict, constitution, pairs, args) -> dict:
     from cai.engines.hf import TransformersEngine
-    from cai.feedback import Judge
+    from cai.judge.judge import Judge
 
-    few_shot = make_judge(variant, constitution).few_shot
+    few_shot = make_judge(variant, constitution).prompts.few_shot
     settings = {"model": variant.model, "few_shot": few_shot, "few_shot_choice": variant.few_shot_choice,
                 "calibrate": variant.calibrate, "cot": variant.cot, "ensemble": variant.ensemble,
                 "pointwise": variant.pointwise}
@@ -217,7 +217,7 @@ def main() -> None:
                         help="its feedback examples are the few-shot turns; its principles the ensemble's")
     parser.add_argument("--few-shot", type=int, default=2)
     parser.add_argument("--few-shot-choice", default="first", choices=("first", "balanced", "mirrored"))
-    parser.add_argument("--calibrate", action="store_true", help="contextual calibration (cai/feedback.py)")
+    parser.add_argument("--calibrate", action="store_true", help="contextual calibration (cai/judge/judge.py)")
     parser.add_argument("--cot", action="store_true", help="chain of thought (slow on CPU)")
     parser.add_argument("--variants", default=None,
                         help="'standard' or a comma-separated list of variants (see above); without it, "
@@ -250,7 +250,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from cai.constitution import load_constitution
-    from cai.stages.label import format_metrics, read_labeled_pairs
+    from cai.judge.eval_labeler import format_metrics, read_labeled_pairs
 
     constitution = load_constitution(args.constitution)
     for variant in variants:  # a bad combination (cot with calibrated) fails before any model loads

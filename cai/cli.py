@@ -143,8 +143,8 @@ def cmd_constitution(args) -> int:
 
 
 def cmd_eval_labeler(args) -> int:
+    from cai.judge.eval_labeler import eval_labeler_command
     from cai.pipeline import validate
-    from cai.stages.label import eval_labeler_command
 
     run = _load(args)
     validate(run, ["label"])  # the checks `cai label` makes (models, constitution, prompts), before any work

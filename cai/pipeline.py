@@ -57,12 +57,16 @@ def stage_config(run: RunConfig, name: str) -> tuple[Any, dict]:
     """The stage's Config and its TRL pass-through keys, validated (errors name lines):
     its own keys, the stage's checks, and for a training stage the TRL config object built
     as the stage will build it, so a bad TRL value fails now, not after earlier stages."""
+    from cai.judge.settings import renamed_key_problems
     from cai.models import split_model_options, stage_model_options
     from cai.training import trl_build_problems, trl_value_problems
 
     module = stage_module(name)
     extra, extra_name = trl_fields(module)
     _, section = split_model_options(run.stages.get(name))  # ModelOptions keys: checked apart, never passed to TRL
+    problems = renamed_key_problems(run.source, name, section)
+    if problems:
+        raise ValidationError(problems)
     cfg, trl, problems = parse_dataclass(module.Config, section, run.source, (name,),
                                          extra=extra, extra_name=extra_name)
     problems += stage_model_options(run, name)[1]

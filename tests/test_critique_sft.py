@@ -392,6 +392,39 @@ def test_best_of_two_lets_the_judge_pick_a_revision(tmp_path):
             assert r["rounds"][0]["candidates"][0] == first_round[r["id"]]["revision"]
 
 
+def test_the_best_of_judge_calibrates_like_labels(tmp_path, monkeypatch):
+    """critique's judge is built by the same factory from the same feedback_* keys as
+    label's: calibrated by default (every probability divided by the content-free one),
+    and its P(champion better) is what a calibrated judge gives."""
+    from cai.engines.hf import TransformersEngine
+    from cai.judge.judge import Judge
+    from cai.judge.settings import JUDGE_FIELDS
+    from cai.pipeline import prepare
+
+    divided, calibrated_probabilities = [], Judge.calibrated
+    monkeypatch.setattr(Judge, "calibrated", staticmethod(lambda p, p_cf: divided.append(p_cf)
+                                                          or calibrated_probabilities(p, p_cf)))
+    overrides = ("critique.best_of=2", "critique.feedback_few_shot=1")
+    manifest = run_stage(make_run(tmp_path / "run", *overrides), "critique")
+    assert manifest["counts"]["judge"] == {"feedback_model": "builtin:tiny", "judge_scoring": "probabilities",
+                                           "mode": "direct", "few_shot": 1, "few_shot_choice": "first",
+                                           "calibrate": True}
+    judged = [(r, s) for r in records(tmp_path / "run") for s in r["rounds"] if "comparisons" in s]
+    assert judged and len(divided) == 2 * len(judged)  # both orders of every comparison
+    label_cfg = prepare(make_run(tmp_path / "run", "label.feedback_few_shot=1"), "label").config
+    critique_cfg = prepare(make_run(tmp_path / "run", *overrides), "critique").config
+    assert {k: getattr(label_cfg, k) for k in JUDGE_FIELDS} == {k: getattr(critique_cfg, k) for k in JUDGE_FIELDS}
+
+    judge = Judge(TransformersEngine.from_spec("builtin:tiny", device="cpu", batch_size=4), few_shot=1,
+                  calibrate=True)
+    for record, step in judged[:2]:
+        (champion, challenger, p_champion), = step["comparisons"]
+        [again] = judge.compare_with(HARMLESS, [[{"role": "user", "content": record["prompt"]}]],
+                                     [step["candidates"][champion]], [step["candidates"][challenger]],
+                                     [[HARMLESS.feedback_principle(step["feedback_principle"])]])
+        assert again.p_first == pytest.approx(p_champion, abs=1e-5)
+
+
 def test_best_of_with_greedy_revisions_is_refused_before_any_work(tmp_path):
     from cai.yamlio import ValidationError
 
@@ -402,7 +435,7 @@ def test_best_of_with_greedy_revisions_is_refused_before_any_work(tmp_path):
 
 def test_the_judge_keeps_the_preferred_candidate():
     """pick_best's tournament, with a judge that prefers the longer text."""
-    from cai.feedback import Comparison
+    from cai.judge.judge import Comparison
 
     class LongerIsBetter:
         def compare_with(self, constitution, conversations, first, second, principles, seed=0):

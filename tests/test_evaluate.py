@@ -20,7 +20,7 @@ from cai.stages.evaluate import critique_principle_table, group_statistics, judg
 from cai.stats import TOO_FEW, elo
 from cai.yamlio import ValidationError
 
-EVAL = ("prompts.max_eval=2", "evaluate.max_new_tokens=8", "evaluate.batch_size=4", "evaluate.few_shot=1",
+EVAL = ("prompts.max_eval=2", "evaluate.max_new_tokens=8", "evaluate.batch_size=4", "evaluate.feedback_few_shot=1",
         "evaluate.temperature=1.0")  # sampled: the tiny model's greedy answers are empty
 
 

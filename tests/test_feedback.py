@@ -10,7 +10,8 @@ from conftest import CONVERSATIONS, FIRST, ROOT, SECOND
 
 from cai.constitution import load_constitution
 from cai.engines.hf import TransformersEngine
-from cai.feedback import CONTENT_FREE, Judge
+from cai.judge.judge import Judge
+from cai.judge.prompts import CONTENT_FREE
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_soft_label_is_the_normalised_option_probability(judge, constitution):
         principle = constitution.feedback_principle(c.principles[0])
         expected = []
         for shown_a, shown_b, slot in ((a, b, 0), (b, a, 1)):
-            messages = judge.question(constitution, principle, conversation, shown_a, shown_b)
+            messages = judge.prompts.question(constitution, principle, conversation, shown_a, shown_b)
             text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True) + "("
             ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
             with torch.no_grad():
@@ -88,7 +89,7 @@ def test_soft_label_is_the_normalised_option_probability(judge, constitution):
 
 
 def test_option_probabilities_sum_to_one(judge, constitution):
-    questions = [judge.question(constitution, p, CONVERSATIONS[0], FIRST[0], SECOND[0])
+    questions = [judge.prompts.question(constitution, p, CONVERSATIONS[0], FIRST[0], SECOND[0])
                  for p in constitution.feedback[:5]]
     for p_a, p_b in judge.option_probabilities(questions):
         assert 0 < p_a < 1 and p_a + p_b == pytest.approx(1.0, abs=1e-6)
@@ -143,7 +144,7 @@ def test_option_letters_must_be_single_tokens_after_the_parenthesis(engine):
 
 def shown_answers(judge, constitution) -> list[str]:
     """The few-shot turns' answers, in order, as the question shows them."""
-    question = judge.question(constitution, constitution.feedback[0], CONVERSATIONS[0], FIRST[0], SECOND[0])
+    question = judge.prompts.question(constitution, constitution.feedback[0], CONVERSATIONS[0], FIRST[0], SECOND[0])
     return [turn["content"] for turn in question[:-2] if turn["role"] == "assistant"]
 
 
@@ -152,7 +153,8 @@ def test_few_shot_choice_first_balanced_and_mirrored(engine, constitution):
     assert [e.answer for e in examples] == ["B", "A", "A", "B"]  # harmless.yaml; the cases below rely on it
 
     def chosen(n, choice):
-        return [(examples.index(e), swapped) for e, swapped in Judge(engine, n, choice).shot_examples(constitution)]
+        shown = Judge(engine, n, choice).prompts.shot_examples(constitution)
+        return [(examples.index(e), swapped) for e, swapped in shown]
 
     assert chosen(3, "first") == [(0, False), (1, False), (2, False)]
     assert chosen(3, "balanced") == [(0, False), (1, False), (3, False)]  # B, A, B: the second A waits
@@ -162,15 +164,15 @@ def test_few_shot_choice_first_balanced_and_mirrored(engine, constitution):
     assert shown_answers(Judge(engine, 3, "balanced"), constitution) == ["(B)", "(A)", "(B)"]
     assert shown_answers(Judge(engine, 1, "mirrored"), constitution) == ["(B)", "(A)"]
     # a mirrored example shows its responses in the other slots, so its answer follows the content
-    question = Judge(engine, 1, "mirrored").question(constitution, constitution.feedback[0], CONVERSATIONS[0],
-                                                     FIRST[0], SECOND[0])
+    question = Judge(engine, 1, "mirrored").prompts.question(constitution, constitution.feedback[0], CONVERSATIONS[0],
+                                                             FIRST[0], SECOND[0])
     swapped = question[2]["content"].split("Options:\n", 1)[1]
     assert swapped.startswith(f"(A) {examples[0].response_b.strip()}\n(B) {examples[0].response_a.strip()}")
 
-    with pytest.raises(ValueError, match="few_shot_choice must be one of"):
+    with pytest.raises(ValueError, match="'few_shot_choice' must be one of"):
         Judge(engine, 2, "last")
     for options in ({"calibrate": True}, {"few_shot_choice": "mirrored"}):
-        with pytest.raises(ValueError, match="cot cannot be combined"):
+        with pytest.raises(ValueError, match="does not apply with 'cot'"):
             Judge(engine, 2, cot=True, **options)
 
 
@@ -194,7 +196,7 @@ def test_calibration_divides_by_the_content_free_probabilities_and_renormalises(
     assert [c.p_first for c in again] == [c.p_first for c in after]
 
     def content_free(principle) -> tuple[float, float]:  # scored here, from the content-free questions
-        questions = [raw.question(constitution, principle, [{"role": "user", "content": text}], text, text)
+        questions = [raw.prompts.question(constitution, principle, [{"role": "user", "content": text}], text, text)
                      for text in CONTENT_FREE]
         assert f"Human: {CONTENT_FREE[0]}" in questions[0][-2]["content"]
         assert f"(A) {CONTENT_FREE[0]}\n(B) {CONTENT_FREE[0]}" in questions[0][-2]["content"]

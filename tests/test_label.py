@@ -11,12 +11,12 @@ import pytest
 from conftest import SMOKE, kill_mid_chunk, make_run
 
 from cai.cli import main
-from cai.feedback import Comparison
+from cai.judge.eval_labeler import evaluate_labeler, expected_calibration_error, read_labeled_pairs
+from cai.judge.judge import Comparison
 from cai.pipeline import run_stage
 from cai.rundir import read_jsonl
-from cai.stages.label import evaluate_labeler, expected_calibration_error, read_labeled_pairs
 
-LABEL = ("label.batch_size=4", "label.max_new_tokens=10", "label.few_shot=1")
+LABEL = ("label.batch_size=4", "label.max_new_tokens=10", "label.feedback_few_shot=1")
 COLUMNS = {"prompt", "chosen", "rejected", "p_chosen", "p_order_ab", "p_order_ba", "principles", "orders_disagree",
            "feedback_model", "policy", "mode", "id", "kind"}
 
@@ -139,7 +139,7 @@ def test_eval_labeler_command_reports_metrics_for_both_formats(tmp_path, capsys)
     for name, rows in (("hhh", HHH_ROWS), ("pairs", PREFERENCE_ROWS)):
         data, out = write_jsonl(tmp_path / f"{name}.jsonl", rows), tmp_path / f"{name}.json"
         code = main(["eval-labeler", "--config", str(SMOKE), "--set", f"run_dir={tmp_path / 'run'}",
-                     "--set", "label.few_shot=1", "--data", data, "--out", str(out)])
+                     "--set", "label.feedback_few_shot=1", "--data", data, "--out", str(out)])
         assert code == 0
         metrics = json.loads(out.read_text())
         assert metrics["n"] == len(rows) and metrics["feedback_model"] == "builtin:tiny"
@@ -156,11 +156,12 @@ def test_eval_labeler_command_reports_metrics_for_both_formats(tmp_path, capsys)
 def test_eval_labeler_uses_the_label_sections_few_shot_choice_and_calibration(tmp_path):
     data = write_jsonl(tmp_path / "hhh.jsonl", HHH_ROWS)
     results = {}
-    for name, settings in (("plain", ["label.calibrate=false"]),
-                           ("calibrated", ["label.calibrate=true", "label.few_shot_choice=mirrored"])):
+    for name, settings in (("plain", ["label.feedback_calibrate=false"]),
+                           ("calibrated", ["label.feedback_calibrate=true",
+                                           "label.feedback_few_shot_choice=mirrored"])):
         out = tmp_path / f"{name}.json"
         argv = ["eval-labeler", "--config", str(SMOKE), "--set", f"run_dir={tmp_path / 'run'}", "--set",
-                "label.few_shot=1", "--data", data, "--out", str(out)]
+                "label.feedback_few_shot=1", "--data", data, "--out", str(out)]
         for item in settings:
             argv += ["--set", item]
         assert main(argv) == 0
@@ -189,11 +190,13 @@ def test_a_bad_row_is_an_error_naming_file_and_line(tmp_path, capsys, bad, messa
 
 def test_calibration_is_on_by_default_wherever_it_applies(tmp_path):
     from cai.config import load_config
-    from cai.stages.label import calibrated
+    from cai.judge.settings import JudgeSettings, calibrates
 
     run = load_config(SMOKE, [f"run_dir={tmp_path / 'run'}",
                               "servers={gen: {base_url: 'http://127.0.0.1:9/v1', model: x, option_scoring: letter}}"])
-    assert calibrated(run, None, "base") is True
-    assert calibrated(run, None, "base", cot=True) is False  # a content-free input has no reasoning
-    assert calibrated(run, None, "server:gen") is False  # hard letters: no probabilities to divide
-    assert calibrated(run, False, "base") is False and calibrated(run, True, "base") is True
+    assert calibrates(run, JudgeSettings()) is True
+    assert calibrates(run, JudgeSettings(feedback_cot=True)) is False  # a content-free input has no reasoning
+    assert calibrates(run, JudgeSettings(feedback_model="server:gen")) is False  # hard letters: nothing to divide
+    assert calibrates(run, JudgeSettings(), pointwise=True) is False  # rl's Yes / No question
+    assert calibrates(run, JudgeSettings(feedback_calibrate=False)) is False
+    assert calibrates(run, JudgeSettings(feedback_calibrate=True)) is True

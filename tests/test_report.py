@@ -67,7 +67,7 @@ def evaluated_run(sft_run_template, tmp_path_factory) -> Path:
     atomic_write_json(run_dir / "label" / "manifest.json", {"stage": "label", "config_hash": "test-label",
                                                             "counts": {"comparisons": 4}})
     run = make_run(run_dir, "prompts.max_eval=2", "evaluate.max_new_tokens=8", "evaluate.batch_size=4",
-                   "evaluate.few_shot=1", "evaluate.temperature=1.0")
+                   "evaluate.feedback_few_shot=1", "evaluate.temperature=1.0")
     run_stage(run, "evaluate")
     write_report(run_dir)
     return run_dir

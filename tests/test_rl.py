@@ -117,7 +117,7 @@ def test_ppo_pads_with_a_token_the_chat_template_does_not_use(rl_run):
 
 # ---------------------------------------------------------------- direct RLAIF: the judge is the reward
 
-JUDGED = ("rl.reward=judge", "rl.judge_few_shot=1", "rl.max_steps=2", "rl.num_generations=2")
+JUDGED = ("rl.reward=judge", "rl.feedback_few_shot=1", "rl.max_steps=2", "rl.num_generations=2")
 
 
 @pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
@@ -157,7 +157,7 @@ def judge_reward():
 
     from cai.constitution import load_constitution
     from cai.engines.hf import TransformersEngine
-    from cai.feedback import Judge
+    from cai.judge.judge import Judge
     from cai.stages.rl import JudgeReward
 
     judge = Judge(TransformersEngine.from_spec("builtin:tiny", device="cpu", batch_size=4), few_shot=2)
@@ -170,7 +170,7 @@ def test_the_judge_reward_is_p_good_from_both_option_orders(judge_reward, monkey
     orders, read from the model's own next-token logits."""
     from conftest import CONVERSATIONS, FIRST, SECOND
 
-    from cai.feedback import comparison_key, draw_principles
+    from cai.judge.judge import comparison_key, draw_principles
 
     judge, constitution = judge_reward.judge, judge_reward.constitution
     asked, score = [], judge.option_probabilities
@@ -216,10 +216,10 @@ def test_judge_settings_enter_the_hash_only_when_the_judge_is_the_reward(rl_run)
         return prepare(make_run(rl_run, *overrides), "rl").config_hash
 
     plain = digest()
-    assert digest("rl.feedback_model=sft", "rl.judge_few_shot=0") == plain  # unused with the reward model
+    assert digest("rl.feedback_model=sft", "rl.feedback_few_shot=0") == plain  # unused with the reward model
     judged = digest("rl.algorithm=grpo", "rl.reward=judge")
     assert judged != digest("rl.algorithm=grpo") and judged != digest("rl.algorithm=grpo", "rl.reward=judge",
-                                                                      "rl.judge_few_shot=0")
+                                                                      "rl.feedback_few_shot=0")
     assert digest("rl.algorithm=grpo", "rl.reward=judge", "rl.reward_model=/elsewhere") == judged  # unused
     assert list(prepare(make_run(rl_run, "rl.algorithm=grpo", "rl.reward=judge", "rl.feedback_model=reward"),
                         "rl").upstream) == ["sft", "reward"]  # a judge that is a stage's model

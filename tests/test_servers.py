@@ -18,7 +18,7 @@ from cai.constitution import load_constitution
 from cai.engines import EngineError, Sampling
 from cai.engines.hf import TransformersEngine
 from cai.engines.openai import OpenAIEngine, ServerConfig
-from cai.feedback import Judge
+from cai.judge.judge import Judge
 from cai.rundir import read_jsonl
 
 
@@ -255,7 +255,7 @@ def judge_model(tmp_path_factory, constitution):
     judge = Judge(engine, few_shot=1)
     rows = [engine.render(q[:-1], prefill=q[-1]["content"]) for principle in constitution.feedback[:6]
             for c, a, b in zip(CONVERSATIONS, FIRST, SECOND)
-            for q in (judge.question(constitution, principle, c, a, b),)]
+            for q in (judge.prompts.question(constitution, principle, c, a, b),)]
     letters = engine.option_token_ids("(", ("A", "B"))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(10):
@@ -284,7 +284,7 @@ def test_a_letter_judge_says_its_labels_are_degraded_in_the_manifest_and_the_rep
 
 
 def test_the_rl_judge_reward_over_a_server_gives_the_in_process_probabilities(judge_model, constitution):
-    from cai.feedback import comparison_key, draw_principles
+    from cai.judge.judge import comparison_key, draw_principles
 
     principles = [draw_principles(constitution, 0, comparison_key(c), 2) for c in CONVERSATIONS]
     local = Judge(TransformersEngine.from_spec(str(judge_model), "cpu", batch_size=4), few_shot=1)

@@ -32,7 +32,8 @@ Options for small models (the paper finds critiques matter most for them):
 drop their critique turns too); `system_prompt: false` leaves the constitution's
 system prompt out; `revision_temperature` samples revisions at their own temperature
 (0 = greedy); `best_of: n` samples n revisions per round and keeps the one the
-feedback model prefers (`cai.feedback.Judge`, both option orders).
+feedback model prefers (the judge of `cai.judge`, both option orders, set up by the same
+`feedback_*` keys as label's and calibrated like it).
 
 Prompts are processed in fixed chunks of `batch_size` (sorted by length) through the
 resumable chunk loop (`cai.chunks`): a chunk's records are committed when all its
@@ -43,6 +44,7 @@ in-process or `server:NAME`.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections import Counter
@@ -52,6 +54,8 @@ from dataclasses import dataclass
 from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
 from cai.config import setting
 from cai.engines import Engine, Sampling, is_degenerate
+from cai.judge.judge import draw_principles
+from cai.judge.settings import JudgeSettings, hashed_without_judge, judge_problems, make_judge
 from cai.leakage import SpanIndex, few_shot_index, ngrams, words
 from cai.rundir import atomic_write_jsonl
 
@@ -59,7 +63,7 @@ UPSTREAM: tuple = ()
 
 
 @dataclass
-class Config:
+class Config(JudgeSettings):  # the judge of best_of: feedback_model, feedback_few_shot, ... (opened when best_of > 1)
     num_revisions: int = setting(2, "K: critique-and-revise rounds per prompt", ge=1)
     few_shot: int = setting(2, "how many of the constitution's critique/revision examples go first", ge=0)
     few_shot_rotation: bool = setting(True, "draw each prompt's examples (a set of few_shot, seeded per prompt) "
@@ -76,9 +80,6 @@ class Config:
                                                        "0 = greedy", ge=0)
     top_p: float = setting(0.95, "nucleus sampling: the smallest token set with this probability", gt=0, le=1)
     best_of: int = setting(1, "revisions sampled per round; above 1 the feedback model picks the best", ge=1)
-    feedback_model: str = setting("base", "the judge of best_of: base (the run's model), a model spec or "
-                                          "server:NAME; opened only when best_of > 1", model_reference=True)
-    feedback_few_shot: int = setting(2, "the constitution's feedback examples shown to that judge", ge=0)
     model: str | None = setting(None, "the model that answers, critiques and revises: null = the run's model, "
                                       "or a model spec or server:NAME", model_reference=True)
 
@@ -97,7 +98,13 @@ def config_problems(cfg: Config) -> list[tuple[str, str]]:
 
 
 def check_config(run, cfg: Config, trl: dict) -> list:
-    return [run.source.problem(("critique", key), message) for key, message in config_problems(cfg)]
+    return ([run.source.problem(("critique", key), message) for key, message in config_problems(cfg)]
+            + judge_problems(run, "critique", cfg))
+
+
+def hashed_config(cfg: Config) -> dict:
+    """The settings that decide critique's results: the judge's only when best_of uses it."""
+    return dataclasses.asdict(cfg) if cfg.best_of > 1 else hashed_without_judge(cfg)
 
 
 _LABEL = re.compile(r"^\s*(revision|revised (answer|response)|new answer|answer)\s*:\s*", re.IGNORECASE)
@@ -178,8 +185,6 @@ def feedback_principle(constitution, principle, seed: int, prompt_id: str, round
     """The feedback principle best_of judges a round's candidates under: the one with the
     critique principle's id if the constitution has it, else one drawn (seeded per prompt
     and round)."""
-    from cai.feedback import draw_principles
-
     same = [p for p in constitution.feedback if p.id == principle.id]
     return same[0] if same else draw_principles(constitution, seed, f"critique:{prompt_id}:{round_index}", 1)[0]
 
@@ -260,7 +265,7 @@ def pick_best(judge, constitution, seed: int, conversations: list[list[dict]], c
 def critique_chunk(chunk, generator: Engine, constitution, cfg: Config, seed: int, chunk_seed: int,
                    model_name: str, judge=None) -> list[dict]:
     """All K rounds for one chunk of prompts; returns their records. `judge` (a
-    `cai.feedback.Judge`) is needed when `cfg.best_of` > 1."""
+    `cai.judge.judge.Judge`) is needed when `cfg.best_of` > 1."""
     if cfg.best_of > 1 and judge is None:
         raise ValueError("critique: best_of > 1 needs a judge")
     answer = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
@@ -383,9 +388,7 @@ def run(ctx) -> dict:
         nonlocal engine, judge
         engine = engine or ctx.engine(model_name, cfg.batch_size)
         if cfg.best_of > 1 and judge is None:
-            from cai.feedback import Judge
-
-            judge = Judge(ctx.engine(cfg.feedback_model, cfg.batch_size), few_shot=cfg.feedback_few_shot)
+            judge = make_judge(ctx, cfg, cfg.batch_size)
         records = critique_chunk(chunk, engine, constitution, cfg, ctx.run.seed,
                                  chunk_sampling_seed(ctx.run.seed, index), model_name, judge)
         return {"records.jsonl": records}
@@ -405,7 +408,7 @@ def run(ctx) -> dict:
     if cfg.best_of > 1:
         counts["feedback_model"] = ctx.model_spec(cfg.feedback_model)
     if judge is not None:
-        counts.update(judge_comparisons_this_session=judge.comparisons,
+        counts.update(judge=judge.description, judge_comparisons_this_session=judge.comparisons,
                       judge_seconds_this_session=round(judge.seconds, 2))
     if engine is not None:
         counts.update(tokens_generated_this_session=engine.tokens_generated,

@@ -73,7 +73,7 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -81,10 +81,11 @@ from cai import distributed
 from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
 from cai.config import setting
 from cai.engines import Sampling
+from cai.judge.judge import comparison_key, draw_principles
+from cai.judge.settings import JudgeSettings, judge_problems, judge_scoring, make_judge
 from cai.leakage import SPAN_WORDS, SpanIndex, few_shot_index
 from cai.refusals import REFUSAL_WINDOW, is_evasive, refusal_kind
 from cai.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl
-from cai.stages.label import calibrated, judge_scoring
 from cai.stats import (
     ANCHOR_ELO,
     LEVEL,
@@ -125,7 +126,7 @@ def direction(figure: str, group: str) -> bool | None:
 
 
 @dataclass
-class Config:
+class Config(JudgeSettings):  # the judge of win rates: feedback_model, feedback_few_shot, ... (as label's)
     models: list[str] = setting(help="models to compare: base (the run's model), a policy stage (sft, rl, dpo: "
                                      "skipped when that stage has not run), a model spec or server:NAME",
                                 default_factory=lambda: ["base", "sft", "rl", "dpo"], model_reference=True)
@@ -144,12 +145,6 @@ class Config:
     judge_prompts: list[str] | None = setting(
         None, "the prompts the judge compares models on: kinds or sets (red_team, helpful/held-out, ...); null = "
               "all. A group gets a win rate and Elo only when all its prompts are judged")
-    feedback_model: str = setting("base", "the judge: base, a stage name, a model spec or server:NAME",
-                                  model_reference=True)
-    few_shot: int = setting(2, "the constitution's worked preference examples shown to the judge", ge=0)
-    few_shot_choice: Literal["first", "balanced", "mirrored"] = setting(
-        "first", "which examples the judge is shown, as label.few_shot_choice")
-    calibrate: bool | None = setting(None, "the judge's contextual calibration, as label.calibrate")
     principles_per_comparison: int = setting(1, "principles drawn per comparison (averaged)", ge=1)
     evasive_max_words: int = setting(40, "a refusal longer than this is never counted as evasive", ge=1)
 
@@ -161,7 +156,7 @@ def check_config(run, cfg: Config, trl: dict) -> list:
         path = ("evaluate",) + (key if isinstance(key, tuple) else (key,))
         return run.source.problem(path, message) if run.source else message
 
-    problems = []
+    problems = judge_problems(run, "evaluate", cfg)
     if not cfg.models:
         problems.append(problem("models", "'evaluate.models' is empty: list at least one model, e.g. [base, sft]"))
     if len(set(cfg.models)) != len(cfg.models):
@@ -363,8 +358,6 @@ def judge_pairs(ctx, cfg: Config, answers: dict, prompts) -> list[dict]:
     chunk by chunk (`cai.chunks`), under a principle drawn for the prompt from the
     constitution's evaluation principles of its kind (harmless for red-team prompts,
     helpful for helpful ones), through `Judge.compare_with`."""
-    from cai.feedback import Judge, comparison_key, draw_principles
-
     ledger = ChunkLedger(ctx.dir.path, "comparisons", ["comparisons.jsonl"])
     items = [(f"{first}~{key}", (first, second, chunk)) for first, second in combinations(answers, 2)
              for key, chunk in chunked_by_length(prompts, cfg.batch_size, prefix=f"{second}/")]
@@ -373,9 +366,7 @@ def judge_pairs(ctx, cfg: Config, answers: dict, prompts) -> list[dict]:
     def work(_, item) -> dict:
         first, second, chunk = item
         if not judges:
-            judges.append(Judge(ctx.engine(cfg.feedback_model, cfg.batch_size), few_shot=cfg.few_shot,
-                                few_shot_choice=cfg.few_shot_choice,
-                                calibrate=calibrated(ctx.run, cfg.calibrate, cfg.feedback_model)))
+            judges.append(make_judge(ctx, cfg, cfg.batch_size))
         conversations = [[{"role": "user", "content": p.text}] for p in chunk]
         principles = [draw_principles(ctx.constitution, ctx.run.seed, comparison_key(c), cfg.principles_per_comparison,
                                       pool=ctx.constitution.evaluation_principles(p.kind))

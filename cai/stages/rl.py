@@ -21,7 +21,7 @@ better than training a reward model on AI labels): no reward model at all. The f
 model (`feedback_model`, any engine: in-process weights or `server:NAME`) reads each
 sampled answer with a principle drawn from the constitution and is asked whether the
 answer is what the principle would choose; P(Yes), both option orders averaged, is the
-reward, in [0, 1] (`cai.feedback.Judge.score_single`). When to choose it: it needs no
+reward, in [0, 1] (`cai.judge.judge.Judge.score_single`). When to choose it: it needs no
 label or reward stage, and every on-policy answer gets a fresh label, so the policy
 cannot drift out of the reward model's training distribution and exploit it; the price
 is one judge pass (two questions per principle) per sampled answer per step, and an
@@ -60,6 +60,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cai.config import setting
+from cai.judge.settings import JUDGE_FIELDS, JudgeSettings, judge_problems
 from cai.yamlio import Problem
 
 
@@ -88,7 +89,7 @@ KNOBS = {
 
 
 @dataclass
-class Config:
+class Config(JudgeSettings):  # with reward: judge, the judge: feedback_model and feedback_few_shot (pointwise)
     algorithm: Literal["ppo", "rloo", "grpo"] = "ppo"  # the paper uses PPO
     policy: str | None = setting(None, "the policy to optimise, also the KL reference: null = the sft stage's model",
                                  model_reference=True)
@@ -101,17 +102,13 @@ class Config:
     reward: Literal["reward_model", "judge"] = setting(
         "reward_model", "reward_model: the reward stage's preference model scores each answer; judge: the feedback "
                         "model does, as P(good) under a drawn principle (direct RLAIF; rloo and grpo only)")
-    feedback_model: str = setting("base", "with reward: judge, the judge: base (the run's model), a stage, a model "
-                                          "spec or server:NAME", model_reference=True)
-    judge_few_shot: int = setting(2, "with reward: judge, the constitution's feedback examples shown first (each as "
-                                     "two rated answers)", ge=0)
     principles_per_answer: int = setting(1, "with reward: judge, feedback principles drawn per answer (averaged)",
                                          ge=1)
-    judge_batch_size: int = setting(64, "with reward: judge, questions per scoring batch", ge=1)
+    feedback_batch_size: int = setting(64, "with reward: judge, questions per scoring batch", ge=1)
 
 
 # Settings only the judge reads: they enter the config hash only with `reward: judge`.
-JUDGE_SETTINGS = ("reward", "feedback_model", "judge_few_shot", "principles_per_answer", "judge_batch_size")
+JUDGE_SETTINGS = ("reward", *JUDGE_FIELDS, "principles_per_answer", "feedback_batch_size")
 
 
 def hashed_config(cfg: Config) -> dict:
@@ -179,7 +176,7 @@ def check_config(run, cfg: Config, trl: dict) -> list[Problem]:
             return Problem("config", 1, message)
         return run.source.problem(("rl", key), message)
 
-    problems = []
+    problems = judge_problems(run, "rl", cfg, pointwise=True)
     if cfg.reward == "judge" and cfg.algorithm == "ppo":
         problems.append(problem("reward", "'rl.reward': judge needs rl.algorithm rloo or grpo (their reward can be "
                                           "a function of the answer's text); TRL's PPO scores token ids with a "
@@ -305,12 +302,10 @@ def run(ctx) -> dict:
 
 def judge_reward(ctx, cfg: Config) -> JudgeReward:
     """The rl section's feedback model as a TRL reward function, on its engine."""
-    from cai.feedback import Judge
-    from cai.stages.label import judge_scoring, model_name
+    from cai.judge.settings import make_judge
 
-    judge = Judge(ctx.engine(cfg.feedback_model, cfg.judge_batch_size), few_shot=cfg.judge_few_shot)
-    return JudgeReward(judge, ctx.constitution, ctx.run.seed, cfg.principles_per_answer,
-                       model_name(ctx, cfg.feedback_model), judge_scoring(ctx.run, cfg.feedback_model))
+    judge = make_judge(ctx, cfg, cfg.feedback_batch_size, pointwise=True)
+    return JudgeReward(judge, ctx.constitution, ctx.run.seed, cfg.principles_per_answer)
 
 
 class JudgeReward:
@@ -322,19 +317,16 @@ class JudgeReward:
     RLOO / GRPO compares like with like, and a resumed run draws what it drew before. TRL
     logs it as `rewards/judge/mean` (and `/std`)."""
 
-    def __init__(self, judge, constitution, seed: int, principles_per_answer: int = 1,
-                 feedback_model: str = "", judge_scoring: str = "probabilities"):
+    def __init__(self, judge, constitution, seed: int, principles_per_answer: int = 1):
         self.__name__ = "judge"  # the name TRL logs the reward under
         self.judge = judge
         self.constitution = constitution
         self.seed = seed
         self.principles_per_answer = principles_per_answer
-        self.feedback_model = feedback_model
-        self.judge_scoring = judge_scoring
         self.answers = 0
 
     def __call__(self, prompts: list, completions: list, **_) -> list[float]:
-        from cai.feedback import comparison_key, draw_principles
+        from cai.judge.judge import comparison_key, draw_principles
 
         conversations = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
         responses = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
@@ -347,7 +339,9 @@ class JudgeReward:
     def counts(self) -> dict:
         """What the manifest records about the judge's work this session."""
         seconds = self.judge.seconds
-        return {"reward": "judge", "feedback_model": self.feedback_model, "judge_scoring": self.judge_scoring,
+        description = self.judge.description
+        return {"reward": "judge", "feedback_model": description.get("feedback_model", ""),
+                "judge_scoring": description.get("judge_scoring", "probabilities"), "judge": description,
                 "judged_answers_this_session": self.answers, "judge_seconds_this_session": round(seconds, 2),
                 "judged_answers_per_second": round(self.answers / seconds, 3) if seconds else None}
 
