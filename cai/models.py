@@ -369,7 +369,6 @@ def adapter_task(path: str) -> str | None:
 
 # ---------------------------------------------------------------- model options
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "paged_attention")
 TRAINING_STAGES = ("sft", "reward", "rl", "dpo")
 # Keys that only mean something to a stage that trains: a data stage (critique, label,
@@ -578,16 +577,50 @@ def device_for(preference: str = "auto") -> torch.device:
 
 def _load(auto_class, spec: str, options: ModelOptions | None, quantize: bool, **extra):
     """`auto_class.from_pretrained` on a spec, honouring the options; an adapter folder is
-    loaded onto its base (resolved as a spec, unquantised) and merged."""
+    loaded onto its base (resolved as a spec, unquantised: `_load_adapter`)."""
     options = options or ModelOptions()
     path = resolve(spec)
-    base = adapter_base(path)
-    if base is None:
+    if adapter_base(path) is None:
         return auto_class.from_pretrained(path, **options.from_pretrained_kwargs(quantize), **extra)
-    from peft import PeftModel
+    return _load_adapter(auto_class, path, options, **extra)
 
-    model = auto_class.from_pretrained(resolve(base), **options.from_pretrained_kwargs(), **extra)
-    return PeftModel.from_pretrained(model, path).merge_and_unload()
+
+def _load_adapter(auto_class, path: str, options: ModelOptions, **extra):
+    """A LoRA adapter folder as a model with `auto_class`'s head, merged in memory.
+
+    The adapter is applied to the head it was trained with (peft's `task_type`): a
+    sequence-classification adapter (a reward model) onto a sequence-classification base,
+    a causal-LM one onto a causal LM. Its base may itself be an adapter (rl's adapter on
+    top of sft's, when neither was merged), loaded the same way. A reward model wanted
+    from a causal-LM adapter (reward training from sft's adapter) takes the merged body
+    under a new reward head: the head initialised as `from_pretrained` initialises it
+    for a merged folder, the body copied from the merged causal LM. The merged model's
+    `name_or_path` is the adapter folder, so an adapter trained on top of it names that
+    folder as its base (not the bare base model, which lacks this adapter's weights)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    reward_adapter = adapter_task(path) == "SEQ_CLS"
+    if reward_adapter and auto_class is not AutoModelForSequenceClassification:
+        raise ValueError(f"{path} is the LoRA adapter of a reward model (task_type SEQ_CLS in {ADAPTER_CONFIG}): "
+                         "it scores answers and cannot be loaded as a causal language model")
+    own_class = AutoModelForSequenceClassification if reward_adapter else AutoModelForCausalLM
+    base = _load(own_class, adapter_base(path), options, False, **(extra if own_class is auto_class else {}))
+    model = PeftModel.from_pretrained(base, path).merge_and_unload()
+    if own_class is not auto_class:
+        body = model
+        model = auto_class.from_pretrained(_full_model(path), **options.from_pretrained_kwargs(), **extra)
+        model.base_model.load_state_dict(body.base_model.state_dict())
+        del body
+    model.name_or_path = model.config._name_or_path = path
+    return model
+
+
+def _full_model(path: str) -> str:
+    """The full model at the root of a chain of adapters."""
+    while (base := adapter_base(path)) is not None:
+        path = resolve(base)
+    return path
 
 
 def load_causal_lm(spec: str, device: str = "auto", options: ModelOptions | None = None, quantize: bool = False):
@@ -608,15 +641,3 @@ def load_reward_model(spec: str, tokenizer, options: ModelOptions | None = None,
     model = _load(AutoModelForSequenceClassification, spec, options, quantize, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id  # needed to find each sequence's last token
     return model
-
-
-def model_info(spec: str) -> dict:
-    """What a manifest records about a model: the spec and where it resolved."""
-    path = resolve(spec)
-    info = {"spec": spec, "path": path}
-    config = Path(path) / "config.json"
-    if config.exists():
-        info["architectures"] = json.loads(config.read_text()).get("architectures")
-    elif (base := adapter_base(path)) is not None:
-        info["adapter_of"] = base
-    return info

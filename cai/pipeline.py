@@ -59,7 +59,7 @@ def stage_config(run: RunConfig, name: str) -> tuple[Any, dict]:
     as the stage will build it, so a bad TRL value fails now, not after earlier stages."""
     from cai.judge.settings import renamed_key_problems
     from cai.models import split_model_options, stage_model_options
-    from cai.training import trl_build_problems, trl_value_problems
+    from cai.training.args import trl_build_problems, trl_value_problems
 
     module = stage_module(name)
     extra, extra_name = trl_fields(module)

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from cai.rundir import StageDir
-from cai.training import resume_checkpoint, train_and_save
+from cai.training.save import resume_checkpoint, train_and_save
 
 
 def checkpoint(output_dir: Path, step: int, weights: bool = True, state: str | None = "{}") -> Path:

@@ -107,14 +107,15 @@ def test_dpo_with_lora_has_no_reference_copy_and_keeps_the_soft_label_loss(sft_r
     from accelerate.utils import is_peft_model
 
     from cai.pipeline import prepare
-    from cai.stages.dpo import dpo_trainer, preference_pairs, soft_label_dpo_trainer
-    from cai.training import train_and_save
+    from cai.stages.dpo import dpo_trainer, preference_pairs
+    from cai.training.save import train_and_save
+    from cai.training.soft_labels import SoftLabelDPOTrainer
 
     add_label_stage(sft_run)
     ctx = prepare(make_run(sft_run, *LORA, "dpo.merge_adapter=false", "dpo.soft_labels=weighted", *TINY_DPO), "dpo")
     ctx.dir.path.mkdir()
     trainer = dpo_trainer(ctx, ctx.config, preference_pairs(ctx, ctx.config)[0])
-    assert isinstance(trainer, soft_label_dpo_trainer()) and is_peft_model(trainer.model)
+    assert isinstance(trainer, SoftLabelDPOTrainer) and is_peft_model(trainer.model)
     assert trainer.ref_model is None  # the reference is the policy with its adapter disabled
     train_and_save(trainer, ctx)
 
@@ -199,3 +200,43 @@ def test_ppo_saves_a_config_that_pads_like_its_tokenizer(sft_run):
     check_folder(sft_run / "rl" / "model")
     assert json.loads((sft_run / "rl" / "model" / "config.json").read_text())["pad_token_id"] != tokenizer.eos_token_id
     assert (sft_run / "rl" / "adapter" / "adapter_config.json").exists()  # PPO trained a LoRA policy
+
+
+def test_unmerged_adapters_chain_through_reward_and_rl(sft_run):
+    """`use_peft: true, merge_adapter: false`: reward starts from sft's causal-LM adapter
+    (its body is sft's merged weights, under a new reward head), and each stage's adapter
+    names the adapter it was trained on as its base, so loading it brings every delta.
+    (Reward used to die loading sft's causal-LM adapter onto a classifier: "object has no
+    attribute 'prepare_inputs_for_generation'".)"""
+    from cai import models
+    from cai.pipeline import run_stage
+
+    unmerged = (*LORA, "merge_adapter=false")
+    run_stage(make_run(sft_run, *unmerged), "sft", force=True)
+    sft_adapter = sft_run / "sft" / "adapter"
+    assert not (sft_run / "sft" / "model").exists()
+    sft_body = {k: v.clone() for k, v in models.load_causal_lm(str(sft_adapter), "cpu").state_dict().items()}
+
+    add_label_stage(sft_run)
+    run_stage(make_run(sft_run, *unmerged, "reward.mix_critique_pairs=false"), "reward")
+    reward_adapter = sft_run / "reward" / "adapter"
+    assert json.loads((reward_adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        sft_adapter)
+    tokenizer = models.load_tokenizer(str(reward_adapter))
+    reward = models.load_reward_model(str(reward_adapter), tokenizer).state_dict()
+    trained = adapter_weights(reward_adapter)
+    check_lora(sft_body, reward, trained)  # sft's delta, then reward's own
+    [score] = [v for k, v in trained.items() if "score" in k]
+    assert torch.equal(reward["score.weight"], score)  # the trained head, not a fresh one
+    try:
+        models.load_causal_lm(str(reward_adapter), "cpu")
+    except ValueError as err:
+        assert "adapter of a reward model" in str(err) and "cannot be loaded as a causal language model" in str(err)
+    else:
+        raise AssertionError("a reward model's adapter loaded as a causal LM")
+
+    run_stage(make_run(sft_run, *unmerged, "rl.algorithm=rloo", *TINY_RL, "rl.max_steps=1"), "rl")
+    rl_adapter = sft_run / "rl" / "adapter"
+    assert json.loads((rl_adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(sft_adapter)
+    policy = models.load_causal_lm(str(rl_adapter), "cpu").state_dict()
+    check_lora(sft_body, policy, adapter_weights(rl_adapter))

@@ -75,7 +75,7 @@ def test_logging_saving_and_reporting_settings_do_not_redo_a_completed_stage(sft
     named = load_config(SMOKE, [f"run_dir={sft_run}", "run_name=ablation-3"])
     from trl import SFTConfig
 
-    from cai.training import trl_config
+    from cai.training.args import trl_config
 
     assert trl_config(prepare(named, "sft"), SFTConfig).run_name == "ablation-3"  # once, for every training stage
 

@@ -111,7 +111,7 @@ def test_written_files_follow_the_umask(tmp_path, sft_run_template):
     from safetensors.torch import save_file
 
     from cai.rundir import atomic_write_json, umask
-    from cai.training import _write_folder
+    from cai.training.save import _write_folder
 
     for name in ("model.safetensors", "config.json"):  # a real stage's save, under the suite's umask
         assert (sft_run_template / "sft" / "model" / name).stat().st_mode & 0o777 == 0o666 & ~umask()

@@ -14,14 +14,9 @@ from conftest import make_run
 from cai import models
 from cai.pipeline import run_stage
 from cai.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl
-from cai.stages.reward import (
-    RewardScorer,
-    SoftLabelRewardTrainer,
-    held_out,
-    preference_metrics,
-    preference_pairs,
-    soft_label_loss,
-)
+from cai.stages.reward import RewardScorer, held_out, preference_metrics
+from cai.training.preferences import read_preferences
+from cai.training.soft_labels import SoftLabelRewardTrainer, soft_label_loss
 from cai.yamlio import ValidationError
 
 TRAIN = ("reward.num_train_epochs=2", "reward.per_device_train_batch_size=4", "reward.learning_rate=1.0e-3",
@@ -77,27 +72,30 @@ def test_an_even_label_leaves_an_even_pair_alone_and_a_confident_one_pushes_it()
 # ---------------------------------------------------------------- data
 
 
-def test_pairs_are_oriented_to_the_preferred_answer_and_hard_labels_are_one(tmp_path):
+def test_pairs_are_oriented_to_the_preferred_answer(tmp_path):
     path = tmp_path / "prefs.jsonl"
     atomic_write_jsonl(path, [{"prompt": user("q"), "chosen": assistant("a"), "rejected": assistant("b"),
                                "p_chosen": 0.3},
                               {"prompt": user("q"), "chosen": assistant("c"), "rejected": assistant("d"),
                                "p_chosen": 0.9}])
-    soft = preference_pairs(path, "label", None, "soft")
+    soft = read_preferences(path, "label")
     assert [(p["chosen"][0]["content"], p["p_chosen"]) for p in soft] == [("b", pytest.approx(0.7)), ("c", 0.9)]
-    hard = preference_pairs(path, "label", None, "hard")
-    assert [(p["chosen"][0]["content"], p["p_chosen"]) for p in hard] == [("b", 1.0), ("c", 1.0)]
-    fixed = preference_pairs(path, "critique", 0.75, "soft")
+    fixed = read_preferences(path, "critique", 0.75)
     assert [p["p_chosen"] for p in fixed] == [0.75, 0.75] and fixed[0]["chosen"][0]["content"] == "a"
 
 
-def test_a_row_without_a_soft_label_is_an_error_naming_file_and_line(tmp_path):
+@pytest.mark.parametrize("row, message", [
+    ({}, "missing p_chosen"),
+    ({"p_chosen": 1.5}, "expected a 'p_chosen' soft label in \\[0, 1\\], got 1.5"),
+    ({"p_chosen": "high"}, "expected a 'p_chosen' soft label in \\[0, 1\\], got 'high'"),
+], ids=["missing", "out-of-range", "not-a-number"])
+def test_a_row_without_a_soft_label_is_an_error_naming_file_and_line(tmp_path, row, message):
+    """The one reader of label/prefs.jsonl, for reward and dpo alike."""
     path = tmp_path / "prefs.jsonl"
-    atomic_write_jsonl(path, [{"prompt": user("q"), "chosen": assistant("a"), "rejected": assistant("b"),
-                               "p_chosen": 0.6},
-                              {"prompt": user("q"), "chosen": assistant("a"), "rejected": assistant("b")}])
-    with pytest.raises(ValueError, match=rf"{path}:2: missing p_chosen"):
-        preference_pairs(path, "label", None, "soft")
+    pair = {"prompt": user("q"), "chosen": assistant("a"), "rejected": assistant("b")}
+    atomic_write_jsonl(path, [{**pair, "p_chosen": 0.6}, {**pair, **row}])
+    with pytest.raises(ValueError, match=rf"{path}:2: {message}"):
+        read_preferences(path, "label")
 
 
 def test_the_held_out_split_is_by_prompt_and_not_the_prompt_split():

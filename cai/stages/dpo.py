@@ -23,16 +23,16 @@ to use them (`soft_labels`):
   global constant 1 - p, and applies only to some loss types; here p is per pair.
 
 Critique pairs carry no soft label: the revision is preferred by construction (p = 1).
+The pairs come from `cai.training.preferences`, the loss from `cai.training.soft_labels`,
+the policy from `cai.training.models`.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Literal
 
 from cai.config import setting
-from cai.rundir import read_jsonl
 from cai.yamlio import Problem
 
 UPSTREAM = ("critique", "sft", "label")
@@ -85,34 +85,27 @@ def check_config(run, cfg: Config, trl: dict) -> list[Problem]:
 
 
 def preference_pairs(ctx, cfg: Config) -> tuple[list[dict], dict]:
-    """The training pairs with their soft label, and counts for the manifest."""
-    path = ctx.stage("label").require("its prefs.jsonl is the training set") / "prefs.jsonl"
-    labelled = read_jsonl(path)
-    for number, row in enumerate(labelled, start=1):
-        p = row.get("p_chosen")
-        if not isinstance(p, (int, float)) or not 0 <= p <= 1:
-            raise ValueError(f"{path}:{number}: expected a 'p_chosen' soft label in [0, 1], got {p!r}")
-    if cfg.soft_labels == "threshold":
-        kept = [r for r in labelled if r["p_chosen"] >= cfg.min_confidence]
-    else:
-        kept = labelled
-    critique = []
-    if cfg.mix_critique_pairs:
-        critique = read_jsonl(ctx.stage("critique").require("mix_critique_pairs reads its prefs.jsonl") / "prefs.jsonl")
-    pairs = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"], "p_chosen": float(r["p_chosen"])}
-             for r in kept]
-    pairs += [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"], "p_chosen": 1.0}
-              for r in critique]
-    counts = {"label_pairs": len(kept), "dropped_low_confidence": len(labelled) - len(kept),
-              "critique_pairs": len(critique)}
+    """The training pairs with their soft label, and counts for the manifest. In
+    threshold mode, label pairs under `min_confidence` are dropped (critique pairs are
+    certain: p = 1)."""
+    from cai.training.preferences import training_preferences
+
+    read, data = training_preferences(ctx, cfg.mix_critique_pairs)
+    unsure = [cfg.soft_labels == "threshold" and pair["p_chosen"] < cfg.min_confidence for pair in read]
+    pairs = [{key: pair[key] for key in ("prompt", "chosen", "rejected", "p_chosen")}
+             for pair, drop in zip(read, unsure) if not drop]
+    counts = {"label_pairs": data["label/prefs.jsonl"] - sum(unsure), "dropped_low_confidence": sum(unsure),
+              "critique_pairs": data.get("critique/prefs.jsonl", 0)}
     return pairs, counts
 
 
 def dpo_trainer(ctx, cfg: Config, pairs: list[dict]):
     from trl import DPOTrainer
 
-    from cai import models
-    from cai.training import reference_loading, shared_dataset, trl_config
+    from cai.training.args import trl_config
+    from cai.training.models import load_training_model, reference_loading
+    from cai.training.preferences import shared_dataset
+    from cai.training.soft_labels import SoftLabelDPOTrainer
 
     # The policy is loaded from its folder, so TRL's reference (config._name_or_path) is the
     # same SFT model; its log-probs are computed once, before training, then dropped. With
@@ -122,20 +115,18 @@ def dpo_trainer(ctx, cfg: Config, pairs: list[dict]):
     options = ctx.model_options
     args = trl_config(ctx, *trl_settings(cfg))
     reference_loading(args, options)
-    tokenizer = models.load_tokenizer(policy)
-    model = models.load_causal_lm(policy, ctx.run.device, options, quantize=True)
-    lora = {"ref_model": None, "peft_config": options.peft_config("CAUSAL_LM")}
+    loaded = load_training_model(ctx, policy)
+    lora = {"ref_model": None, "peft_config": loaded.peft_config}
     if cfg.soft_labels == "weighted":
-        return soft_label_dpo_trainer()(model=model, args=args, train_dataset=shared_dataset(ctx, "train", pairs),
-                                        processing_class=tokenizer, data_collator=soft_label_collator(tokenizer, args),
-                                        **lora)
+        return SoftLabelDPOTrainer(model=loaded.model, args=args, train_dataset=shared_dataset(ctx, "train", pairs),
+                                   processing_class=loaded.tokenizer, **lora)
     hard = [{k: v for k, v in pair.items() if k != "p_chosen"} for pair in pairs]
-    return DPOTrainer(model=model, args=args, train_dataset=shared_dataset(ctx, "train", hard),
-                      processing_class=tokenizer, **lora)
+    return DPOTrainer(model=loaded.model, args=args, train_dataset=shared_dataset(ctx, "train", hard),
+                      processing_class=loaded.tokenizer, **lora)
 
 
 def run(ctx) -> dict:
-    from cai.training import train_and_save
+    from cai.training.save import train_and_save
 
     cfg: Config = ctx.config
     pairs, counts = preference_pairs(ctx, cfg)
@@ -147,62 +138,3 @@ def run(ctx) -> dict:
         data["critique/prefs.jsonl"] = counts["critique_pairs"]
     metrics = train_and_save(dpo_trainer(ctx, cfg, pairs), ctx, base=ctx.model_spec(cfg.policy, "sft"), data=data)
     return {**counts, **metrics}
-
-
-# ---------------------------------------------------------------- the soft-label loss
-
-
-def soft_label_collator(tokenizer, args):
-    """TRL's preference collator, also batching each pair's `p_chosen`."""
-    import torch
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-
-    class SoftLabelCollator(DataCollatorForPreference):
-        def torch_call(self, examples):
-            batch = super().torch_call(examples)
-            batch["p_chosen"] = torch.tensor([example["p_chosen"] for example in examples], dtype=torch.float32)
-            return batch
-
-    return SoftLabelCollator(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length,
-                             truncation_mode=args.truncation_mode, pad_to_multiple_of=args.pad_to_multiple_of)
-
-
-@functools.cache
-def soft_label_dpo_trainer():
-    """DPOTrainer with the soft-label loss (a class built on first use: TRL imports are slow).
-
-    Since logσ(x) - logσ(-x) = x, the soft loss is TRL's sigmoid loss plus a linear term:
-        -[p·logσ(βh) + (1-p)·logσ(-βh)] = -logσ(βh) + (1-p)·βh
-    so TRL computes its loss (and all its metrics) as usual, and only (1-p)·βh is added,
-    with h recomputed from the policy logits TRL returns and the precomputed reference
-    log-probs in the batch (check_config ensures plain sigmoid DPO with precomputed refs).
-    """
-    from trl import DPOTrainer
-    from trl.trainer.utils import selective_log_softmax
-
-    class SoftLabelDPOTrainer(DPOTrainer):
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            if "p_chosen" not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, "p_chosen"]
-
-        def compute_ref_log_probs(self, model, inputs):
-            return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k != "p_chosen"})
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs = dict(inputs)
-            p_chosen = inputs.pop("p_chosen")
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
-            margin = log_ratio_margin(outputs.logits, inputs)
-            loss = loss + (self.beta * (1 - p_chosen) * margin).mean()
-            return (loss, outputs) if return_outputs else loss
-
-    def log_ratio_margin(logits, inputs):
-        """h = [log π(chosen) - log π_ref(chosen)] - [log π(rejected) - log π_ref(rejected)]."""
-        labels = inputs["input_ids"][..., 1:]
-        mask = inputs["completion_mask"][..., 1:]
-        logps = (selective_log_softmax(logits[..., :-1, :], labels) * mask).sum(dim=1)
-        chosen, rejected = logps.chunk(2, dim=0)  # TRL batches [chosen..., rejected...]
-        return (chosen - inputs["ref_chosen_logps"]) - (rejected - inputs["ref_rejected_logps"])
-
-    return SoftLabelDPOTrainer

@@ -8,8 +8,10 @@ the soft label,
     -(p · log σ(r_c − r_r) + (1 − p) · log σ(r_r − r_c)),
 
 which at p = 1 is the usual Bradley–Terry loss (`loss: hard` uses that). TRL's
-RewardTrainer knows only hard labels: `SoftLabelRewardTrainer` carries `p_chosen`
-through tokenisation and collation and swaps the loss, keeping TRL's metrics.
+RewardTrainer knows only hard labels: `cai.training.soft_labels.SoftLabelRewardTrainer`
+carries `p_chosen` through tokenisation and collation and swaps the loss, keeping TRL's
+metrics. The pairs come from `cai.training.preferences`, the model from
+`cai.training.models` (the SFT model under a new one-output head).
 
 Optionally the critique stage's pairs (final revision over first answer) are mixed in
 with a fixed label. A share of the prompts is held out (by hash of the prompt text);
@@ -29,17 +31,15 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F  # noqa: N812 - torch's own convention
-from trl import RewardConfig, RewardTrainer
-from trl.trainer.reward_trainer import DataCollatorForPreference, suppress_seqcls_warning
+from trl import RewardConfig
 
 from cai import models
 from cai.config import setting
-from cai.rundir import atomic_write_json, read_jsonl
+from cai.rundir import atomic_write_json
+from cai.training.soft_labels import SoftLabelRewardTrainer, soft_label_loss
 
 log = logging.getLogger(__name__)
 
@@ -67,56 +67,6 @@ class Config:
     critique_pair_label: float = setting(1.0, "p_chosen given to those critique pairs", ge=0, le=1)
     eval_fraction: float = setting(0.1, "share of prompts held out (by hash of the prompt text) for accuracy",
                                    ge=0, lt=1)
-
-
-# ---------------------------------------------------------------- the loss
-
-
-def soft_label_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of σ(r_c − r_r) against the soft label p, averaged over the batch.
-    At p = 1 it is Bradley–Terry, -log σ(r_c − r_r); at p = 0.5 it is flat at margin 0."""
-    margin = r_chosen - r_rejected
-    return -(p * F.logsigmoid(margin) + (1 - p) * F.logsigmoid(-margin)).mean()
-
-
-@dataclass
-class SoftLabelCollator(DataCollatorForPreference):
-    """TRL's preference collator (chosen rows, then rejected rows), plus `p_chosen`."""
-
-    def torch_call(self, examples):
-        batch = super().torch_call(examples)
-        batch["p_chosen"] = torch.tensor([e.get("p_chosen", 1.0) for e in examples], dtype=torch.float)
-        return batch
-
-
-class SoftLabelRewardTrainer(RewardTrainer):
-    """RewardTrainer with the soft-label loss. Rows carry a `p_chosen` column (1.0 if absent)."""
-
-    def __init__(self, model, args: RewardConfig, processing_class, data_collator=None, **kwargs):
-        if data_collator is None:
-            data_collator = SoftLabelCollator(pad_token_id=processing_class.pad_token_id,
-                                              pad_to_multiple_of=args.pad_to_multiple_of)
-        super().__init__(model=model, args=args, processing_class=processing_class, data_collator=data_collator,
-                         **kwargs)
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()  # chosen_ids, rejected_ids, margin
-        if "p_chosen" not in self._signature_columns:  # else remove_unused_columns drops it
-            self._signature_columns = [*self._signature_columns, "p_chosen"]
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        p_chosen = inputs.pop("p_chosen", None)
-        # TRL's compute_loss runs the model and records accuracy, margin and rewards; its
-        # hard-label loss is then replaced by the soft one on the same rewards.
-        hard_loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                  num_items_in_batch=num_items_in_batch)
-        if p_chosen is None:
-            return (hard_loss, outputs) if return_outputs else hard_loss
-        r_chosen, r_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
-        loss = soft_label_loss(r_chosen, r_rejected, p_chosen.to(r_chosen))
-        if self.args.center_rewards_coefficient is not None:
-            loss = loss + self.args.center_rewards_coefficient * torch.mean((r_chosen + r_rejected) ** 2)
-        return (loss, outputs) if return_outputs else loss
 
 
 # ---------------------------------------------------------------- scoring
@@ -205,42 +155,23 @@ def held_out(prompt: list[dict], fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def preference_pairs(path: Path, source: str, label: float | None, loss: str) -> list[dict]:
-    """Rows in TRL's conversational preference form plus `p_chosen`. A label under 0.5
-    means `rejected` is the better answer: the pair is flipped, so `chosen` is always the
-    preferred side (TRL's accuracy counts r_chosen > r_rejected)."""
-    pairs = []
-    for number, row in enumerate(read_jsonl(path), start=1):
-        missing = [k for k in ("prompt", "chosen", "rejected") + (("p_chosen",) if label is None else ())
-                   if k not in row]
-        if missing:
-            raise ValueError(f"{path}:{number}: missing {', '.join(missing)} "
-                             "(expected prompt/chosen/rejected conversations and a p_chosen soft label)")
-        p = float(row["p_chosen"]) if label is None else label
-        chosen, rejected = row["chosen"], row["rejected"]
-        if p < 0.5:
-            chosen, rejected, p = rejected, chosen, 1.0 - p
-        pairs.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
-                      "p_chosen": 1.0 if loss == "hard" else p, "source": source})
-    return pairs
-
-
 # ---------------------------------------------------------------- the stage
 
 
 def run(ctx) -> dict:
     from datasets import Dataset
-    from transformers import set_seed
 
-    from cai.training import train_and_save, trl_config
+    from cai.training.args import trl_config
+    from cai.training.models import load_training_model
+    from cai.training.preferences import training_preferences
+    from cai.training.save import train_and_save
 
     cfg: Config = ctx.config
-    label_path = ctx.stage("label").require("its prefs.jsonl is the training set") / "prefs.jsonl"
-    pairs = preference_pairs(label_path, "label", None, cfg.loss)
-    n_label = len(pairs)
-    if cfg.mix_critique_pairs:
-        critique_path = ctx.stage("critique").require("mix_critique_pairs reads its prefs.jsonl") / "prefs.jsonl"
-        pairs += preference_pairs(critique_path, "critique", cfg.critique_pair_label, cfg.loss)
+    pairs, data = training_preferences(ctx, cfg.mix_critique_pairs, cfg.critique_pair_label)
+    if cfg.loss == "hard":  # Bradley-Terry: the preferred side is certain
+        pairs = [{**pair, "p_chosen": 1.0} for pair in pairs]
+    n_label = data["label/prefs.jsonl"]
+    label_path = ctx.stage("label").path / "prefs.jsonl"
     train = [p for p in pairs if not held_out(p["prompt"], cfg.eval_fraction)]
     held = [p for p in pairs if held_out(p["prompt"], cfg.eval_fraction)]
     if not train:
@@ -252,16 +183,12 @@ def run(ctx) -> dict:
                     "held-out accuracy is not measured", cfg.eval_fraction, len(pairs))
 
     spec = ctx.model_spec(cfg.model, "sft")
-    tokenizer = models.load_tokenizer(spec)
-    set_seed(ctx.run.seed)  # the reward head is freshly initialised
-    options = ctx.model_options
-    with suppress_seqcls_warning():  # "score.weight newly initialised" is the point here
-        model = models.load_reward_model(spec, tokenizer, options, quantize=True)
+    loaded = load_training_model(ctx, spec, "reward")
+    tokenizer = loaded.tokenizer
     args = trl_config(ctx, *trl_settings(cfg))
-    # With use_peft: a SEQ_CLS adapter; peft trains the new `score` head in full (modules_to_save).
-    trainer = SoftLabelRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
+    trainer = SoftLabelRewardTrainer(model=loaded.model, args=args, train_dataset=Dataset.from_list(train),
                                      eval_dataset=Dataset.from_list(held) if held else None,
-                                     processing_class=tokenizer, peft_config=options.peft_config("SEQ_CLS"))
+                                     processing_class=tokenizer, peft_config=loaded.peft_config)
     scorer = RewardScorer(trainer.model, tokenizer, batch_size=args.per_device_eval_batch_size,
                           max_length=args.max_length or 1024)
 
@@ -270,9 +197,6 @@ def run(ctx) -> dict:
                 "held_out": preference_metrics(scorer, trainer.eval_dataset)}
 
     before = measure()
-    data = {"label/prefs.jsonl": n_label}
-    if cfg.mix_critique_pairs:
-        data["critique/prefs.jsonl"] = len(pairs) - n_label
     training = train_and_save(trainer, ctx, base=spec, data=data)
     scorer.model = trainer.model
     after = measure()

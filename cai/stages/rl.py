@@ -255,7 +255,9 @@ def _check_prompt_count(cfg: Config, args, prompts: list) -> None:
 
 def run(ctx) -> dict:
     from cai import models
-    from cai.training import reference_loading, train_and_save, trl_config
+    from cai.training.args import trl_config
+    from cai.training.models import load_training_model, reference_loading
+    from cai.training.save import train_and_save
 
     cfg: Config = ctx.config
     options = ctx.model_options
@@ -283,12 +285,11 @@ def run(ctx) -> dict:
         trainer_class = GRPOTrainer if cfg.algorithm == "grpo" else RLOOTrainer
         # The KL reference is reloaded by TRL from the policy's folder, or, with use_peft,
         # is the policy with its adapter disabled.
+        loaded = load_training_model(ctx, policy, padding_side="left")
         trainer = trainer_class(
-            model=models.load_causal_lm(policy, ctx.run.device, options, quantize=True), args=args,
-            reward_funcs=reward_funcs, reward_processing_classes=reward_tokenizer,
+            model=loaded.model, args=args, reward_funcs=reward_funcs, reward_processing_classes=reward_tokenizer,
             train_dataset=Dataset.from_list([{"prompt": p["prompt"]} for p in prompts]),
-            processing_class=models.load_tokenizer(policy, padding_side="left"),
-            peft_config=options.peft_config("CAUSAL_LM"))
+            processing_class=loaded.tokenizer, peft_config=loaded.peft_config)
     metrics = train_and_save(trainer, ctx, base=policy, data=_prompt_counts(prompts))
     if judge is not None:
         ctx.release(cfg.feedback_model)
@@ -384,8 +385,10 @@ def ppo_trainer(ctx, args, policy: str, reward: str, prompts: list[dict]):
     from datasets import Dataset
 
     from cai import models
+    from cai.training.models import load_training_model
 
-    tokenizer = models.load_tokenizer(policy, padding_side="left")
+    loaded = load_training_model(ctx, policy, padding_side="left")
+    tokenizer = loaded.tokenizer
     check_shared_tokenizer(tokenizer, models.load_tokenizer(reward), policy, reward)
     ppo_pad_token(tokenizer)
     query_ids = [tokenizer(tokenizer.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True),
@@ -395,16 +398,15 @@ def ppo_trainer(ctx, args, policy: str, reward: str, prompts: list[dict]):
     # adapter disabled (no reference copy); the value model is still trained in full.
     reference = None if options.use_peft else models.load_causal_lm(policy, ctx.run.device, options)
     return _ppo_trainer_class()(
-        args=args, processing_class=tokenizer,
-        model=models.load_causal_lm(policy, ctx.run.device, options, quantize=True), ref_model=reference,
+        args=args, processing_class=tokenizer, model=loaded.model, ref_model=reference,
         reward_model=models.load_reward_model(reward, tokenizer, options).eval(),
         value_model=models.load_reward_model(reward, tokenizer, options),  # the value head starts from the reward model
-        train_dataset=Dataset.from_dict({"input_ids": query_ids}), peft_config=options.peft_config("CAUSAL_LM"))
+        train_dataset=Dataset.from_dict({"input_ids": query_ids}), peft_config=loaded.peft_config)
 
 
 @functools.cache
 def _ppo_trainer_class():
-    """TRL's PPOTrainer with what cai.training.train_and_save expects of a trainer
+    """TRL's PPOTrainer with what cai.training.save.train_and_save expects of a trainer
     (`train(resume_from_checkpoint)` returning a TrainOutput) and a completion-length log."""
     import torch
     from transformers.trainer_utils import TrainOutput

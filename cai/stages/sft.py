@@ -72,8 +72,9 @@ def run(ctx) -> dict:
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from cai import models
-    from cai.training import train_and_save, trl_config
+    from cai.training.args import trl_config
+    from cai.training.models import load_training_model
+    from cai.training.save import train_and_save
 
     cfg: Config = ctx.config
     model_name = cfg.model or ctx.run.model
@@ -85,12 +86,9 @@ def run(ctx) -> dict:
                            "(every generation was dropped as degenerate?)")
 
     args = trl_config(ctx, *trl_settings(cfg))
-    tokenizer = models.load_tokenizer(model_name)
-    options = ctx.model_options
-    # With use_peft, TRL wraps the model in the LoRA adapter the options describe.
-    trainer = SFTTrainer(model=models.load_causal_lm(model_name, ctx.run.device, options, quantize=True), args=args,
-                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=options.peft_config("CAUSAL_LM"))
+    loaded = load_training_model(ctx, model_name)  # with use_peft, TRL wraps it in the LoRA adapter
+    trainer = SFTTrainer(model=loaded.model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=loaded.tokenizer, peft_config=loaded.peft_config)
     data = {"critique/sft.jsonl": len(revisions), **({"sft/helpful.jsonl": len(helpful)} if helpful else {})}
     metrics = train_and_save(trainer, ctx, base=model_name, data=data)
     return {"revision_rows": len(revisions), "helpful_rows": len(helpful), **metrics}

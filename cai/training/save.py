@@ -1,4 +1,6 @@
-"""TRL plumbing shared by the training stages: config defaults, resume, saving, logs."""
+"""Training, resuming and saving: checkpoints in the stage folder, a killed run resumes
+from the newest complete one; the trained weights (or adapter, and the adapter merged)
+saved with save_pretrained and a model card."""
 
 from __future__ import annotations
 
@@ -8,145 +10,8 @@ import shutil
 from pathlib import Path
 
 from cai import distributed
-from cai.models import ModelOptions, cuda_usable
+from cai.models import ModelOptions
 from cai.rundir import WriteError, atomic_write_json, atomic_write_text, follow_umask, writing
-
-
-def trl_config(ctx, cls, stage_defaults: dict | None = None):
-    """Build a TRL config: cai's defaults, then the stage's, then the user's `ctx.trl` keys.
-
-    On CPU, bf16 and gradient checkpointing are off (TRL defaults both on; checkpointing
-    costs about a third more time on small models). Checkpoints go to the stage folder so
-    a killed run resumes from the last one.
-    """
-    return build_trl_config(ctx.run, ctx.trl, ctx.dir.path, cls, stage_defaults or {})
-
-
-def build_trl_config(run, trl: dict, stage_dir: Path, cls, stage_defaults: dict):
-    """`trl_config` from its parts, so validation builds the same object without a stage
-    context (building one writes nothing)."""
-    on_gpu = cuda_usable(run.device)
-    defaults = {
-        "output_dir": str(Path(stage_dir) / "checkpoints"), "seed": run.seed, "data_seed": run.seed,
-        "report_to": run.report_to, "logging_steps": 1, "save_strategy": "steps", "save_steps": 50,
-        "save_total_limit": 1, "dataloader_num_workers": 0, "use_cpu": not on_gpu,
-    }
-    if run.run_name:
-        defaults["run_name"] = run.run_name
-    if not on_gpu:
-        defaults.update(bf16=False, fp16=False)
-        if not {"gradient_checkpointing", "activation_checkpointing"} & set(trl):
-            defaults["activation_checkpointing"] = False  # transformers 5's name; the old one is deprecated
-    values = {**defaults, **stage_defaults, **trl}
-    for key, value in values.items():
-        if key.endswith("_strategy") and value is False:
-            values[key] = "no"  # YAML reads a bare `no` as false
-    return cls(**values)
-
-
-# Ranges of common TRL fields, checked with cai's own (`cai.config.setting`) before any
-# work: TRL and transformers accept most out-of-range values and fail mid-training.
-TRL_RANGES = {
-    **dict.fromkeys(("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "max_length", "max_prompt_length", "max_completion_length", "response_length",
-                     "num_mini_batches", "num_generations", "generation_batch_size", "steps_per_generation",
-                     "save_total_limit", "num_ppo_epochs", "local_rollout_forward_batch_size"), {"ge": 1}),
-    **dict.fromkeys(("learning_rate", "weight_decay", "max_grad_norm", "beta", "kl_coef", "temperature",
-                     "num_train_epochs", "warmup_steps"), {"ge": 0}),
-    **dict.fromkeys(("warmup_ratio", "label_smoothing"), {"ge": 0, "le": 1}),
-    "top_p": {"gt": 0, "le": 1},
-    **dict.fromkeys(("logging_steps", "save_steps", "eval_steps"), {"gt": 0}),
-}
-# Keys cai sets itself: a user value would break a guarantee (checkpoints live in the
-# stage folder, so two runs never share or resume each other's).
-RESERVED_TRL_KEYS = {"output_dir": "checkpoints always go to the stage folder (RUN_DIR/STAGE/checkpoints), "
-                                   "so runs never share them; remove this key"}
-
-
-def trl_value_problems(doc, section: str, cls, trl: dict) -> list:
-    """The user's TRL keys against the config class's field types and `TRL_RANGES`
-    (cheap, before the stage's own checks do arithmetic with them)."""
-    import typing
-
-    from cai.config import _hint_name, _matches, out_of_range
-    from cai.yamlio import describe
-
-    hints = typing.get_type_hints(cls)
-    problems = []
-    for key, value in trl.items():
-        name = f"{section}.{key}"
-        hint = hints.get(key)
-        if key in RESERVED_TRL_KEYS:
-            problems.append(doc.problem((section, key), f"'{name}': {RESERVED_TRL_KEYS[key]}"))
-        elif _simple(hint) and not _matches(value, hint):
-            problems.append(doc.problem((section, key), f"'{name}' must be {_hint_name(hint)}, got {describe(value)}"))
-        elif (expected := out_of_range(value, TRL_RANGES.get(key, {}), hint)) is not None:
-            problems.append(doc.problem((section, key), f"'{name}' must be {expected}, got {value}"))
-    return problems
-
-
-def _simple(hint) -> bool:
-    """int, float, bool or str, optionally `| None`: hints cai can check exactly (TRL's
-    enum and list fields take strings and lists it converts itself)."""
-    import types
-    import typing
-
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-    else:
-        args = [hint]
-    return len(args) == 1 and args[0] in (int, float, bool, str)
-
-
-def trl_build_problems(run, section: str, cls, stage_defaults: dict, trl: dict) -> list:
-    """Build the stage's TRL config as the stage will (nothing is written) and turn a
-    failure into a problem at the key that causes it: each user key is tried alone; if
-    none fails alone, the section is named."""
-    import warnings
-
-    def attempt(keys: dict) -> str | None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # deprecation notes are for the real run
-                build_trl_config(run, keys, run.path / section, cls, stage_defaults)
-        except Exception as err:  # noqa: BLE001 - any failure is the user's value, reported
-            return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        return None
-
-    error = attempt(trl)
-    if error is None:
-        return []
-    culprits = {key: message for key in trl if (message := attempt({key: trl[key]})) is not None}
-    if not culprits:
-        return [run.source.problem((section,), f"'{section}': {cls.__name__} refuses these settings: {error}")]
-    return [run.source.problem((section, key), f"'{section}.{key}': {message}") for key, message in culprits.items()]
-
-
-def shared_dataset(ctx, name: str, rows: list[dict]):
-    """A `datasets.Dataset` of `rows`, saved in the stage folder and memory-mapped from
-    there, so the caches TRL writes beside it (DPO's precomputed reference
-    log-probabilities) sit where every process finds them; an in-memory dataset would
-    put them in each process's own temp folder."""
-    from datasets import Dataset, load_from_disk
-
-    folder = ctx.dir / "datasets" / name
-    if distributed.is_main():
-        shutil.rmtree(folder, ignore_errors=True)
-        Dataset.from_list(rows).save_to_disk(str(folder))
-    distributed.barrier()
-    return load_from_disk(str(folder))
-
-
-def reference_loading(args, options: ModelOptions) -> None:
-    """A trainer that reloads its KL reference from the policy's folder (RLOO, GRPO, DPO
-    without precomputed log-probs) loads it like the policy: same dtype, attention and
-    revision (TRL's default is float32). The user's own `model_init_kwargs` win. With
-    LoRA there is no reference to load (the adapter is disabled instead)."""
-    if options.use_peft or getattr(args, "precompute_ref_log_probs", False):
-        return
-    kwargs = options.reference_kwargs()
-    if kwargs and hasattr(args, "model_init_kwargs"):
-        args.model_init_kwargs = {**kwargs, **(args.model_init_kwargs or {})}
 
 
 def train_and_save(trainer, ctx, model_dir: str = "model", base: str = "", data: dict[str, int] | None = None) -> dict:
@@ -393,8 +258,3 @@ def resume_checkpoint(output_dir: Path, stage: str) -> str | None:
         return None
     print(f"[cai] {stage}: resuming from {complete[-1].name}")
     return str(complete[-1])
-
-
-def read_log_history(stage_dir: Path) -> list[dict]:
-    path = Path(stage_dir) / "log_history.json"
-    return json.loads(path.read_text()) if path.exists() else []

@@ -1,0 +1,65 @@
+"""The preference pairs the reward and DPO stages train on: one reader of the label
+stage's `prefs.jsonl` (soft labels) and the critique stage's (final revision over first
+answer, a fixed label)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from cai import distributed
+from cai.rundir import read_jsonl
+
+
+def read_preferences(path: Path, source: str, label: float | None = None) -> list[dict]:
+    """Rows in TRL's conversational preference form plus `p_chosen` (the row's own soft
+    label, or `label` for every row) and `source`. A label under 0.5 means `rejected` is
+    the better answer: the pair is flipped, so `chosen` is always the preferred side (TRL's
+    accuracy counts r_chosen > r_rejected, DPO raises chosen). A bad row is an error
+    naming file:line."""
+    pairs = []
+    for number, row in enumerate(read_jsonl(path), start=1):
+        missing = [k for k in ("prompt", "chosen", "rejected") + (("p_chosen",) if label is None else ())
+                   if k not in row]
+        if missing:
+            raise ValueError(f"{path}:{number}: missing {', '.join(missing)} "
+                             "(expected prompt/chosen/rejected conversations and a p_chosen soft label)")
+        p = row["p_chosen"] if label is None else label
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise ValueError(f"{path}:{number}: expected a 'p_chosen' soft label in [0, 1], got {p!r}")
+        chosen, rejected, p = row["chosen"], row["rejected"], float(p)
+        if p < 0.5:
+            chosen, rejected, p = rejected, chosen, 1.0 - p
+        pairs.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected, "p_chosen": p,
+                      "source": source})
+    return pairs
+
+
+def training_preferences(ctx, mix_critique_pairs: bool, critique_label: float = 1.0) -> tuple[list[dict], dict]:
+    """The label stage's pairs, then (`mix_critique_pairs`) the critique stage's with
+    `critique_label`; and {file: pairs} for the model card."""
+    label = ctx.stage("label").require("its prefs.jsonl is the training set") / "prefs.jsonl"
+    pairs = read_preferences(label, "label")
+    data = {"label/prefs.jsonl": len(pairs)}
+    if mix_critique_pairs:
+        critique = ctx.stage("critique").require("mix_critique_pairs reads its prefs.jsonl") / "prefs.jsonl"
+        more = read_preferences(critique, "critique", critique_label)
+        pairs += more
+        data["critique/prefs.jsonl"] = len(more)
+    return pairs, data
+
+
+def shared_dataset(ctx, name: str, rows: list[dict]):
+    """A `datasets.Dataset` of `rows`, saved in the stage folder and memory-mapped from
+    there, so the caches TRL writes beside it (DPO's precomputed reference
+    log-probabilities) sit where every process finds them; an in-memory dataset would
+    put them in each process's own temp folder."""
+    from datasets import Dataset, load_from_disk
+
+    folder = ctx.dir / "datasets" / name
+    if distributed.is_main():
+        shutil.rmtree(folder, ignore_errors=True)
+        Dataset.from_list(rows).save_to_disk(str(folder))
+    distributed.barrier()
+    return load_from_disk(str(folder))
+
