@@ -39,6 +39,13 @@ How to run (on an otherwise idle machine; the numbers are only as quiet as the C
         [--prompts 64] [--max-new-tokens 64] [--threads 1,2] [--batches 8,32,64]
         [--seed 0] [--out FILE.json]
     .venv/bin/python bench/generation.py --quick     # builtin:tiny, seconds: checks the script
+    python bench/generation.py --device cuda --dtype bfloat16 --model FOLDER --batches 64 --no-previous
+        [--compile]                                  # a GPU: the probe's GEMMs run there, in the model's dtype
+
+On a GPU (--device cuda) the probe times the same GEMM shapes on the GPU in the model's
+dtype (bf16: the tensor cores' roofline, as fp32 on the CPU's vector units is the CPU's),
+synchronised around each timing; --compile sets compile_generation (the decode step
+compiled with CUDA graphs; the warm-up run pays the compile, which the timed rows do not).
 
 How to read it. One row per (threads, batch, mode). tok/s is generated tokens per wall
 second of the `generate` call. GFLOP/s is the FLOP count above over those seconds;
@@ -150,15 +157,17 @@ def attention_flops(config, shared: int, rows: list[list[int]], generated: list[
     return per_position * total
 
 
-def probe(config, dtype: torch.dtype, batches: list[int], prefill_rows: int, min_seconds: float) -> dict[str, float]:
-    """GFLOP/s of the model's GEMM shapes at the current thread count."""
+def probe(config, dtype: torch.dtype, batches: list[int], prefill_rows: int, min_seconds: float,
+          device: torch.device) -> dict[str, float]:
+    """GFLOP/s of the model's GEMM shapes on the model's device (a CPU: at the current
+    thread count)."""
     hidden, intermediate, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     shapes = {}
     for batch in batches:
         shapes[f"decode mlp [{batch}x{hidden}]x[{hidden}x{intermediate}]"] = (batch, hidden, intermediate)
         shapes[f"decode lm head [{batch}x{hidden}]x[{hidden}x{vocab}]"] = (batch, hidden, vocab)
     shapes[f"prefill mlp [{prefill_rows}x{hidden}]x[{hidden}x{intermediate}]"] = (prefill_rows, hidden, intermediate)
-    return {name: models.gemm_gflops(m, k, n, min_seconds, dtype) for name, (m, k, n) in shapes.items()}
+    return {name: models.gemm_gflops(m, k, n, min_seconds, dtype, device) for name, (m, k, n) in shapes.items()}
 
 
 def parse_args() -> argparse.Namespace:
@@ -175,6 +184,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--few-shot", type=int, default=0,
                         help="critique-shaped prompts: the system prompt and N constitution critique examples first")
     parser.add_argument("--no-previous", action="store_true", help="skip the previous engine's baseline rows")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the model's and the probe's dtype (default: %(default)s)")
+    parser.add_argument("--compile", action="store_true", help="compile_generation: CUDA graphs for the decode step")
     parser.add_argument("--out", help="write the settings, the probe and all rows to this JSON file")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run in seconds: builtin:tiny, 8 prompts, 8 tokens, batch 8 and 16, 1 thread "
@@ -201,7 +214,8 @@ def main() -> None:
         constitution = load_constitution(PROJECT_ROOT / "constitutions" / "harmless.yaml")
         context = system_turns(constitution) + few_shot_turns(constitution, args.few_shot)
     conversations = [context + [{"role": "user", "content": p.text}] for p in prompts]
-    engine = TransformersEngine.from_spec(args.model, "cpu", batches[0])
+    options = models.ModelOptions(dtype=args.dtype, compile_generation=args.compile)
+    engine = TransformersEngine.from_spec(args.model, args.device, batches[0], options=options)
     previous = PreviousEngine(engine.model, engine.tokenizer, BASELINE_BATCH)
     model, config = engine.model, engine.model.config
     dtype = next(model.parameters()).dtype
@@ -232,7 +246,7 @@ def main() -> None:
 
     for threads in sorted(set(thread_counts) | {BASELINE_THREADS}):
         models.set_threads(threads)
-        probes[threads] = probe(config, dtype, batches, max(batches) * mean_tail, args.probe_seconds)
+        probes[threads] = probe(config, dtype, batches, max(batches) * mean_tail, args.probe_seconds, model.device)
         roofline = max(probes[threads].values())
         if threads == BASELINE_THREADS and not args.no_previous:
             measure("previous", previous, threads, BASELINE_BATCH, roofline)
@@ -249,7 +263,9 @@ def main() -> None:
     base = baselines["greedy"]
     print(f"model={args.model} dtype={str(dtype).removeprefix('torch.')} prompts={len(prompts)} "
           f"max_new_tokens={args.max_new_tokens} seed={args.seed} torch={torch.__version__} "
-          f"cpu={platform.processor() or platform.machine()}")
+          f"cpu={platform.processor() or platform.machine()} device={model.device}"
+          + (f" ({torch.cuda.get_device_name(model.device)}) compile_generation={args.compile}"
+             if model.device.type == "cuda" else ""))
     mean = sum(map(len, rows)) / len(rows)
     print(f"prompt tokens {prompt_tokens} (shared prefix {shared}, run once; mean {mean:.0f} "
           f"per prompt); matmul weights: body {body:,}, head {head:,}")

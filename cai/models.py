@@ -114,22 +114,27 @@ def usable_cpus() -> int:
     return max(1, cpus // max(1, distributed.local_world_size()))
 
 
-def gemm_gflops(m: int, k: int, n: int, min_seconds: float, dtype: torch.dtype = torch.float32) -> float:
-    """Best GFLOP/s of x[m, k] @ w[n, k]^T (`F.linear`, as nn.Linear runs it) at the
-    current thread count: the repeats double until one timing lasts `min_seconds`, then
-    the best of five such timings. (The thread probe and bench/generation.py's roofline.)"""
+def gemm_gflops(m: int, k: int, n: int, min_seconds: float, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> float:
+    """Best GFLOP/s of x[m, k] @ w[n, k]^T (`F.linear`, as nn.Linear runs it) on `device`
+    (a CPU at the current thread count, or a GPU, synchronised around each timing): the
+    repeats double until one timing lasts `min_seconds`, then the best of five such
+    timings. (The thread probe and bench/generation.py's roofline.)"""
     generator = torch.Generator().manual_seed(0)  # not the global generator: runs seed that
-    x = torch.randn(m, k, generator=generator).to(dtype)
-    w = torch.randn(n, k, generator=generator).to(dtype)
+    x = torch.randn(m, k, generator=generator).to(device=device, dtype=dtype)
+    w = torch.randn(n, k, generator=generator).to(device=device, dtype=dtype)
+    synchronize = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
 
     def timed(repeats: int) -> float:
+        synchronize()
         start = time.perf_counter()
         for _ in range(repeats):
             torch.nn.functional.linear(x, w)
+        synchronize()
         return time.perf_counter() - start
 
     with torch.inference_mode():
-        timed(2)  # warm-up: allocation, the thread pool at this size
+        timed(2)  # warm-up: allocation, the thread pool at this size, GPU kernels chosen
         repeats = 1
         while (seconds := timed(repeats)) < min_seconds:
             repeats *= 2
@@ -377,16 +382,17 @@ TRAINING_ONLY = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_targe
                  "lora_task_type", "use_rslora", "use_dora", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
                  "use_bnb_nested_quant", "merge_adapter", "keep_checkpoints")
 # What a stage's outputs do not depend on: left out of its config hash.
-NOT_HASHED = ("keep_checkpoints",)
+NOT_HASHED = ("keep_checkpoints", "compile_generation")
 
 
 @dataclass
 class ModelOptions:
     """How a stage loads, trains and saves weights. The names are TRL's `ModelConfig`
-    names (`trl.ModelConfig`), so a TRL recipe's keys work unchanged; `merge_adapter` and
-    `keep_checkpoints` are cai's. Set at the top level of a run config (every stage) and
-    overridden in a stage's section. Data stages (critique, label, evaluate) use dtype,
-    attn_implementation and model_revision; the rest applies to training stages."""
+    names (`trl.ModelConfig`), so a TRL recipe's keys work unchanged; `merge_adapter`,
+    `keep_checkpoints` and `compile_generation` are cai's. Set at the top level of a run
+    config (every stage) and overridden in a stage's section. Data stages (critique, label,
+    evaluate) use dtype, attn_implementation, model_revision and compile_generation; the
+    rest applies to training stages."""
 
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = setting(
         "float32", "dtype the weights are loaded, trained and saved in; auto keeps the checkpoint's dtype")
@@ -413,6 +419,10 @@ class ModelOptions:
     merge_adapter: bool = setting(True, "with use_peft: also save the adapter merged into its base as STAGE/model/ "
                                         "(the adapter alone is STAGE/adapter/)")
     keep_checkpoints: bool = setting(False, "keep STAGE/checkpoints/ once the model is saved (else it is deleted)")
+    compile_generation: bool = setting(
+        False, "CUDA: compile the in-process engine's decode step (torch.compile with CUDA graphs on its static "
+               "cache; batches padded to one size, cache lengths rounded up to 256, so one compile serves a "
+               "stage); pays off on long stages, costs compile time up front; ignored on CPUs")
 
     def fingerprint(self) -> dict:
         """The settings that differ from the defaults and change what a stage produces:

@@ -106,3 +106,22 @@ def test_batched_generation_matches_one_prompt_at_a_time():
             out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                                         pad_token_id=engine.tokenizer.pad_token_id, eos_token_id=engine.eos_ids)
         assert completion.text == engine._completion(out[0, ids.shape[1]:].tolist()).text
+
+
+def test_static_shapes_give_every_batch_one_shape_and_the_same_answers(monkeypatch):
+    """compile_generation on CUDA: rows padded to the largest batch, cache lengths rounded
+    up, so one compiled decode step serves every batch; the answers do not change."""
+    from cai.engines import Sampling
+
+    engine = hf.TransformersEngine.from_spec("builtin:tiny", "cpu", batch_size=3)
+    system = [{"role": "system", "content": "You are a careful assistant. " * 4}]
+    conversations = [system + [{"role": "user", "content": text}]
+                     for text in ("How do I pick a lock?", "Hi", "Write a long poem about the sea", "Why?", "Tell me")]
+    plain = engine.generate(conversations, Sampling(6, temperature=0), seed=0)
+    engine.static_shapes = True  # what compile_generation sets on a CUDA device
+    shapes, original = [], engine._generation_cache
+    monkeypatch.setattr(engine, "_generation_cache",
+                        lambda prefix, rows, length: shapes.append((rows, length)) or original(prefix, rows, length))
+    static = engine.generate(conversations, Sampling(6, temperature=0), seed=0)
+    assert [c.text for c in static] == [c.text for c in plain]
+    assert shapes == [(3, hf.CACHE_LENGTH_STEP)] * 2

@@ -70,8 +70,10 @@ class Engine:
         raise NotImplementedError
 
     def describe(self) -> dict:
-        """What a manifest records about this engine."""
-        return {"engine": type(self).__name__, "model": self.name}
+        """What a manifest records about this engine: which, and what it generated in how
+        many seconds inside the model (generation and option scoring)."""
+        return {"engine": type(self).__name__, "model": self.name, "tokens_generated": self.tokens_generated,
+                "model_seconds": round(self.seconds, 3)}
 
     @property
     def tokens_per_second(self) -> float:

@@ -22,6 +22,7 @@ from cai.engines.base import Capabilities, Completion, Engine, Sampling
 
 MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is not worth a cache copy
 MAX_CACHE_BYTES = 4 * 2**30  # a generation batch's key/value cache stays under this (fewer rows if needed)
+CACHE_LENGTH_STEP = 256  # with compile_generation, cache lengths are rounded up to a multiple of this
 
 
 class NucleusSampler(LogitsProcessor):
@@ -113,8 +114,12 @@ class TransformersEngine(Engine):
     capabilities = Capabilities(option_probabilities=True, seeded=True, in_process=True)
 
     def __init__(self, model, tokenizer, batch_size: int = 8, name: str = "", max_prompt_tokens: int | None = None,
-                 share_prefix: bool = True, max_cache_bytes: int = MAX_CACHE_BYTES):
+                 share_prefix: bool = True, max_cache_bytes: int = MAX_CACHE_BYTES, compile_generation: bool = False):
         super().__init__()
+        # compile_generation: on CUDA, transformers compiles the decode step (torch.compile,
+        # CUDA graphs) for a static cache; static shapes make one compiled step serve every
+        # batch: rows padded to the largest batch, cache lengths rounded up.
+        self.static_shapes = compile_generation and model.device.type == "cuda"
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -134,7 +139,8 @@ class TransformersEngine(Engine):
         """Weights from a model spec (an adapter folder is merged onto its base), loaded
         with the options' dtype, attention and revision (never quantised: it only generates)."""
         tokenizer = models.load_tokenizer(spec, padding_side="left")
-        return cls(models.load_causal_lm(spec, device, options), tokenizer, batch_size, name=name or spec)
+        return cls(models.load_causal_lm(spec, device, options), tokenizer, batch_size, name=name or spec,
+                   compile_generation=bool(options and options.compile_generation))
 
     def close(self) -> None:
         self.model = None
@@ -227,7 +233,8 @@ class TransformersEngine(Engine):
         prompts = [self.render(c, prefill) for c in conversations]
         # Sampled or not, `generate` runs greedy: a NucleusSampler draws the token (see there).
         config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=False,
-                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids, use_cache=True)
+                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids, use_cache=True,
+                                  disable_compile=not self.static_shapes)
         # Off a CPU the sampler keeps its shapes and never syncs (see there).
         static = self.model.device.type != "cpu"
         processors = LogitsProcessorList([NucleusSampler(sampling.temperature, sampling.top_p, sampling.top_k,
@@ -235,15 +242,21 @@ class TransformersEngine(Engine):
         results: list[Completion | None] = [None] * len(prompts)
         shared, prefix_ids, prefix_cache = self._shared_prefix(prompts)
         batches = self._batches_by_length(prompts, sampling.max_new_tokens)
+        most = max(map(len, batches), default=0)
         bar = tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch")
         for index, batch in enumerate(bar):
             torch.manual_seed(seed * 1_000_003 + index)
-            input_ids, attention = self._pad_left([prompts[i][shared:] for i in batch])
-            cache = self._generation_cache(prefix_cache, len(batch),
-                                           shared + input_ids.shape[1] + sampling.max_new_tokens)
+            rows = [prompts[i][shared:] for i in batch]
+            if self.static_shapes:  # filler rows (copies of the first, dropped) keep the batch's size
+                rows += rows[:1] * (most - len(rows))
+            input_ids, attention = self._pad_left(rows)
+            length = shared + input_ids.shape[1] + sampling.max_new_tokens
+            if self.static_shapes:
+                length = -(-length // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
+            cache = self._generation_cache(prefix_cache, len(rows), length)
             if prefix_cache is not None:  # [prefix][left padding][rest]: the mask hides the padding
-                input_ids = torch.cat([prefix_ids.expand(len(batch), -1), input_ids], dim=1)
-                attention = torch.cat([attention.new_ones(len(batch), shared), attention], dim=1)
+                input_ids = torch.cat([prefix_ids.expand(len(rows), -1), input_ids], dim=1)
+                attention = torch.cat([attention.new_ones(len(rows), shared), attention], dim=1)
             began = time.perf_counter()
             output = self.model.generate(input_ids=input_ids, attention_mask=attention, cache=cache,
                                          generation_config=config, logits_processor=processors)
