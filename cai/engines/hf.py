@@ -95,9 +95,9 @@ class NucleusSampler(LogitsProcessor):
         vocabulary = logits.shape[-1]
         if self.top_k > 0:  # the nucleus lies inside the top k, renormalised
             drawn = self._sorted_nucleus(logits, min(self.top_k, vocabulary))
-        elif self.static:
+        elif self.static and self.top_p < 1.0:
             drawn = self._sorted_nucleus(logits, vocabulary)
-        else:
+        else:  # draw and check; without top-p, one draw and no check (no sync either)
             drawn = self._checked_draws(logits)
         return torch.full_like(scores, float("-inf")).scatter_(1, drawn[:, None], 0.0)
 
