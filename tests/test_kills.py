@@ -32,7 +32,8 @@ OVERRIDES = ["sft.save_steps=1"]
 STOPS = [("critique", "critique:0", signal.SIGINT), ("critique", "critique:1", signal.SIGKILL),
          ("sft", "sft@3", signal.SIGKILL), ("label", "label:2", signal.SIGKILL), ("rl", "rl@1", signal.SIGKILL),
          ("evaluate", "generations:3", signal.SIGKILL)]
-# What the process after each stop says as it resumes the stopped stage (PPO restarts).
+# What the process after each stop says as it resumes the stopped stage (PPO, stopped before
+# its first checkpoint, restarts).
 RESUMED = {"critique:0": "critique: dropped", "critique:1": "critique: dropped", "sft@3": "sft: resuming from "
            "checkpoint-2", "label:2": "label: dropped", "rl@1": "rl: resuming", "generations:3": None}
 
@@ -206,8 +207,9 @@ def test_models_after_kills_are_the_same_up_to_float_rounding(runs, stage):
     found = load_file(killed / stage / "model" / "model.safetensors")
     assert found.keys() == expected.keys()
     worst = max((found[k] - expected[k]).abs().max().item() for k in expected)
-    # sft, reward and dpo resume bit for bit; PPO restarts, and its model was measured at
-    # 2.1e-7 from an uninterrupted run's: the bound guards that order of magnitude.
+    # sft, reward and dpo resume bit for bit; PPO, killed here before its first checkpoint,
+    # restarts, and its model was measured at 2.1e-7 from an uninterrupted run's: the bound
+    # guards that order of magnitude (its resume from a checkpoint: tests/test_rl.py).
     assert worst <= 1e-6, f"{stage}: max abs weight difference {worst}"
 
 

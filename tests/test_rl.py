@@ -65,6 +65,62 @@ def test_each_algorithm_moves_the_policy_and_logs_reward_kl_and_length(rl_run, a
     assert AutoTokenizer.from_pretrained(rl_run / "rl" / "model").chat_template
 
 
+def test_an_interrupted_ppo_run_resumes_from_its_checkpoint_to_the_uninterrupted_result(rl_run, tmp_path):
+    """PPO (TRL 1.12 has no resume of its own) checkpoints the policy, the value model, the
+    optimizer, scheduler, random states and its place in the batch stream; killed after
+    update 3 of 6 (8 prompts in batches of 4: the kill falls in the second pass over the
+    prompts), the rerun resumes from checkpoint-3 and ends with the weights and logs of an
+    uninterrupted run."""
+    import shutil
+
+    from cai.pipeline import run_stage
+    from cai.stages.rl import _ppo_trainer_class
+
+    settings = ("rl.algorithm=ppo", *TINY_RL, "rl.total_episodes=24", "rl.num_ppo_epochs=1", "rl.save_steps=1",
+                "rl.save_total_limit=2")
+    killed = tmp_path / "killed"
+    shutil.copytree(rl_run, killed)
+    whole = run_stage(make_run(rl_run, *settings), "rl")
+    assert whole["counts"]["global_steps"] == 6
+
+    trainer_class = _ppo_trainer_class()
+    save = trainer_class._save_checkpoint
+
+    def save_then_die(self, model, trial):
+        save(self, model, trial)
+        if self.state.global_step == 3:
+            raise KeyboardInterrupt
+
+    trainer_class._save_checkpoint = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_stage(make_run(killed, *settings), "rl")
+    finally:
+        trainer_class._save_checkpoint = save
+    assert sorted(p.name for p in (killed / "rl" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2",
+                                                                                          "checkpoint-3"]
+
+    updates, log = [], trainer_class.log
+    trainer_class.log = lambda self, logs, start_time=None: updates.append(self.state.global_step) or log(
+        self, logs, start_time)
+    try:
+        resumed = run_stage(make_run(killed, *settings), "rl")
+    finally:
+        trainer_class.log = log
+    assert updates == [4, 5, 6]  # only the updates after the checkpoint ran
+    assert resumed["resumed"] and resumed["counts"]["global_steps"] == 6
+    # the same run, up to float rounding (CPU kernels do not promise bit-identical sums)
+    logs = [json.loads((run / "rl" / "log_history.json").read_text()) for run in (rl_run, killed)]
+    figures = ("objective/scores", "objective/kl", "objective/entropy", "loss/value_avg", "episode", "step", "lr")
+    assert len(logs[0]) == len(logs[1]) == 6  # one entry per update
+    for whole_entry, resumed_entry in zip(*logs):
+        for key in figures:
+            assert resumed_entry.get(key) == pytest.approx(whole_entry.get(key), rel=1e-4, abs=1e-6), key
+    before, after = weights(rl_run / "rl" / "model"), weights(killed / "rl" / "model")
+    assert before.keys() == after.keys()
+    assert all(torch.allclose(before[k], after[k], rtol=0, atol=1e-5) for k in before)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (("rl.algorithm=grpo", "rl.per_device_train_batch_size=3", "rl.num_generations=2"),
      "must be divisible by rl.num_generations"),

@@ -57,6 +57,7 @@ import functools
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from cai.config import setting
@@ -149,8 +150,7 @@ def stage_defaults(cfg: Config) -> dict:
     defaults = {KNOBS[knob][cfg.algorithm]: getattr(cfg, knob) for knob in KNOBS}
     defaults["num_train_epochs"] = 1  # one pass over the prompts (TrainingArguments says 3)
     if cfg.algorithm == "ppo":
-        # TRL's PPO cannot resume from a checkpoint (an interrupted run restarts), so none are written.
-        defaults.update(stop_token="eos", num_sample_generations=0, save_strategy="no")
+        defaults.update(stop_token="eos", num_sample_generations=0)
     else:
         defaults.update(num_generations=4 if cfg.algorithm == "grpo" else 2)  # GRPO's 8 is a lot for a CPU
     return defaults
@@ -404,18 +404,90 @@ def ppo_trainer(ctx, args, policy: str, reward: str, prompts: list[dict]):
         train_dataset=Dataset.from_dict({"input_ids": query_ids}), peft_config=loaded.peft_config)
 
 
+PPO_TRAINED = "policy_and_value.safetensors"  # a PPO checkpoint's trained weights: policy (or adapter), value model
+
+
+def ppo_stream_file(process: int) -> str:
+    return f"batch_stream_{process}.pt"
+
+
+class ResumableBatches:
+    """The endless batch stream TRL's PPO draws its updates from (`yield from dataloader`,
+    epoch after epoch), with its place recorded: the epoch's batch count so far and the
+    CPU random state the epoch's shuffle was drawn from (a `RandomSampler` draws its seed
+    from the global generator at the epoch's first batch). A resumed stream (`resume`:
+    that state and count) draws the same shuffle and skips what was used, so the updates
+    after a checkpoint see the batches an uninterrupted run would."""
+
+    def __init__(self, dataloader, resume: dict | None = None):
+        import torch
+
+        self.dataloader = dataloader
+        self.epoch_rng: torch.Tensor | None = None
+        self.position = 0
+        self.resume = resume
+
+    def __iter__(self):
+        import torch
+
+        if self.resume is not None:
+            now, resume, self.resume = torch.get_rng_state(), self.resume, None
+            self.epoch_rng, self.position = resume["epoch_rng"], resume["position"]
+            torch.set_rng_state(self.epoch_rng)
+            batches = iter(self.dataloader)
+            used = [next(batches, None) for _ in range(self.position)]  # the shuffle is drawn at the first
+            torch.set_rng_state(now)  # the generation after the checkpoint goes on from the checkpoint's state
+            del used
+            for batch in batches:
+                self.position += 1
+                yield batch
+        while True:
+            self.epoch_rng, self.position = torch.get_rng_state(), 0
+            for batch in self.dataloader:
+                self.position += 1
+                yield batch
+
+    def state(self) -> dict:
+        return {"epoch_rng": self.epoch_rng, "position": self.position}
+
+
 @functools.cache
 def _ppo_trainer_class():
     """TRL's PPOTrainer with what cai.training.save.train_and_save expects of a trainer
-    (`train(resume_from_checkpoint)` returning a TrainOutput) and a completion-length log."""
+    (`train(resume_from_checkpoint)` returning a TrainOutput), a completion-length log,
+    and resume.
+
+    Resume: TRL 1.12's PPO has no `resume_from_checkpoint`, and its checkpoints hold only
+    the policy (`save_model` drops the value model). Each checkpoint here also holds every
+    trained weight (policy or its adapter, and the value model: `PPO_TRAINED`) and each
+    process's place in the batch stream (`ResumableBatches`), written before the Trainer's
+    own files (optimizer, scheduler, random states, and trainer_state.json last, which
+    marks a checkpoint complete). A resume loads them, restores the step and episode
+    counters and the log history, and runs the updates left; the result is the
+    uninterrupted run's (tested). Sharded training (DeepSpeed, FSDP) writes no PPO
+    checkpoints: an interrupted run restarts."""
     import torch
-    from transformers.trainer_utils import TrainOutput
+    from safetensors.torch import load_file, save_file
+    from transformers import TrainerCallback
+    from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
     from trl.experimental.ppo import PPOTrainer
+
+    class Continue(TrainerCallback):
+        """Puts back the counters TRL's `train()` zeroes at its start."""
+
+        def __init__(self, saved, total: int):
+            self.saved, self.total = saved, total
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            state.global_step, state.episode = self.saved.global_step, self.saved.episode
+            state.log_history, state.max_steps = list(self.saved.log_history), self.total
 
     class CaiPPOTrainer(PPOTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self._lengths: list[int] = []
+            self._batches: ResumableBatches | None = None
             self._watch_rollout_lengths(self.policy_model)
 
         def _watch_rollout_lengths(self, policy) -> None:
@@ -458,9 +530,59 @@ def _ppo_trainer_class():
             finally:
                 self.model = wrapped
 
-        def train(self, resume_from_checkpoint=None):  # TRL's PPO cannot resume: an interrupted run restarts
+        def _sharded(self) -> bool:
+            return bool(self.is_fsdp_enabled or self.is_deepspeed_enabled)
+
+        def _save_checkpoint(self, model, trial):
+            if self._sharded():
+                return
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save(self._batches.state(), folder / ppo_stream_file(self.args.process_index))
+            if self.args.should_save:
+                trained = {name: p.detach().cpu().contiguous()
+                           for name, p in self.accelerator.unwrap_model(self.model).named_parameters()
+                           if p.requires_grad}
+                save_file(trained, str(folder / PPO_TRAINED))
+            super()._save_checkpoint(model, trial)
+
+        def _resume(self, checkpoint: str) -> tuple[Any, dict]:
+            """Load a checkpoint's weights, optimizer, scheduler and random states; its
+            trainer state and this process's batch-stream place."""
+            folder = Path(checkpoint)
+            model = self.accelerator.unwrap_model(self.model)
+            trained = load_file(str(folder / PPO_TRAINED))
+            wanted = {name for name, p in model.named_parameters() if p.requires_grad}
+            _, unexpected = model.load_state_dict(trained, strict=False)
+            if unexpected or wanted - set(trained):
+                raise RuntimeError(f"{folder}: its {PPO_TRAINED} does not match this PPO model (another policy or "
+                                   "LoRA setting?); remove the checkpoints folder to start over")
+            # (Trainer._load_optimizer_and_scheduler reads attributes PPOTrainer never sets.)
+            self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_NAME, map_location=self.accelerator.device,
+                                                      weights_only=True))
+            self.lr_scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
+            saved = type(self.state).load_from_json(str(folder / "trainer_state.json"))
+            stream = torch.load(folder / ppo_stream_file(self.args.process_index), weights_only=True)
+            self._load_rng_state(checkpoint)  # last: nothing above draws random numbers
+            return saved, stream
+
+        def train(self, resume_from_checkpoint=None):
             started = time.time()
-            super().train()
+            total, saved, stream = self.args.num_total_batches, None, None
+            if resume_from_checkpoint:
+                saved, stream = self._resume(resume_from_checkpoint)
+            dataloader, self._batches = self.dataloader, ResumableBatches(self.dataloader, stream)
+            resumed = Continue(saved, total) if saved is not None else None
+            if resumed is not None:
+                self.callback_handler.callbacks.insert(0, resumed)
+                self.args.num_total_batches = total - saved.global_step  # TRL's loop runs this many updates
+            self.dataloader = self._batches
+            try:
+                super().train()
+            finally:
+                self.dataloader, self.args.num_total_batches = dataloader, total
+                if resumed is not None:
+                    self.callback_handler.remove_callback(resumed)
             losses = [entry["loss/policy_avg"] for entry in self.state.log_history if "loss/policy_avg" in entry]
             return TrainOutput(self.state.global_step, sum(losses) / len(losses) if losses else 0.0,
                                {"train_runtime": time.time() - started})
