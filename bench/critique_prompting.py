@@ -38,7 +38,8 @@ How to read it. One row per variant. Rates are over the variant's critique round
 (prompts x num_revisions, less prompts dropped for a degenerate first answer): kept
 (the revision became the answer), and why the others were not kept: degenerate,
 unchanged (the answer itself again), copied (mostly prompt text: the few-shot
-examples, the requests, the system prompt; `cai.stages.critique.is_copied`) or meta (a
+examples, the requests, the system prompt; `cai.stages.critique.is_copied`), leaked (6
+words in a row of any few-shot example's answer, critique or revision; `cai.leakage`) or meta (a
 comment on the answer). "refusals" counts the prompts whose first answer, then final
 revision, is a refusal (`cai.refusals`: a harmlessness proxy that needs no judge; more is
 not better on its own, read it beside the effect). "revised" is the share of prompts whose final revision differs
@@ -243,12 +244,13 @@ def main() -> None:
           f"rounds/prompt={base_cfg.num_revisions} batch={base_cfg.batch_size}")
     print(f"baseline critique settings: {json.dumps(dataclasses.asdict(base_cfg))}")
     print(f"effect proxy: {proxy}; 95 % bootstrap interval over prompts ({args.resamples} resamples)")
-    print(f"{'variant':18s} {'kept':>6s} {'revised':>7s} {'degen':>6s} {'unchgd':>6s} {'copied':>6s} {'meta':>6s} "
-          f"{'refusals':>9s} {'seconds':>8s}  effect [95 % interval]")
+    print(f"{'variant':18s} {'kept':>6s} {'revised':>7s} {'degen':>6s} {'unchgd':>6s} {'copied':>6s} "
+          f"{'leaked':>6s} {'meta':>6s} {'refusals':>9s} {'seconds':>8s}  effect [95 % interval]")
     for r in rows:
         note = f"  (= {r['same_as']})" if r["same_as"] else ""
         print(f"{r['variant']:18s} {r['kept']:6.1%} {r['revised']:7.1%} {r['degenerate']:6.1%} {r['unchanged']:6.1%} "
-              f"{r['copied']:6.1%} {r['meta']:6.1%} {r['refusals_first']:4d}->{r['refusals_final']:<3d} "
+              f"{r['copied']:6.1%} {r['leaked']:6.1%} {r['meta']:6.1%} "
+              f"{r['refusals_first']:4d}->{r['refusals_final']:<3d} "
               f"{r['seconds']:8.1f}  {r['effect']:.3f} "
               f"[{r['effect_low']:.3f}, {r['effect_high']:.3f}]{note}")
 
