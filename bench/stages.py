@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("critique", "sft", "label", "reward", "rl", "dpo", "evaluate")
+sys.path.insert(0, str(ROOT))
+from cai.registry import ORDER as STAGES  # noqa: E402 - this tree's stage list
 
 
 def run_stage(tree: Path, python: str, stage: str, config: str, run_dir: Path, sets: list[str]) -> dict:

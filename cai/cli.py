@@ -9,17 +9,8 @@ import sys
 import tempfile
 import traceback
 
-from cai.yamlio import ValidationError
-
-STAGE_HELP = {
-    "critique": "SL-CAI: answer red-team prompts, critique and revise against the constitution",
-    "sft": "fine-tune on the final revisions (TRL SFTTrainer)",
-    "label": "RL-CAI: sample answer pairs, the feedback model picks one (soft labels)",
-    "reward": "train a reward model on the AI preferences (TRL RewardTrainer, soft-label loss)",
-    "rl": "optimise the policy against the reward model (PPO, RLOO or GRPO)",
-    "dpo": "optimise the policy directly on the AI preferences (TRL DPOTrainer)",
-    "evaluate": "evaluate every stage's model on held-out prompts",
-}
+from cai.registry import STAGES
+from cai.yamlio import Problem, ValidationError
 
 
 def _verbose_flag(parser: argparse.ArgumentParser, default) -> None:
@@ -72,15 +63,21 @@ def check_config(run, names: list[str]) -> int:
 
 def cmd_stage(args) -> int:
     from cai.pipeline import check_servers, run_stage, validate
+    from cai.registry import step_name
     from cai.rundir import RunLock
 
     run = _load(args)
+    round_number = getattr(args, "round", 1)
+    if round_number > run.rounds:
+        raise ValidationError([Problem("--round", None, f"round {round_number}, but {args.config} has "
+                                                        f"rounds: {run.rounds}")])
+    step = step_name(args.command, round_number)
     if args.check:
-        return check_config(run, [args.command])
-    validate(run, [args.command])
-    check_servers(run, [args.command])
-    with RunLock(run.path, f"cai {args.command}"):
-        run_stage(run, args.command, force=args.force)
+        return check_config(run, [step])
+    validate(run, [step])
+    check_servers(run, [step])
+    with RunLock(run.path, f"cai {step}"):
+        run_stage(run, step, force=args.force)
     return 0
 
 
@@ -151,6 +148,12 @@ def cmd_eval_labeler(args) -> int:
     return eval_labeler_command(run, args.data, args.limit, args.out)
 
 
+def _round(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a round number 1, 2, ..., got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cai", description="Constitutional AI / RLAIF training with TRL")
     _verbose_flag(parser, False)
@@ -159,17 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _verbose_flag(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    for name, text in STAGE_HELP.items():
-        stage = sub.add_parser(name, help=text, description=text, parents=[common])
+    for entry in STAGES:
+        stage = sub.add_parser(entry.name, help=entry.help, description=entry.help, parents=[common])
         _add_config_args(stage)
         _add_check_arg(stage)
+        if entry.per_round:
+            stage.add_argument("--round", type=_round, default=1, metavar="K",
+                               help="the round to run (rounds: N in the config; default 1)")
         stage.set_defaults(func=cmd_stage)
 
     run = sub.add_parser("run", help="run the stages in order, skipping completed ones", parents=[common])
     _add_config_args(run)
-    run.add_argument("--from", dest="start", help="first stage to run")
-    run.add_argument("--until", help="last stage to run")
+    run.add_argument("--from", dest="start", help="first stage to run (a later round's: rl@2)")
+    run.add_argument("--until", help="last stage to run (a later round's: rl@2)")
     _add_check_arg(run)
     run.set_defaults(func=cmd_run)
 

@@ -18,33 +18,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import tempfile
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from cai.engines import is_server
 from cai.engines.openai import ServerConfig
+from cai.registry import ORDER as STAGE_SECTIONS
+from cai.schema import parse_dataclass, setting
 from cai.yamlio import LocatedYaml, Problem, ValidationError, describe, load_yaml, parse_yaml
 
-STAGE_SECTIONS = ("critique", "sft", "label", "reward", "rl", "dpo", "evaluate")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-def setting(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002 - argparse's word
-            default_factory: Any = dataclasses.MISSING,
-            model_reference: bool = False, **bounds: float) -> Any:
-    """A Config field with its help text and range (`ge`, `gt`, `le`, `lt`), which
-    `parse_dataclass` checks when the config is loaded: `setting(8, "prompts per batch", ge=1)`.
-    A null value (for an `int | None` field) is never out of range. A `model_reference`
-    field names models (a stage, `base`, a model spec or `server:NAME`): `validate` checks
-    that each one exists before any work."""
-    metadata = {"help": help, **bounds, **({"model_reference": True} if model_reference else {})}
-    return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 @dataclass
@@ -68,6 +54,8 @@ class PromptsConfig:
 class RunConfig:
     run_dir: str = setting(help="the run's folder: one subfolder per stage (~ is expanded)")
     seed: int = setting(0, "seeds sampling, data order and initialisation", ge=0, lt=2**32)
+    rounds: int = setting(1, "iterated RLAIF: label, reward, rl and dpo run this many times, round k from round "
+                             "k-1's policy, in RUN_DIR/roundK/ (round 1 in RUN_DIR); 1 = one pass", ge=1, le=100)
     model: str = setting("builtin:tiny", "the base model: builtin:NAME, a local folder or a hub id")
     constitution: str = setting("constitutions/harmless.yaml", "the constitution YAML")
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
@@ -110,98 +98,6 @@ def find_file(name: str, source: LocatedYaml | None) -> Path:
         if (base / path).exists():
             return base / path
     return path
-
-
-# ---------------------------------------------------------------- type checking
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is list:
-        (inner,) = typing.get_args(hint) or (Any,)
-        return isinstance(value, list) and all(_matches(v, inner) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    if origin is typing.Literal:
-        return value in typing.get_args(hint)
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
-
-
-def _hint_name(hint: Any) -> str:
-    if typing.get_origin(hint) is typing.Literal:
-        return " or ".join(repr(a) for a in typing.get_args(hint))
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def out_of_range(value: Any, bounds: dict, hint: Any = None) -> str | None:
-    """What a value of the right type was expected to be, if it is outside `bounds` (a
-    field's `ge`/`gt`/`le`/`lt` metadata), else None. Floats must be finite."""
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    low = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
-    high = ("]", bounds["le"]) if "le" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
-    ok = (math.isfinite(value)
-          and (low is None or (value >= low[1] if low[0] == "[" else value > low[1]))
-          and (high is None or (value <= high[1] if high[0] == "]" else value < high[1])))
-    if ok:
-        return None
-    if low and high:
-        expected = f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
-    elif low:
-        expected = f"at least {low[1]}" if low[0] == "[" else f"more than {low[1]}"
-    elif high:
-        expected = f"at most {high[1]}" if high[0] == "]" else f"less than {high[1]}"
-    else:
-        expected = "a finite number"
-    return expected + (" (or null)" if _matches(None, hint) else "")
-
-
-def parse_dataclass(cls: type, raw: Any, doc: LocatedYaml, path: tuple, extra: set[str] | None = None,
-                    extra_name: str = "") -> tuple[Any, dict, list[Problem]]:
-    """Build `cls` from a mapping. Keys in `extra` (a TRL config's fields) are returned
-    apart; any other unknown key, a wrong type or a missing required field is a problem."""
-    where = ".".join(str(p) for p in path) or "the config"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        return None, {}, [doc.problem(path, f"'{where}' must be a mapping, got {describe(raw)}")]
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name not in ("trl",)}
-    problems, values, passthrough = [], {}, {}
-    for key, value in raw.items():
-        name = ".".join(str(p) for p in path + (key,))
-        if key in fields:
-            if not _matches(value, hints[key]):
-                problems.append(doc.problem(path + (key,), f"'{name}' must be {_hint_name(hints[key])}, "
-                                                           f"got {describe(value)}"))
-            elif (expected := out_of_range(value, fields[key].metadata, hints[key])) is not None:
-                problems.append(doc.problem(path + (key,), f"'{name}' must be {expected}, got {value}"))
-            else:
-                values[key] = value
-        elif extra is not None and key in extra:
-            passthrough[key] = value
-        else:
-            known = f"a {cls.__name__} field" + (f" nor a field of {extra_name}" if extra_name else "")
-            problems.append(doc.problem(path + (key,), f"unknown key '{key}' in {where}: not {known}"))
-    for name, f in fields.items():
-        if (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                and name not in raw):
-            problems.append(doc.problem(path, f"missing required key '{name}' in {where}"))
-    if problems:
-        return None, passthrough, problems
-    return cls(**values), passthrough, []
 
 
 # ---------------------------------------------------------------- overrides

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai.yamlio import TYPE_NAMES, LocatedYaml, Problem, ValidationError, describe, load_yaml, type_ok
+from cai.schema import TYPE_NAMES, type_ok
+from cai.yamlio import LocatedYaml, Problem, ValidationError, describe, load_yaml
 
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 CRITIQUE_ROLES = ("user", "assistant", "user", "assistant", "user", "assistant")

@@ -35,8 +35,9 @@ from typing import Literal
 
 import torch
 
-from cai.config import setting
+from cai.registry import TRAINING_STAGES
 from cai.rundir import follow_umask
+from cai.schema import parse_dataclass, setting
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +376,6 @@ def adapter_task(path: str) -> str | None:
 # ---------------------------------------------------------------- model options
 
 ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "paged_attention")
-TRAINING_STAGES = ("sft", "reward", "rl", "dpo")
 # Keys that only mean something to a stage that trains: a data stage (critique, label,
 # evaluate) only generates with the weights it loads.
 TRAINING_ONLY = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save",
@@ -495,8 +495,6 @@ def cuda_usable(device: str) -> bool:
 def stage_model_options(run, stage: str) -> tuple[ModelOptions | None, list]:
     """The stage's ModelOptions: the run config's top-level keys, then the stage section's,
     checked (problems name the line of the key that causes them; None if any)."""
-    from cai.config import parse_dataclass
-
     doc = run.source
     top = dict(getattr(run, "model_options", None) or {})
     own, _ = split_model_options(run.stages.get(stage))

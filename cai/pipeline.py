@@ -1,17 +1,20 @@
-"""Stage order, the run directory's bookkeeping, skip and resume.
+"""The runner: each step (a stage, in a round), its context, skip and resume.
 
-Every stage module in `cai/stages/` exposes
+The stages, their order, their upstream and which of them run per round are
+`cai.registry`'s. Every stage module in `cai/stages/` exposes
 - `Config`: a dataclass of the stage's own knobs (documented fields with defaults);
 - `TRL_CONFIG()` (optional): the TRL config class whose fields the section passes through
   (rl's is the union of PPO/RLOO/GRPO configs; its `check_config` narrows it);
-- `UPSTREAM`: the stages whose outputs it reads (their hashes enter its own), or a
-  function of its Config giving them (rl's depend on where its reward comes from);
 - `hashed_config(cfg)` (optional): the settings that enter the config hash, when some
   settings are unused in some modes (default: all of them);
 - `run(ctx: StageContext) -> dict`: does the work, returns counts for the manifest.
 
-A completed stage (manifest with the same config hash) is skipped; an interrupted one
+A completed step (manifest with the same config hash) is skipped; an interrupted one
 resumes; one completed with other settings is an error unless `force` moves it aside.
+With `rounds: N`, round k >= 2 repeats label, reward, rl and dpo in `roundK/`: a stage
+name there means that round's step (`ctx.stage("label")` is `round2/label` in round 2),
+the newest policy is round k-1's (`StageContext.newest_policy`), and the reward model
+trains on the labels of every round so far (`StageContext.every_round_so_far`).
 """
 
 from __future__ import annotations
@@ -27,22 +30,20 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from cai import distributed
-from cai.config import STAGE_SECTIONS, RunConfig, config_hash, parse_dataclass, shared_fingerprint
+from cai import distributed, registry
+from cai.config import RunConfig, config_hash, shared_fingerprint
 from cai.engines import EngineError, is_server, server_name
+from cai.registry import DATA_STAGES, MODEL_STAGES, ORDER, round_of, split_step, step_name
 from cai.rundir import StageDir, atomic_write_json
+from cai.schema import parse_dataclass
 from cai.yamlio import Problem, ValidationError
 
 log = logging.getLogger(__name__)
 
-ORDER = ("critique", "sft", "label", "reward", "rl", "dpo", "evaluate")
-assert set(ORDER) == set(STAGE_SECTIONS)
-
 
 def stage_module(name: str):
-    if name not in ORDER:
-        raise ValueError(f"unknown stage '{name}' (stages: {', '.join(ORDER)})")
-    return importlib.import_module(f"cai.stages.{name}")
+    """The recipe module of a stage (or of a step, `rl@2`)."""
+    return importlib.import_module(registry.stage(name).module)
 
 
 def trl_fields(module) -> tuple[set[str] | None, str]:
@@ -93,7 +94,6 @@ def stage_config(run: RunConfig, name: str) -> tuple[Any, dict]:
     return cfg, trl
 
 
-DATA_STAGES = ("critique", "label", "evaluate")  # stages whose model roles may name a server
 # Roles that score options (a server must return log-probabilities); a judge only scores,
 # so it may be a server in any stage (rl's judge, with reward: judge).
 JUDGE_KEYS = ("feedback_model",)
@@ -141,13 +141,13 @@ def check_servers(run: RunConfig, names: list[str]) -> None:
     model and, for a judge, returns log-probabilities. Stages already complete with
     the same settings are skipped, so their servers need not be up."""
     used: dict[str, bool] = {}
-    for name in names:
-        cfg, trl = stage_config(run, name)
+    for step in names:
+        cfg, trl = stage_config(run, split_step(step)[0])
         references = server_references(cfg)
         if not references:
             continue
-        manifest = StageDir(run.path, name).manifest()
-        if manifest and manifest["config_hash"] == _fingerprint(run, name, cfg, trl)[0]:
+        manifest = StageDir(run.path, step).manifest()
+        if manifest and manifest["config_hash"] == _fingerprint(run, step, cfg, trl)[0]:
             continue
         for reference, judge in references.items():
             used[reference] = used.get(reference, False) or judge
@@ -175,30 +175,78 @@ def server_check_problem(run: RunConfig, reference: str, judge: bool) -> Problem
     return None
 
 
+def optimisers(run: RunConfig) -> list[str]:
+    """The policy optimisers a run has: rl and dpo when their section is present, rl when neither is."""
+    return [s for s in ("rl", "dpo") if s in run.stages] or ["rl"]
+
+
+def in_round(run: RunConfig, reference: str, round_number: int) -> str:
+    """The step a stage name means in a round: `label` in round 2 is `label@2`; `rl@1` is
+    `rl`; a stage outside the rounds, `base` or a model spec is itself."""
+    name, number = split_step(reference)
+    if name not in registry.BY_NAME:
+        return reference
+    return step_name(name, number if number is not None else round_number)
+
+
+def newest_policy(run: RunConfig, name: str, round_number: int) -> str:
+    """The policy a step starts from or samples with when its config names none: sft in
+    round 1; in round k, round k-1's model of the same optimiser (rl from rl, dpo from
+    dpo), or for another stage (label) round k-1's rl, else its dpo: `rl@1`, a reference
+    that means round 1's rl in any round."""
+    if round_number <= 1:
+        return "sft"
+    source = name if name in optimisers(run) else optimisers(run)[0]
+    return f"{source}@{round_number - 1}"
+
+
 @dataclass
 class StageContext:
     run: RunConfig
-    name: str
+    name: str  # the stage (`label`); `step` is the stage in its round (`label@2`)
     config: Any
     trl: dict
     dir: StageDir
     config_hash: str
     upstream: dict = field(default_factory=dict)
     model_options: Any = None  # cai.models.ModelOptions: the run's top-level keys, then the stage's
+    round: int = 1
     _engines: dict = field(default_factory=dict, repr=False)
     engines_used: list = field(default_factory=list, repr=False)  # what each released engine did
 
+    @property
+    def step(self) -> str:
+        return self.dir.name
+
     def stage(self, name: str) -> StageDir:
-        return StageDir(self.run.path, name)
+        """A stage's folder as this step sees it: a per-round stage's in this round
+        (`label` in round 2 is `round2/label`), `NAME@K` in round K."""
+        return StageDir(self.run.path, in_round(self.run, name, self.round))
+
+    def every_round_so_far(self, name: str) -> list[StageDir]:
+        """A per-round stage's folder in each round up to this one (round 1 first)."""
+        return [StageDir(self.run.path, step_name(name, k)) for k in range(1, self.round + 1)]
+
+    def every_round(self, name: str) -> list[str]:
+        """The names of a per-round stage's steps over all rounds, as model references:
+        `rl` with one round, `rl@1`, `rl@2`, ... with several; any other name as is."""
+        if name not in registry.ROUND_STAGES or self.run.rounds == 1:
+            return [name]
+        return [f"{name}@{k}" for k in range(1, self.run.rounds + 1)]
+
+    def newest_policy(self) -> str:
+        """The default policy of this step (`newest_policy`): sft in round 1, round k-1's after."""
+        return newest_policy(self.run, self.name, self.round)
 
     def model_spec(self, spec: str | None, default: str = "base") -> str:
         """Resolve a model reference: `base` (the run's model), a stage name whose
-        `model/` folder it means (`sft`, `rl`, `dpo`, `reward`), or any model spec."""
+        `model/` folder it means (`sft`, `rl`, `dpo`, `reward`; a per-round stage's in
+        this round, `rl@K` round K's), or any model spec."""
         spec = spec or default
         if spec == "base":
             return self.run.model
-        if spec in ORDER:
-            stage = self.stage(spec).require(f"its model is needed by {self.name}")
+        if split_step(spec)[0] in ORDER:
+            stage = self.stage(spec).require(f"its model is needed by {self.step}")
             return str(stage.saved_model() or stage.path / "model")
         return spec
 
@@ -247,15 +295,28 @@ def _versions() -> dict:
     return out
 
 
-def upstream_stages(module, cfg) -> tuple[str, ...]:
-    upstream = getattr(module, "UPSTREAM", ())
-    return tuple(upstream(cfg) if callable(upstream) else upstream)
+def upstream_steps(run: RunConfig, step: str, cfg) -> list[str]:
+    """The steps whose outputs a step reads: its stage's upstream in its round, and in
+    round k >= 2 the newest policy (round k-1's). Evaluate, after the rounds, reads every
+    round's steps. With one round these are the stage names, as before rounds existed."""
+    name = split_step(step)[0]
+    round_number = round_of(step, run.rounds)
+    found = []
+    for up in registry.stage(name).upstream_of(cfg):
+        if registry.stage(up).per_round and not registry.stage(name).per_round:
+            found += [step_name(split_step(up)[0], k) for k in range(1, run.rounds + 1)]
+        else:
+            found.append(in_round(run, up, round_number))
+    if registry.stage(name).per_round and round_number > 1:
+        found.append(in_round(run, newest_policy(run, name, round_number), round_number))
+    return list(dict.fromkeys(found))
 
 
-def _fingerprint(run: RunConfig, name: str, cfg: Any, trl: dict) -> tuple[str, dict]:
+def _fingerprint(run: RunConfig, step: str, cfg: Any, trl: dict) -> tuple[str, dict]:
+    name = split_step(step)[0]
     module = stage_module(name)
     upstream = {}
-    for up in upstream_stages(module, cfg):
+    for up in upstream_steps(run, step, cfg):
         manifest = StageDir(run.path, up).manifest()
         upstream[up] = manifest["config_hash"] if manifest else None
     hashed = getattr(module, "hashed_config", dataclasses.asdict)(cfg)
@@ -291,18 +352,22 @@ def _model_options(run: RunConfig, name: str):
     return options
 
 
-def prepare(run: RunConfig, name: str) -> StageContext:
+def prepare(run: RunConfig, step: str) -> StageContext:
+    """The context of a step: a stage name (round 1, or evaluate after the rounds) or `STAGE@K`."""
+    name = split_step(step)[0]
+    step = in_round(run, step, 1)  # `rl@1` is `rl`
     cfg, trl = stage_config(run, name)
-    digest, upstream = _fingerprint(run, name, cfg, trl)
-    return StageContext(run, name, cfg, trl, StageDir(run.path, name), digest, upstream,
-                        model_options=_model_options(run, name))
+    digest, upstream = _fingerprint(run, step, cfg, trl)
+    return StageContext(run, name, cfg, trl, StageDir(run.path, step), digest, upstream,
+                        model_options=_model_options(run, name), round=round_of(step, run.rounds))
 
 
-def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
-    """Run one stage: skip it if complete with the same config, resume it if interrupted."""
+def run_stage(run: RunConfig, step: str, force: bool = False) -> dict:
+    """Run one step: skip it if complete with the same config, resume it if interrupted."""
     from cai.models import set_hub_kernels, set_threads
 
-    ctx = prepare(run, name)
+    ctx = prepare(run, step)
+    name = ctx.step
     stage_dir = ctx.dir
     marker = stage_dir / ".in_progress.json"
     # The main process decides (skip, refuse, move aside) and sets the folder up; the
@@ -342,7 +407,8 @@ def run_stage(run: RunConfig, name: str, force: bool = False) -> dict:
                 stage_dir.path.rmdir()
         raise
     manifest = {
-        "stage": name, "config_hash": ctx.config_hash, "config": dataclasses.asdict(ctx.config), "trl": ctx.trl,
+        "stage": ctx.name, **({"round": ctx.round} if ctx.step != ctx.name else {}),
+        "config_hash": ctx.config_hash, "config": dataclasses.asdict(ctx.config), "trl": ctx.trl,
         "shared": shared_fingerprint(run), "upstream": ctx.upstream, "counts": counts, "resumed": resumed,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "seconds": round(time.time() - started, 2), "versions": _versions(), "threads": threads,
@@ -418,16 +484,16 @@ def _decide(ctx: StageContext, force: bool) -> dict:
         if not corrupt:
             return {"action": "skip", "manifest": manifest}
         if not force:
-            return corrupt_refusal(ctx.name, corrupt)
-    for up in ctx.upstream:  # the models this stage will load are readable, before any work
-        if (problem := ctx.stage(up).model_problem()) is not None:
+            return corrupt_refusal(ctx.step, corrupt)
+    for up in ctx.upstream:  # the models this stage will load are readable, before any work (keys: steps)
+        if (problem := StageDir(ctx.run.path, up).model_problem()) is not None:
             return corrupt_refusal(up, problem)
     aside = None
     if corrupt or previous is not None and previous != ctx.config_hash:
         if not force:
             state = "completed" if manifest else "started"
             return {"action": "refuse", "message": (
-                f"stage '{ctx.name}' in {ctx.dir.path} was {state} with other settings or inputs "
+                f"stage '{ctx.step}' in {ctx.dir.path} was {state} with other settings or inputs "
                 f"(config hash {previous}, now {ctx.config_hash}). Nothing was changed. Use another "
                 f"run_dir, or pass --force to move the old folder aside and redo the stage.")}
         aside = str(ctx.dir.path.with_name(f"{ctx.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
@@ -439,22 +505,23 @@ def corrupt_refusal(stage: str, problem: tuple[Path, str]) -> dict:
     path, why = problem
     return {"action": "refuse", "where": str(path), "message": (
         f"{why}: stage '{stage}' is complete but its saved model cannot be loaded. Nothing was changed. Redo the "
-        f"stage: `cai {stage} --force` with this config moves its folder aside and runs it again")}
+        f"stage: `{registry.step_command(stage)} --force` with this config moves its folder aside and runs it again")}
 
 
 def default_stages(run: RunConfig) -> list[str]:
-    """The stages `cai run` runs: all, but rl and dpo only when their section is present
-    (rl is the default when neither is). rl with `reward: judge` needs no reward model: then
-    reward runs only when its section is present (evaluate scores with it), and label only
-    when reward or dpo runs or its section is present."""
-    optimisers = [s for s in ("rl", "dpo") if s in run.stages] or ["rl"]
-    wanted = {"critique", "sft", "evaluate", *optimisers}
-    judge_reward = "rl" in optimisers and run.stages.get("rl", {}).get("reward") == "judge"
+    """The steps `cai run` runs: all stages, but rl and dpo only when their section is
+    present (rl is the default when neither is). rl with `reward: judge` needs no reward
+    model: then reward runs only when its section is present (evaluate scores with it),
+    and label only when reward or dpo runs or its section is present. With `rounds: N`
+    the per-round ones repeat N times (`cai.registry.steps`)."""
+    chosen = optimisers(run)
+    wanted = {"critique", "sft", "evaluate", *chosen}
+    judge_reward = "rl" in chosen and run.stages.get("rl", {}).get("reward") == "judge"
     if not judge_reward or "reward" in run.stages:
         wanted.add("reward")
     if {"reward", "dpo"} & wanted or "label" in run.stages:
         wanted.add("label")
-    return [s for s in ORDER if s in wanted]
+    return registry.steps([s for s in ORDER if s in wanted], run.rounds)
 
 
 def run_pipeline(run: RunConfig, start: str | None = None, until: str | None = None,
@@ -477,7 +544,7 @@ def validate(run: RunConfig, names: list[str]) -> None:
     if (reason := device_problem(run.device)) is not None:
         problems.append(run.source.problem(("device",), reason))
     problems += model_problems(run, ("model",), run.model)
-    for name in names:
+    for name in dict.fromkeys(split_step(step)[0] for step in names):
         try:
             cfg, _ = stage_config(run, name)
         except ValidationError as err:
@@ -492,10 +559,6 @@ def validate(run: RunConfig, names: list[str]) -> None:
         problems.append(run.source.problem(("constitution",), f"'constitution': no file {run.constitution}"))
     if problems:
         raise ValidationError(list(dict.fromkeys(problems)))  # a top-level key's problem once, not per stage
-
-
-# Stage names a model reference may use: `base` (the run's model) and the stages that save one.
-MODEL_STAGES = ("base", "sft", "reward", "rl", "dpo")
 
 
 def reference_problems(run: RunConfig, name: str, cfg) -> list[Problem]:
@@ -516,6 +579,15 @@ def model_problems(run: RunConfig, key: tuple, reference: str) -> list[Problem]:
 
     where = ".".join(key)
     stage_role = key != ("model",)  # the run's own model must be weights, not a stage
+    name, number = split_step(reference)
+    if stage_role and number is not None and name in MODEL_STAGES:
+        if not registry.stage(name).per_round:
+            return [run.source.problem(key, f"'{where}': '{reference}': {name} runs once, not per round; "
+                                            f"name it '{name}'")]
+        if not 1 <= number <= run.rounds:
+            return [run.source.problem(key, f"'{where}': '{reference}' names round {number}, but this run has "
+                                            f"rounds: {run.rounds}")]
+        return []
     if stage_role and reference in MODEL_STAGES:
         return []
     if stage_role and reference in ORDER:
@@ -554,25 +626,24 @@ def hub_id_uncached(reference: str) -> bool:
         return True
 
 
-PROMPT_STAGES = {"critique": "train", "label": "train", "rl": "train", "sft": None, "evaluate": "eval"}
-
-
 def prompt_problems(run: RunConfig, names: list[str]) -> list[Problem]:
     """The prompt files read and checked line by line, and no stage that will run left
     with nothing to do: training prompts for critique, label and rl, held-out ones for evaluate."""
     from cai.prompts import load_splits
 
-    if not any(name in PROMPT_STAGES for name in names):
+    needed = {name: registry.stage(name).prompts for name in dict.fromkeys(split_step(s)[0] for s in names)}
+    needed = {name: split for name, split in needed.items() if split}
+    if not needed:
         return []
     try:
         splits = load_splits(run.prompts, run.seed, run.source, cache_only=run.cache_only)
     except ValidationError as err:
         return err.problems
-    needs = {PROMPT_STAGES[name] for name in names if name in PROMPT_STAGES}
+    needs = set(needed.values())
     fraction = run.prompts.eval_fraction
     problems = []
     if "train" in needs and not splits.red_team_train:
-        users = ", ".join(n for n in names if PROMPT_STAGES.get(n) == "train")
+        users = ", ".join(n for n, split in needed.items() if split == "train")
         problems.append(run.source.problem(("prompts", "eval_fraction"), (
             f"'prompts.eval_fraction': no red-team training prompts for {users}: every prompt of "
             f"{run.prompts.red_team} "
@@ -618,6 +689,3 @@ def select_stages(run: RunConfig, start: str | None, until: str | None) -> list[
     end = stages.index(until) + 1 if until else len(stages)
     return stages[begin:end]
 
-
-def stage_path(run_dir: str | Path, name: str) -> Path:
-    return Path(run_dir) / name

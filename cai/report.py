@@ -19,11 +19,10 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from cai.registry import ORDER, POLICY_STAGES, ROUND_STAGES, TRAINING_STAGES, split_step, step_folder, steps
 from cai.rundir import atomic_write_text, read_jsonl
 from cai.yamlio import Problem, ValidationError
 
-STAGES = ("critique", "sft", "label", "reward", "rl", "dpo", "evaluate")
-TRAINING_STAGES = ("sft", "reward", "rl", "dpo")
 CURVE_WORDS = ("loss", "reward", "score", "kl", "length")  # log-history keys worth a curve
 MAX_CURVES = 9  # panels per stage
 SAMPLE_PROMPTS = 3  # held-out prompts per kind shown side by side
@@ -206,6 +205,13 @@ def bar_chart(title: str, values: dict[str, float], ylabel: str, baseline: float
 # ---------------------------------------------------------------- sections
 
 
+def run_steps(run_dir: Path, names=ORDER) -> list[str]:
+    """The steps of these stages a run directory may hold: one round, or as many as its
+    `roundK/` folders say (`rounds: N`)."""
+    found = [int(p.name[5:]) for p in run_dir.glob("round*") if p.is_dir() and p.name[5:].isdigit()]
+    return steps(names, max(found, default=1))
+
+
 def summary_section(run_dir: Path, manifests: dict) -> str:
     results = read_json(run_dir / "evaluate" / "results.json") or {}
     run = dict(results.get("run") or {})
@@ -224,7 +230,7 @@ def summary_section(run_dir: Path, manifests: dict) -> str:
     body = f"<table>{''.join('<tr>' + ''.join(r) + '</tr>' for r in rows)}</table>"
 
     stage_rows = []
-    for name in STAGES:
+    for name in run_steps(run_dir):
         manifest = manifests.get(name)
         if manifest:
             counts = manifest.get("counts") or {}
@@ -232,13 +238,14 @@ def summary_section(run_dir: Path, manifests: dict) -> str:
             stage_rows.append([f"<td>{esc(name)}</td>", "<td>complete</td>",
                                f"<td>{esc(manifest.get('started', ''))}</td>", td(manifest.get("seconds")),
                                f"<td class='note'>{shown}</td>"])
-        elif (run_dir / name / ".in_progress.json").exists():
+        elif (run_dir / step_folder(name) / ".in_progress.json").exists():
             stage_rows.append([f"<td>{esc(name)}</td>", "<td>interrupted / running</td>", "<td></td>",
                                td(None), "<td></td>"])
     if stage_rows:
         body += "<h3>Stages</h3>" + table(["Stage", "Status", "Started", "Seconds", "Counts"], stage_rows)
         total = sum(m.get("seconds") or 0 for m in manifests.values() if m)
-        absent = [s for s in STAGES if s not in manifests and not (run_dir / s / ".in_progress.json").exists()]
+        absent = [s for s in run_steps(run_dir) if s not in manifests
+                  and not (run_dir / step_folder(s) / ".in_progress.json").exists()]
         body += f"<p class='note'>Total {total:,.0f} s over {len(manifests)} completed stages."
         body += f" Not run: {esc(', '.join(absent))}.</p>" if absent else "</p>"
     else:
@@ -288,8 +295,8 @@ def curves_chart(stage: str, history: list[dict], keys: list[str]) -> str:
 
 def training_section(run_dir: Path) -> str:
     body, notes = "", []
-    for stage in TRAINING_STAGES:
-        history = read_json(run_dir / stage / "log_history.json", list)
+    for stage in run_steps(run_dir, TRAINING_STAGES):
+        history = read_json(run_dir / step_folder(stage) / "log_history.json", list)
         if not history:
             notes.append(stage)
             continue
@@ -325,9 +332,21 @@ KIND_FIGURES = {
 KIND_TITLES = {"red_team": "Harmlessness on red-team prompts", "helpful": "Helpfulness on helpful prompts"}
 
 
+def round_traces(names: list[str]) -> list[list[str]]:
+    """With rounds, each optimiser's path through them: sft, rl@1, rl@2, ... (when evaluated)."""
+    traces = []
+    for stage in (s for s in POLICY_STAGES if s in ROUND_STAGES):
+        rounds = sorted((split_step(n)[1], n) for n in names if split_step(n)[0] == stage and split_step(n)[1])
+        if len(rounds) > 1:
+            traces.append((["sft"] if "sft" in names else []) + [n for _, n in rounds])
+    return traces
+
+
 def tradeoff_chart(names: list[str], per_model: dict) -> str | None:
     """The paper's picture (Bai et al. 2022, figures 2 and 8): harmlessness Elo on red-team
-    prompts against helpfulness Elo on helpful prompts, with 95 % intervals on both axes."""
+    prompts against helpfulness Elo on helpful prompts, with 95 % intervals on both axes;
+    with rounds, a line traces each optimiser from sft through its rounds (the paper's
+    curves over training)."""
     points = {}
     for name in names:
         x, y = per_model[name].get("helpful", {}), per_model[name].get("red_team", {})
@@ -348,6 +367,10 @@ def tradeoff_chart(names: list[str], per_model: dict) -> str | None:
             axes.errorbar([x], [y], xerr=spread(x, x_ci), yerr=spread(y, y_ci), fmt="o", color=colour,
                           ecolor=colour, capsize=4, markersize=7, label=name)
             axes.annotate(name, (x, y), textcoords="offset points", xytext=(7, 6), fontsize=9)
+        for trace in round_traces(list(points)):
+            xs, ys = [points[n][0] for n in trace], [points[n][2] for n in trace]
+            axes.plot(xs, ys, color="#555", linewidth=1, alpha=.7, zorder=0,
+                      label=f"rounds of {split_step(trace[-1])[0]}")
         axes.axhline(ANCHOR, color="#888", linewidth=1, linestyle="--")
         axes.axvline(ANCHOR, color="#888", linewidth=1, linestyle="--")
         axes.set_xlabel("helpfulness Elo (helpful prompts)")
@@ -689,9 +712,9 @@ def write_report(run_dir) -> Path:
     if not run_dir.is_dir():
         what = "is a file, not a run folder" if run_dir.exists() else "no such folder"
         raise ValidationError([Problem(str(run_dir), None, f"{what} (cai report RUN_DIR: the run_dir of a config)")])
-    if not any((run_dir / stage).is_dir() for stage in STAGES):  # refused before report/ is made
+    if not any((run_dir / stage).is_dir() for stage in ORDER):  # refused before report/ is made
         raise ValidationError([Problem(str(run_dir), None, f"not a run folder: it holds no stage folder "
-                                                           f"({', '.join(STAGES)}); cai report RUN_DIR takes the "
+                                                           f"({', '.join(ORDER)}); cai report RUN_DIR takes the "
                                                            f"run_dir of a config that has run")])
     problems: list[Problem] = []
 
@@ -701,7 +724,7 @@ def write_report(run_dir) -> Path:
         except ValidationError as err:
             problems.extend(err.problems)
 
-    manifests = {s: read(run_dir / s / "manifest.json") for s in STAGES}
+    manifests = {s: read(run_dir / step_folder(s) / "manifest.json") for s in run_steps(run_dir)}
     manifests = {s: m for s, m in manifests.items() if m}
     results = read(run_dir / "evaluate" / "results.json")
     if problems:

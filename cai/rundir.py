@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cai import distributed
+from cai.registry import step_command, step_folder
 
 # Why a write fails that is no bug of cai's: the disk or quota is full, the folder became
 # read-only or not writable, a file size limit.
@@ -186,11 +187,12 @@ def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
 
 
 class StageDir:
-    """One stage's folder in a run directory."""
+    """One step's folder in a run directory: a stage's (`label`), or a stage's in a later
+    round (`label@2`: `round2/label`, `cai.registry`)."""
 
     def __init__(self, root: Path, name: str):
         self.name = name
-        self.path = Path(root) / name
+        self.path = Path(root) / step_folder(name)
 
     def __truediv__(self, other: str) -> Path:
         return self.path / other
@@ -247,7 +249,7 @@ class StageDir:
         if not self.complete():
             hint = f" ({what})" if what else ""
             raise FileNotFoundError(f"stage '{self.name}' has not completed in {self.path.parent}{hint}: "
-                                    f"run `cai {self.name}` first")
+                                    f"run `{step_command(self.name)}` first")
         return self
 
 

@@ -231,18 +231,6 @@ def load_yaml(path: str | Path) -> LocatedYaml:
     return parse_yaml(text, str(path))
 
 
-TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-              list: "a list", dict: "a mapping"}
-
-
-def type_ok(value: Any, expected: type) -> bool:
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, expected)
-
-
 def describe(value: Any) -> str:
     if value is None:
         return "nothing (null)"

@@ -36,13 +36,14 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import requests
 from tqdm.auto import tqdm
 
 from cai.engines.base import Capabilities, Completion, Engine, EngineError, Sampling
+from cai.schema import setting
 
 RETRIED_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 MAX_BACKOFF = 30.0  # seconds between two attempts, at most
@@ -51,28 +52,27 @@ MAX_BACKOFF = 30.0  # seconds between two attempts, at most
 @dataclass
 class ServerConfig:
     """One OpenAI-compatible server, named under `servers:` and used as `server:NAME`.
-    (Ranges in the metadata are checked by `cai.config.parse_dataclass`.)"""
+    (Ranges in the metadata are checked by `cai.schema.parse_dataclass`.)"""
 
-    base_url: str = field(metadata={"help": "the API root, e.g. http://127.0.0.1:8000/v1"})
-    model: str = field(metadata={"help": "the served model name sent with every request"})
-    api_key_env: str | None = field(default=None, metadata={
-        "help": "name of the environment variable holding the API key (the key itself never goes in a config)"})
-    max_concurrency: int = field(default=8, metadata={"help": "requests in flight at once", "ge": 1})
-    timeout: float = field(default=120.0, metadata={"help": "seconds per request", "gt": 0})
-    max_retries: int = field(default=5, metadata={"help": "retries of a failed request (429, 5xx, timeouts)",
-                                                  "ge": 0})
-    retry_backoff: float = field(default=1.0, metadata={
-        "help": "seconds before the first retry, doubled for each next one (at most 30)", "ge": 0})
-    assistant_prefill: Literal["continue", "message", "none"] = field(default="continue", metadata={
-        "help": "how an open assistant turn (the judge's '(') is sent: 'continue' as the last message with "
-                "continue_final_message (vLLM, SGLang); 'message' as the last message alone (llama.cpp's server "
-                "continues it); 'none' left out, the letter read from the first generated tokens (any server)"})
-    option_scoring: Literal["logprobs", "letter"] = field(default="logprobs", metadata={
-        "help": "judge scoring: 'logprobs' (soft labels from token log-probabilities) or 'letter' (degraded: "
-                "a generated letter parsed into a hard label, for servers without logprobs)"})
-    top_logprobs: int = field(default=20, metadata={
-        "help": "alternatives asked per token when reading option probabilities (vLLM allows up to 20)",
-        "ge": 2, "le": 20})
+    base_url: str = setting(help="the API root, e.g. http://127.0.0.1:8000/v1")
+    model: str = setting(help="the served model name sent with every request")
+    api_key_env: str | None = setting(
+        None, "name of the environment variable holding the API key (the key itself never goes in a config)")
+    max_concurrency: int = setting(8, "requests in flight at once", ge=1)
+    timeout: float = setting(120.0, "seconds per request", gt=0)
+    max_retries: int = setting(5, "retries of a failed request (429, 5xx, timeouts)", ge=0)
+    retry_backoff: float = setting(1.0, "seconds before the first retry, doubled for each next one (at most 30)",
+                                   ge=0)
+    assistant_prefill: Literal["continue", "message", "none"] = setting(
+        "continue", "how an open assistant turn (the judge's '(') is sent: 'continue' as the last message with "
+                    "continue_final_message (vLLM, SGLang); 'message' as the last message alone (llama.cpp's "
+                    "server continues it); 'none' left out, the letter read from the first generated tokens "
+                    "(any server)")
+    option_scoring: Literal["logprobs", "letter"] = setting(
+        "logprobs", "judge scoring: 'logprobs' (soft labels from token log-probabilities) or 'letter' (degraded: "
+                    "a generated letter parsed into a hard label, for servers without logprobs)")
+    top_logprobs: int = setting(20, "alternatives asked per token when reading option probabilities (vLLM allows "
+                                    "up to 20)", ge=2, le=20)
 
     def fingerprint(self) -> dict:
         """The settings that can change results (not where the server is or how it is reached)."""

@@ -14,9 +14,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from cai.config import setting
 from cai.engines import is_server, server_name
 from cai.judge.judge import Judge, setting_conflicts
+from cai.schema import setting
 from cai.yamlio import Problem
 
 PREFIX = "feedback_"
@@ -112,9 +112,9 @@ def judge_problems(run, stage: str, cfg: JudgeSettings, pointwise: bool = False)
 
 def model_name(ctx, spec: str) -> str:
     """What a row or manifest records about a model: a stage name as is, else the resolved spec."""
-    from cai.pipeline import ORDER
+    from cai.registry import is_step_reference
 
-    return spec if spec in ORDER else ctx.model_spec(spec)
+    return spec if is_step_reference(spec) and spec != "base" else ctx.model_spec(spec)
 
 
 def make_judge(ctx, cfg: JudgeSettings, batch_size: int, pointwise: bool = False) -> Judge:

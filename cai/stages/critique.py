@@ -52,14 +52,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
-from cai.config import setting
 from cai.engines import Engine, Sampling, is_degenerate
 from cai.judge.judge import draw_principles
 from cai.judge.settings import JudgeSettings, hashed_without_judge, judge_problems, make_judge
 from cai.leakage import SpanIndex, few_shot_index, ngrams, words
 from cai.rundir import atomic_write_jsonl
-
-UPSTREAM: tuple = ()
+from cai.schema import setting
 
 
 @dataclass

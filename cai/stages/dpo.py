@@ -32,10 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from cai.config import setting
+from cai.schema import setting
 from cai.yamlio import Problem
-
-UPSTREAM = ("critique", "sft", "label")
 
 
 def TRL_CONFIG():
@@ -53,8 +51,9 @@ def trl_settings(cfg) -> tuple[type, dict]:
 
 @dataclass
 class Config:
-    policy: str | None = setting(None, "the model to optimise, also the reference: null = the sft stage's model",
-                                 model_reference=True)
+    policy: str | None = setting(
+        None, "the model to optimise, also the reference: null = the newest policy (the sft stage's model in "
+              "round 1, round k-1's dpo in round k)", model_reference=True)
     soft_labels: Literal["threshold", "weighted"] = "threshold"  # how p_chosen is used (module docstring)
     min_confidence: float = setting(0.55, "threshold mode: keep pairs with p_chosen >= this", ge=0.5, le=1)
     mix_critique_pairs: bool = False  # also train on critique/prefs.jsonl (revision over first answer, p = 1)
@@ -111,7 +110,7 @@ def dpo_trainer(ctx, cfg: Config, pairs: list[dict]):
     # same SFT model; its log-probs are computed once, before training, then dropped. With
     # use_peft there is no reference copy at all (ref_model=None): the reference is the
     # policy with its adapter disabled, as TRL does.
-    policy = ctx.model_spec(cfg.policy, "sft")
+    policy = ctx.model_spec(cfg.policy, ctx.newest_policy())
     options = ctx.model_options
     args = trl_config(ctx, *trl_settings(cfg))
     reference_loading(args, options)
@@ -136,5 +135,6 @@ def run(ctx) -> dict:
     data = {"label/prefs.jsonl": counts["label_pairs"]}
     if cfg.mix_critique_pairs:
         data["critique/prefs.jsonl"] = counts["critique_pairs"]
-    metrics = train_and_save(dpo_trainer(ctx, cfg, pairs), ctx, base=ctx.model_spec(cfg.policy, "sft"), data=data)
+    base = ctx.model_spec(cfg.policy, ctx.newest_policy())
+    metrics = train_and_save(dpo_trainer(ctx, cfg, pairs), ctx, base=base, data=data)
     return {**counts, **metrics}

@@ -79,13 +79,14 @@ import numpy as np
 
 from cai import distributed
 from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
-from cai.config import setting
 from cai.engines import Sampling
 from cai.judge.judge import comparison_key, draw_principles
 from cai.judge.settings import JudgeSettings, judge_problems, judge_scoring, make_judge
 from cai.leakage import SPAN_WORDS, SpanIndex, few_shot_index
 from cai.refusals import REFUSAL_WINDOW, is_evasive, refusal_kind
+from cai.registry import POLICY_STAGES, split_step
 from cai.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl
+from cai.schema import setting
 from cai.stats import (
     ANCHOR_ELO,
     LEVEL,
@@ -99,13 +100,8 @@ from cai.stats import (
     verdict,
 )
 
-# The stages whose outputs evaluate reads (a stage that has not run hashes as None):
-# the models, the reward model, and critique and label for the per-principle table.
-UPSTREAM = ("critique", "sft", "label", "reward", "rl", "dpo")
-
 KINDS = ("red_team", "helpful")
 GROUPS = KINDS + ("all",)
-POLICY_STAGES = ("sft", "rl", "dpo")
 REFERENCES = ("base", "sft")  # every model is compared with these, when evaluated
 PRINCIPLE_SETS = {"red_team": "harmless", "helpful": "helpful"}
 
@@ -128,7 +124,8 @@ def direction(figure: str, group: str) -> bool | None:
 @dataclass
 class Config(JudgeSettings):  # the judge of win rates: feedback_model, feedback_few_shot, ... (as label's)
     models: list[str] = setting(help="models to compare: base (the run's model), a policy stage (sft, rl, dpo: "
-                                     "skipped when that stage has not run), a model spec or server:NAME",
+                                     "skipped when that stage has not run; with rounds, rl and dpo mean every "
+                                     "round's, rl@1, rl@2, ...; rl@K one round's), a model spec or server:NAME",
                                 default_factory=lambda: ["base", "sft", "rl", "dpo"], model_reference=True)
     prompts: dict[str, Any] = setting(
         help="prompt sources to evaluate on instead of the held-out split, by kind: {red_team: SOURCE, helpful: "
@@ -263,10 +260,11 @@ def evaluation_prompts(ctx, cfg: Config) -> tuple[list, dict[str, str], dict[str
 
 
 def models_to_evaluate(ctx, cfg: Config) -> tuple[dict[str, str], dict[str, str]]:
-    """{name: model spec} of the models that exist, and {name: why} of those skipped."""
+    """{name: model spec} of the models that exist, and {name: why} of those skipped. With
+    rounds, a per-round policy stage (rl, dpo) stands for its model of every round."""
     found, skipped = {}, {}
-    for name in cfg.models:
-        if name in POLICY_STAGES:
+    for name in (step for entry in cfg.models for step in ctx.every_round(entry)):
+        if split_step(name)[0] in POLICY_STAGES:
             stage = ctx.stage(name)
             if not stage.complete() or stage.saved_model() is None:
                 skipped[name] = f"stage '{name}' has not completed in {ctx.run.path}"

@@ -32,17 +32,16 @@ import time
 from dataclasses import dataclass
 
 from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
-from cai.config import setting
 from cai.engines import Engine, Sampling, is_degenerate
 from cai.judge.settings import JudgeSettings, judge_problems, judge_scoring, make_judge, model_name
-
-UPSTREAM = ("sft",)  # the default policy is the SFT model
+from cai.schema import setting
 
 
 @dataclass
 class Config(JudgeSettings):  # the judge: feedback_model (the paper's pretrained LM: base), feedback_few_shot, ...
-    policy: str = setting("sft", "who answers: sft (the SL-CAI model), base, another stage, a model spec or "
-                                 "server:NAME", model_reference=True)
+    policy: str | None = setting(
+        None, "who answers: null = the newest policy (sft, the SL-CAI model, in round 1; round k-1's rl, else dpo, "
+              "in round k), base, another stage, a model spec or server:NAME", model_reference=True)
     include_helpful: bool = True  # label answers to the helpful training prompts too (as the paper)
     max_prompts: int | None = setting(None, "cap on prompts labelled (a seeded sample), null = all", ge=1)
     principles_per_comparison: int = setting(1, "k feedback principles drawn per pair; their labels are averaged",
@@ -111,13 +110,14 @@ def run(ctx) -> dict:
     constitution = ctx.constitution
     prompts = training_prompts(ctx, cfg)
     ledger = ChunkLedger(ctx.dir.path, "label", ["prefs.jsonl", "dropped.jsonl"])
-    names = {"policy": model_name(ctx, cfg.policy), "feedback_model": model_name(ctx, cfg.feedback_model)}
+    policy = cfg.policy or ctx.newest_policy()
+    names = {"policy": model_name(ctx, policy), "feedback_model": model_name(ctx, cfg.feedback_model)}
     models: dict = {}
     started = time.perf_counter()
 
     def work(index: int, chunk) -> dict:
         if not models:  # loaded only when a chunk is left to do
-            models.update(policy=ctx.engine(cfg.policy, cfg.batch_size), judge=make_judge(ctx, cfg, cfg.batch_size))
+            models.update(policy=ctx.engine(policy, cfg.batch_size), judge=make_judge(ctx, cfg, cfg.batch_size))
         rows, dropped = label_chunk(chunk, models["policy"], models["judge"], constitution, cfg, ctx.run.seed,
                                     ctx.run.seed * 100_003 + index * 101, names)
         return {"prefs.jsonl": rows, "dropped.jsonl": dropped}

@@ -37,15 +37,11 @@ import torch
 from trl import RewardConfig
 
 from cai import models
-from cai.config import setting
 from cai.rundir import atomic_write_json
+from cai.schema import setting
 from cai.training.soft_labels import SoftLabelRewardTrainer, soft_label_loss
 
 log = logging.getLogger(__name__)
-
-# The label pairs' manifest hash enters ours; critique's does too (it is upstream of sft
-# anyway, and its prefs.jsonl is read when mix_critique_pairs is on).
-UPSTREAM = ("critique", "sft", "label")
 
 
 def TRL_CONFIG():
@@ -167,10 +163,13 @@ def run(ctx) -> dict:
     from cai.training.save import train_and_save
 
     cfg: Config = ctx.config
-    pairs, data = training_preferences(ctx, cfg.mix_critique_pairs, cfg.critique_pair_label)
+    # With rounds, round k trains afresh (from `model`, sft by default) on the labels of
+    # rounds 1..k: every policy's answers so far, as the HH paper's iterated online RLHF
+    # retrains its preference models on all comparisons collected.
+    pairs, data = training_preferences(ctx, cfg.mix_critique_pairs, cfg.critique_pair_label, every_round=True)
     if cfg.loss == "hard":  # Bradley-Terry: the preferred side is certain
         pairs = [{**pair, "p_chosen": 1.0} for pair in pairs]
-    n_label = data["label/prefs.jsonl"]
+    n_label = sum(n for file, n in data.items() if file.endswith("label/prefs.jsonl"))
     label_path = ctx.stage("label").path / "prefs.jsonl"
     train = [p for p in pairs if not held_out(p["prompt"], cfg.eval_fraction)]
     held = [p for p in pairs if held_out(p["prompt"], cfg.eval_fraction)]

@@ -60,21 +60,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cai.config import setting
 from cai.judge.settings import JUDGE_FIELDS, JudgeSettings, judge_problems
+from cai.schema import setting
 from cai.yamlio import Problem
-
-
-def UPSTREAM(cfg: Config) -> tuple[str, ...]:
-    """The stages whose outputs rl reads (their hashes enter its own): the SFT policy and
-    the reward model, or with `reward: judge` the policy and the judge's stage, if it is one."""
-    if cfg.reward == "reward_model":
-        return ("sft", "reward")
-    from cai.pipeline import MODEL_STAGES
-
-    judged_by_a_stage = cfg.feedback_model in MODEL_STAGES and cfg.feedback_model not in ("base", "sft")
-    return ("sft", cfg.feedback_model) if judged_by_a_stage else ("sft",)
-
 
 # algorithm -> (module, TRL config class)
 ALGORITHMS = {
@@ -92,8 +80,9 @@ KNOBS = {
 @dataclass
 class Config(JudgeSettings):  # with reward: judge, the judge: feedback_model and feedback_few_shot (pointwise)
     algorithm: Literal["ppo", "rloo", "grpo"] = "ppo"  # the paper uses PPO
-    policy: str | None = setting(None, "the policy to optimise, also the KL reference: null = the sft stage's model",
-                                 model_reference=True)
+    policy: str | None = setting(
+        None, "the policy to optimise, also the KL reference: null = the newest policy (the sft stage's model in "
+              "round 1, round k-1's rl in round k)", model_reference=True)
     reward_model: str | None = setting(None, "null = the reward stage's model", model_reference=True)
     max_prompts: int | None = setting(None, "cap on training prompts (red-team + helpful), null = all", ge=1)
     helpful_fraction: float = setting(0.5, "share of the training prompts that are helpful ones (0 = red-team only)",
@@ -261,7 +250,7 @@ def run(ctx) -> dict:
 
     cfg: Config = ctx.config
     options = ctx.model_options
-    policy = ctx.model_spec(cfg.policy, "sft")
+    policy = ctx.model_spec(cfg.policy, ctx.newest_policy())
     prompts = training_prompts(ctx, cfg)
     args = trl_config(ctx, *trl_settings(cfg))
     reference_loading(args, options)

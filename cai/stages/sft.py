@@ -11,11 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
-from cai.config import setting
 from cai.engines import Sampling, is_degenerate
 from cai.rundir import read_jsonl
-
-UPSTREAM = ("critique",)
+from cai.schema import setting
 
 
 def TRL_CONFIG():

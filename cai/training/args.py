@@ -64,7 +64,7 @@ def trl_value_problems(doc, section: str, cls, trl: dict) -> list:
     (cheap, before the stage's own checks do arithmetic with them)."""
     import typing
 
-    from cai.config import _hint_name, _matches, out_of_range
+    from cai.schema import hint_name, out_of_range, type_ok
     from cai.yamlio import describe
 
     hints = typing.get_type_hints(cls)
@@ -74,8 +74,8 @@ def trl_value_problems(doc, section: str, cls, trl: dict) -> list:
         hint = hints.get(key)
         if key in RESERVED_TRL_KEYS:
             problems.append(doc.problem((section, key), f"'{name}': {RESERVED_TRL_KEYS[key]}"))
-        elif _simple(hint) and not _matches(value, hint):
-            problems.append(doc.problem((section, key), f"'{name}' must be {_hint_name(hint)}, got {describe(value)}"))
+        elif _simple(hint) and not type_ok(value, hint):
+            problems.append(doc.problem((section, key), f"'{name}' must be {hint_name(hint)}, got {describe(value)}"))
         elif (expected := out_of_range(value, TRL_RANGES.get(key, {}), hint)) is not None:
             problems.append(doc.problem((section, key), f"'{name}' must be {expected}, got {value}"))
     return problems

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from cai import distributed
+from cai.registry import step_folder
 from cai.rundir import read_jsonl
 
 
@@ -35,12 +36,16 @@ def read_preferences(path: Path, source: str, label: float | None = None) -> lis
     return pairs
 
 
-def training_preferences(ctx, mix_critique_pairs: bool, critique_label: float = 1.0) -> tuple[list[dict], dict]:
-    """The label stage's pairs, then (`mix_critique_pairs`) the critique stage's with
-    `critique_label`; and {file: pairs} for the model card."""
-    label = ctx.stage("label").require("its prefs.jsonl is the training set") / "prefs.jsonl"
-    pairs = read_preferences(label, "label")
-    data = {"label/prefs.jsonl": len(pairs)}
+def training_preferences(ctx, mix_critique_pairs: bool, critique_label: float = 1.0,
+                         every_round: bool = False) -> tuple[list[dict], dict]:
+    """The label stage's pairs (this round's, or with `every_round` those of every round so
+    far: `rounds`), then (`mix_critique_pairs`) the critique stage's with `critique_label`;
+    and {file: pairs} for the model card."""
+    pairs, data = [], {}
+    for stage in ctx.every_round_so_far("label") if every_round else [ctx.stage("label")]:
+        rows = read_preferences(stage.require("its prefs.jsonl is the training set") / "prefs.jsonl", "label")
+        pairs += rows
+        data[f"{step_folder(stage.name)}/prefs.jsonl"] = len(rows)
     if mix_critique_pairs:
         critique = ctx.stage("critique").require("mix_critique_pairs reads its prefs.jsonl") / "prefs.jsonl"
         more = read_preferences(critique, "critique", critique_label)
