@@ -501,6 +501,8 @@ def evaluation_section(results: dict | None) -> str:
                  "on helpful prompts (helpfulness principles) against its Elo on red-team prompts (harmlessness "
                  "principles); up and to the right is better. The bars are 95 % intervals; base is the anchor "
                  "(1000 by definition), so the other models' bars measure them against it.</p>"
+                 + "".join(f"<p class='note'>Rounds: the line traces {esc(' → '.join(trace))} "
+                           f"(rl@K, dpo@K: round K's model).</p>" for trace in round_traces(names))
                  + f"<div class='charts tradeoff'>{plot}</div>")
     for kind in groups:
         for reference, rows_by_model in (paired.get(kind) or {}).items():

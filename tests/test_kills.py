@@ -6,9 +6,9 @@ The kills are real: `python -m cai.cli run` in a subprocess, stopped with SIGKIL
 this process. To kill at a chosen point, not at a random one that might fall between
 stages, a `sitecustomize` put on the subprocess's path (test-only; cai knows nothing of
 it) makes the process wait at that point, here marked `loop:N` (inside the append of
-chunk N + 1's rows of a data stage's chunk loop, half of them written: a torn tail) or
-`stage@STEP` (a training stage, at the end of optimizer step STEP); the test sees it
-wait and kills it.
+chunk N + 1's rows of a data stage's chunk loop, half of them written: a torn tail;
+`round2/label:N` in a later round's folder) or `stage@STEP` (a training stage, at the end
+of optimizer step STEP; `round2/rl@STEP`); the test sees it wait and kills it.
 """
 
 from __future__ import annotations
@@ -65,12 +65,14 @@ if "@" in _point:
     CallbackHandler.on_step_end = on_step_end
 elif ":" in _point:
     _loop, _committed = _point.split(":")
+    _folder, _, _loop = _loop.rpartition("/")
     import json
     import cai.chunks
     _commit = cai.chunks.ChunkLedger.commit
 
     def commit(self, key, rows):
-        if self.ledger.name == f".{_loop}.chunks.jsonl" and len(self.committed) == int(_committed):
+        if (self.ledger.name == f".{_loop}.chunks.jsonl" and len(self.committed) == int(_committed)
+                and (not _folder or f"/{_folder}/" in str(self.ledger))):
             name, file_rows = next((n, r) for n, r in rows.items() if r)
             text = "".join(json.dumps(r, ensure_ascii=False) + "\\n" for r in file_rows).encode()
             with open(self.paths[name], "ab") as f:  # half of the chunk's rows, the last one torn
