@@ -148,6 +148,28 @@ def cmd_eval_labeler(args) -> int:
     return eval_labeler_command(run, args.data, args.limit, args.out)
 
 
+class _SettingsHelp(argparse.Action):
+    """-h / --help that also lists every setting (`cai.help`), built only when asked for:
+    it imports the stage recipes and TRL, which a plain command does not need at start."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None,  # noqa: A002
+                 stage=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+        self.stage = stage
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from cai.help import run_settings, stage_settings
+
+        parser.epilog = stage_settings(self.stage) if self.stage else run_settings()
+        parser.print_help()
+        parser.exit()
+
+
+def _add_settings_help(parser: argparse.ArgumentParser, stage: str | None) -> None:
+    parser.add_argument("-h", "--help", action=_SettingsHelp, stage=stage,
+                        help="show this help, with every setting, its default and its help text, and exit")
+
+
 def _round(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a round number 1, 2, ..., got {text!r}")
@@ -163,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     _verbose_flag(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     for entry in STAGES:
-        stage = sub.add_parser(entry.name, help=entry.help, description=entry.help, parents=[common])
+        stage = sub.add_parser(entry.name, help=entry.help, description=entry.help, parents=[common],
+                               add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_settings_help(stage, entry.name)
         _add_config_args(stage)
         _add_check_arg(stage)
         if entry.per_round:
@@ -171,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                                help="the round to run (rounds: N in the config; default 1)")
         stage.set_defaults(func=cmd_stage)
 
-    run = sub.add_parser("run", help="run the stages in order, skipping completed ones", parents=[common])
+    run = sub.add_parser("run", help="run the stages in order, skipping completed ones", parents=[common],
+                         add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_settings_help(run, None)
     _add_config_args(run)
     run.add_argument("--from", dest="start", help="first stage to run (a later round's: rl@2)")
     run.add_argument("--until", help="last stage to run (a later round's: rl@2)")
@@ -198,10 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # before --help, which imports the stages
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     _quiet_unless_main()
     try:
         code = args.func(args)

@@ -129,18 +129,34 @@ def parse_dataclass(cls: type, raw: Any, doc: LocatedYaml, path: tuple, extra: s
 # ---------------------------------------------------------------- help
 
 
+def type_text(hint: Any) -> str:
+    """A type hint as `--help` shows it: `int | None`, `'ppo' or 'rloo' or 'grpo'`."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(type_text(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    return hint_name(hint)
+
+
 def default_text(f: dataclasses.Field) -> str:
     """A field's default as YAML would write it; `required` when it has none."""
     if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-    else:
-        return "required"
+        return yaml_text(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return yaml_text(f.default_factory())
+    return "required"
+
+
+def yaml_text(value: Any) -> str:
+    """A value as YAML would write it: null, true, 0.1, [a, b]."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(yaml_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {yaml_text(v)}" for k, v in value.items()) + "}"
     return repr(value) if isinstance(value, str) and not value else str(value)
 
 
@@ -160,5 +176,5 @@ def settings_help(cls: type, skip: tuple[str, ...] = ()) -> list[tuple[str, str,
             continue
         text = f.metadata.get("help", "")
         bounds = range_text(f.metadata)
-        rows.append((f.name, hint_name(hints[f.name]), default_text(f), text + (f" ({bounds})" if bounds else "")))
+        rows.append((f.name, type_text(hints[f.name]), default_text(f), text + (f" ({bounds})" if bounds else "")))
     return rows

@@ -47,8 +47,10 @@ HOOK = '''
 import os, time
 
 def _wait(what):
-    with open(os.environ["CAI_TEST_WAITING"], "w") as f:
+    path = os.environ["CAI_TEST_WAITING"]
+    with open(path + ".tmp", "w") as f:  # renamed into place: the test never sees it half written
         f.write(what)
+    os.replace(path + ".tmp", path)
     time.sleep(600)  # until the test's SIGKILL
 
 _point = os.environ.get("CAI_TEST_WAIT_AT", "")

@@ -1,0 +1,85 @@
+"""`cai STAGE --help` and `cai run --help` list every setting with its default and help:
+the stage's own, the model options it accepts, and every key of the TRL config it passes
+keys to (cai's default where cai sets one, with TRL's help)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from cai import registry
+from cai.cli import main
+from cai.schema import settings_help
+
+
+def help_text(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--help"])
+    assert stop.value.code == 0
+    return capsys.readouterr().out
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def listed(out: str, rows) -> None:
+    for name, kind, default, text in rows:
+        assert f"\n  {name}: {kind} = {default}\n" in out, name
+        assert flat(text) in flat(out), name
+
+
+@pytest.mark.parametrize("stage", registry.ORDER)
+def test_stage_help_lists_every_setting_with_its_default_and_help(stage, capsys):
+    from cai.models import TRAINING_ONLY, ModelOptions
+    from cai.pipeline import stage_module
+
+    out = help_text(capsys, stage)
+    assert f"settings of the `{stage}:` section (name: type = default, then help):" in out
+    listed(out, settings_help(stage_module(stage).Config))
+    options = settings_help(ModelOptions)
+    training = registry.stage(stage).kind == "training"
+    listed(out, [row for row in options if training or row[0] not in TRAINING_ONLY])
+    if not training:
+        assert "\n  use_peft: " not in out and "TRL keys" not in out
+    assert ("--round K" in out) == registry.stage(stage).per_round
+
+
+@pytest.mark.parametrize("stage, classes", [("sft", ["SFTConfig"]), ("reward", ["RewardConfig"]),
+                                            ("dpo", ["DPOConfig"]), ("rl", ["PPOConfig", "RLOOConfig", "GRPOConfig"])])
+def test_training_stage_help_lists_every_trl_key(stage, classes, capsys):
+    from cai.help import trl_sections
+
+    out = help_text(capsys, stage)
+    sections = trl_sections(stage)
+    assert [cls.__name__ for _, cls, _ in sections] == classes
+    parts = out.split("TRL keys, passed to ")[1:]
+    assert len(parts) == len(classes)
+    for part, (_, cls, defaults) in zip(parts, sections):
+        assert part.startswith(f"trl.{cls.__name__}")
+        for f in dataclasses.fields(cls):
+            if f.init and f.name != "output_dir":  # cai sets output_dir: a user value is refused
+                assert f"\n  {f.name}: " in part, (cls.__name__, f.name)
+        for key in defaults:
+            assert re.search(rf"\n  {key}: .* = .* \(cai's\)\n", part), (cls.__name__, key)
+        assert "\n  output_dir: " not in part
+    if stage == "sft":  # TRL's own help, its first sentence
+        assert "      The initial learning rate for AdamW.\n" in out
+        assert re.search(r"\n  completion_only_loss: .* = true \(cai's\)\n", out)
+
+
+def test_run_help_lists_the_top_level_keys_and_every_stage_setting(capsys):
+    from cai.config import PromptsConfig, RunConfig
+    from cai.engines.openai import ServerConfig
+    from cai.pipeline import stage_module
+
+    out = help_text(capsys, "run")
+    listed(out, settings_help(RunConfig, skip=("prompts", "servers", "stages", "source")))
+    assert "\n  rounds: int = 1\n" in out
+    listed(out, [(f"prompts.{n}", k, d, t) for n, k, d, t in settings_help(PromptsConfig)])
+    listed(out, [(f"servers.NAME.{n}", k, d, t) for n, k, d, t in settings_help(ServerConfig)])
+    for stage in registry.ORDER:
+        listed(out, [(f"{stage}.{n}", k, d, t) for n, k, d, t in settings_help(stage_module(stage).Config)])
+        assert f"`cai {stage} --help` adds its TRL keys" in out
