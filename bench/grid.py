@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from cai.config import load_config  # noqa: E402
 from cai.pipeline import prepare, run_stage, validate  # noqa: E402
+from cai.registry import POLICY_STAGES as POLICIES  # noqa: E402
 from cai.rundir import StageDir  # noqa: E402
 
 # name -> overrides of the run config. The first is the reference the others change one thing of.
@@ -72,7 +73,6 @@ DEFAULT_CONFIGS = ("defaults", "sft-1-epoch", "sft-lr-1.5e-4", "dpo-beta-0.5", "
                    "no-rotation")
 EVALUATE = ["evaluate.prompts={red_team: [held-out, builtin:harmbench], helpful: [held-out, builtin:over-refusal]}",
             "evaluate.judge_prompts=[helpful/held-out]"]
-POLICIES = ("sft", "rl", "dpo")
 COLUMNS = (("ASR", "red_team/harmbench", "asr"), ("over-refusal", "helpful/over-refusal", "refusal"),
            ("evasive", "red_team", "evasive"), ("helpful beats", "helpful/held-out", "head_to_head"),
            ("span", "all", "few_shot_span"))

@@ -36,7 +36,7 @@ def trl_rows(cls: type, defaults: dict) -> list[tuple[str, str, str, str]]:
     """(name, type, default, help) of every field of a TRL config class: cai's default where
     the stage sets one, else TRL's; TRL's help, its first sentence. Keys cai sets itself
     (`output_dir`) are left out: a user value is refused."""
-    from cai.training import RESERVED_TRL_KEYS
+    from cai.training.args import RESERVED_TRL_KEYS
 
     rows = []
     for f in dataclasses.fields(cls):

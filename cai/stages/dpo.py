@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from cai.registry import step_folder
 from cai.schema import setting
 from cai.yamlio import Problem
 
@@ -93,7 +94,8 @@ def preference_pairs(ctx, cfg: Config) -> tuple[list[dict], dict]:
     unsure = [cfg.soft_labels == "threshold" and pair["p_chosen"] < cfg.min_confidence for pair in read]
     pairs = [{key: pair[key] for key in ("prompt", "chosen", "rejected", "p_chosen")}
              for pair, drop in zip(read, unsure) if not drop]
-    counts = {"label_pairs": data["label/prefs.jsonl"] - sum(unsure), "dropped_low_confidence": sum(unsure),
+    labelled = sum(n for file, n in data.items() if file.endswith("label/prefs.jsonl"))  # round2/label/... too
+    counts = {"label_pairs": labelled - sum(unsure), "dropped_low_confidence": sum(unsure),
               "critique_pairs": data.get("critique/prefs.jsonl", 0)}
     return pairs, counts
 
@@ -132,7 +134,7 @@ def run(ctx) -> dict:
     if not pairs:
         raise RuntimeError(f"dpo: no preference pairs to train on ({counts}); lower dpo.min_confidence, "
                            "use soft_labels: weighted, or check the label stage's outputs")
-    data = {"label/prefs.jsonl": counts["label_pairs"]}
+    data = {f"{step_folder(ctx.stage('label').name)}/prefs.jsonl": counts["label_pairs"]}
     if cfg.mix_critique_pairs:
         data["critique/prefs.jsonl"] = counts["critique_pairs"]
     base = ctx.model_spec(cfg.policy, ctx.newest_policy())
