@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cai.config import PromptsConfig, find_file, parse_dataclass, setting
+from cai.config import PromptsConfig, find_file
+from cai.schema import parse_dataclass, setting
 from cai.yamlio import LocatedYaml, Problem, ValidationError
 
 DATA_DIR = Path(__file__).parent / "data"

@@ -167,8 +167,8 @@ def test_models_after_kills_in_round_two_are_the_same_up_to_float_rounding(round
     found = load_file(killed / folder / "model" / "model.safetensors")
     assert found.keys() == expected.keys()
     worst = max((found[k] - expected[k]).abs().max().item() for k in expected)
-    # TRL's PPO restarts after a kill (it cannot resume): round 2's rl was measured at up to
-    # 1.8e-6 from an uninterrupted run's; the other stages resume bit for bit.
+    # PPO killed at step 1, before its first checkpoint, restarts: round 2's rl was measured
+    # at up to 1.8e-6 from an uninterrupted run's; the other stages resume bit for bit.
     assert worst <= (1e-5 if folder == "round2/rl" else 1e-6), f"{folder}: max abs weight difference {worst}"
 
 
