@@ -42,13 +42,26 @@ Reading the table (chance is 0.5; n pairs, so one standard error is about 0.5/sq
 Pointwise rows have no orders: one order, same slot and |P(A)-.5| are blank, and its
 soft label is P(good | correct) / (P(good | correct) + P(good | incorrect)).
 
-Default PATH: ../shared/data/hhh-438.jsonl relative to the repository.
+The data: the 438 HHH comparisons the CAI paper evaluates its feedback models on
+(Bai et al. 2022, fig. 4; from Askell et al. 2021's HHH evaluation), published as
+evals/438HHHEvaluations.jsonl in the paper's repository,
+https://github.com/anthropics/ConstitutionalHarmlessnessPaper. That repository states no
+licence (it has no LICENSE file), so cai does not ship a copy: fetch it once (about 1 MB)
+into the default PATH, bench/data/hhh-438.jsonl (git-ignored):
+
+    mkdir -p bench/data && curl -fL -o bench/data/hhh-438.jsonl \
+      https://raw.githubusercontent.com/anthropics/ConstitutionalHarmlessnessPaper/5d8c5692488b342170db47b41d966dfaa8bddf63/evals/438HHHEvaluations.jsonl
+
+The README's figures were measured on a copy with sha256
+d1ee180289d3eeeb314ad862344cbd9af07f19c6d52a77524f9a1a21e7373c10 (438 lines); the bench
+prints the digest of the file it reads.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import random
 import re
@@ -58,6 +71,11 @@ from pathlib import Path
 from cai.stats import bootstrap_mean
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT / "bench" / "data" / "hhh-438.jsonl"
+SOURCE = ("https://raw.githubusercontent.com/anthropics/ConstitutionalHarmlessnessPaper/"
+          "5d8c5692488b342170db47b41d966dfaa8bddf63/evals/438HHHEvaluations.jsonl")
+FETCH = f"mkdir -p bench/data && curl -fL -o bench/data/hhh-438.jsonl {SOURCE}"
+MEASURED_SHA256 = "d1ee180289d3eeeb314ad862344cbd9af07f19c6d52a77524f9a1a21e7373c10"
 STANDARD = ("few0", "few1", "few2", "few3", "few-all", "balanced+few3", "mirrored+few1", "mirrored+few2",
             "calibrated+few0", "calibrated+few2", "calibrated+mirrored+few2", "ensemble3", "pointwise")
 QUICK = ("base", "few0", "balanced+few3", "mirrored+few1", "calibrated", "ensemble2", "pointwise", "judge")
@@ -208,7 +226,8 @@ def format_table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("data", nargs="?", default=str(ROOT.parent / "shared" / "data" / "hhh-438.jsonl"))
+    parser.add_argument("data", nargs="?", default=str(DEFAULT_DATA),
+                        help="HHH-format JSONL (default: bench/data/hhh-438.jsonl; the docstring says how to fetch it)")
     parser.add_argument("--model", default=None, help="the judge (default builtin:smollm2-135m-instruct; "
                                                       "builtin:tiny with --quick)")
     parser.add_argument("--judge", default=None, help="another judge model for the 'judge' variant, "
@@ -255,6 +274,12 @@ def main() -> None:
     constitution = load_constitution(args.constitution)
     for variant in variants:  # a bad combination (cot with calibrated) fails before any model loads
         make_judge(variant, constitution)
+    if not Path(args.data).is_file():
+        raise SystemExit(f"{args.data}: no such file. The HHH comparisons are not shipped (their repository states "
+                         f"no licence); fetch them once:\n\n  {FETCH}\n")
+    digest = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()
+    print(f"{args.data}: sha256 {digest}" + ("" if digest == MEASURED_SHA256 else
+                                             " (not the copy the README's figures were measured on)"))
     pairs = subsample(read_labeled_pairs(args.data, seed=args.seed), args.limit, args.seed)
     print(f"{args.data}: {len(pairs)} pairs; judge {args.model}, threads={args.threads}, batch={args.batch_size}, "
           f"seed={args.seed}")

@@ -62,7 +62,7 @@ def check_config(run, names: list[str]) -> int:
 
 
 def cmd_stage(args) -> int:
-    from cai.pipeline import check_servers, run_stage, validate
+    from cai.pipeline import check_servers, run_stage, upstream_problems, validate
     from cai.registry import step_name
     from cai.rundir import RunLock
 
@@ -75,6 +75,8 @@ def cmd_stage(args) -> int:
     if args.check:
         return check_config(run, [step])
     validate(run, [step])
+    if problems := upstream_problems(run, [step]):
+        raise ValidationError(problems)
     check_servers(run, [step])
     with RunLock(run.path, f"cai {step}"):
         run_stage(run, step, force=args.force)
@@ -247,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ncai: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `cai constitution show X | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as err:  # noqa: BLE001 - a bug in cai: one line here, the traceback in a file
         from cai.rundir import WriteError, write_failure
 

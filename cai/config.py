@@ -198,11 +198,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     stages = {name: raw.pop(name) for name in STAGE_SECTIONS if name in raw}
     prompts_raw = raw.pop("prompts", None)
     servers_raw = raw.pop("servers", None) or {}
-    from cai.models import ModelOptions, split_model_options
+    from cai.models import ModelOptions, inert_top_level_options, split_model_options
 
     model_options, raw = split_model_options(raw)
-    run, _, problems = parse_dataclass(RunConfig, raw, doc, (), extra=None)
-    problems += parse_dataclass(ModelOptions, model_options, doc, ())[2]
+    top_level = (*STAGE_SECTIONS, "prompts", "servers", *(f.name for f in dataclasses.fields(ModelOptions)))
+    run, _, problems = parse_dataclass(RunConfig, raw, doc, (), extra=None, suggest=top_level)
+    problems += parse_dataclass(ModelOptions, model_options, doc, (), inert=False)[2]
+    if not problems:
+        problems += inert_top_level_options(model_options, stages, doc)
     prompts, _, more = parse_dataclass(PromptsConfig, prompts_raw, doc, ("prompts",))
     problems += more
     servers, more = parse_servers(servers_raw, doc)

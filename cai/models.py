@@ -37,7 +37,7 @@ import torch
 
 from cai.registry import TRAINING_STAGES
 from cai.rundir import follow_umask
-from cai.schema import parse_dataclass, setting
+from cai.schema import inert_keys, inert_message, parse_dataclass, setting
 
 log = logging.getLogger(__name__)
 
@@ -272,9 +272,10 @@ def resolve(spec: str) -> str:
     return str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec
 
 
-def spec_problem(spec: str, hub: bool = True) -> str | None:
+def spec_problem(spec: str, hub: bool = True, template: bool = True) -> str | None:
     """Why `spec` names no loadable full model, or None; no weights are read. With `hub`,
-    a hub id must be in the local Hugging Face cache or fetchable (a network, not offline)."""
+    a hub id must be in the local Hugging Face cache or fetchable (a network, not offline).
+    With `template`, a local folder's tokenizer must have a chat template."""
     if spec.startswith("builtin:"):
         return None if spec in (TINY, SMOLLM2) else f"unknown builtin model '{spec}' (known: {TINY}, {SMOLLM2})"
     path = Path(spec).expanduser()
@@ -285,10 +286,26 @@ def spec_problem(spec: str, hub: bool = True) -> str | None:
             return _adapter_problem(path, hub)
         if not (path / "config.json").exists():
             return f"model folder {spec} has no config.json (expected a folder written by save_pretrained)"
-        return None
+        return chat_template_problem(path) if template else None
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         return f"model path {spec} does not exist"
     return _hub_problem(spec) if hub else None
+
+
+def chat_template_problem(folder: Path) -> str | None:
+    """A model folder's tokenizer must have a chat template (cai builds every turn with
+    `apply_chat_template`): in chat_template.jinja, chat_template.json or tokenizer_config.json."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return None
+    try:
+        settings = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        settings = None
+    if isinstance(settings, dict) and settings.get("chat_template"):
+        return None
+    return (f"model folder {folder} has no chat template (no chat_template.jinja, and none in "
+            f"tokenizer_config.json): cai builds every turn with the tokenizer's chat template; give it one "
+            f"(tokenizer.chat_template = ...; tokenizer.save_pretrained(...)) or use an instruct model")
 
 
 def _adapter_problem(path: Path, hub: bool) -> str | None:
@@ -301,7 +318,10 @@ def _adapter_problem(path: Path, hub: bool) -> str | None:
     if not base:
         return (f"model folder {path} is a LoRA adapter whose {ADAPTER_CONFIG} names no base_model_name_or_path: "
                 f"cai cannot tell which model it adapts")
-    problem = spec_problem(base, hub)
+    own_tokenizer = (path / "tokenizer_config.json").exists()  # saved with its adapter: that one is used
+    if own_tokenizer and (problem := chat_template_problem(path)) is not None:
+        return problem
+    problem = spec_problem(base, hub, template=not own_tokenizer)
     return f"model folder {path} is a LoRA adapter of {base}, which cannot be used: {problem}" if problem else None
 
 
@@ -381,6 +401,9 @@ ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_atte
 TRAINING_ONLY = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save",
                  "lora_task_type", "use_rslora", "use_dora", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
                  "use_bnb_nested_quant", "merge_adapter", "keep_checkpoints")
+# Keys that do nothing without another (`setting(only_if=...)`): refused when set alone.
+USE_PEFT = ("use_peft", bool, "use_peft: true (LoRA settings apply to a LoRA adapter)")
+IN_4BIT = ("load_in_4bit", bool, "load_in_4bit: true")
 # What a stage's outputs do not depend on: left out of its config hash.
 NOT_HASHED = ("keep_checkpoints", "compile_generation")
 
@@ -401,23 +424,25 @@ class ModelOptions:
               "null = transformers' choice")
     model_revision: str = setting("main", "branch, tag or commit of a hub model (ignored for local folders)")
     use_peft: bool = setting(False, "train a LoRA adapter instead of every weight (peft)")
-    lora_r: int = setting(16, "LoRA rank", ge=1)
-    lora_alpha: int = setting(32, "LoRA alpha (the update is scaled by alpha / r)", ge=1)
-    lora_dropout: float = setting(0.05, "dropout on the LoRA input", ge=0, lt=1)
+    lora_r: int = setting(16, "LoRA rank", ge=1, only_if=USE_PEFT)
+    lora_alpha: int = setting(32, "LoRA alpha (the update is scaled by alpha / r)", ge=1, only_if=USE_PEFT)
+    lora_dropout: float = setting(0.05, "dropout on the LoRA input", ge=0, lt=1, only_if=USE_PEFT)
     lora_target_modules: str | list[str] | None = setting(
-        None, "modules LoRA adapts: a list of names, 'all-linear', or null (peft's default for the architecture)")
-    lora_modules_to_save: list[str] | None = setting(None, "modules trained in full alongside the adapter")
+        None, "modules LoRA adapts: a list of names, 'all-linear', or null (peft's default for the architecture)",
+        only_if=USE_PEFT)
+    lora_modules_to_save: list[str] | None = setting(None, "modules trained in full alongside the adapter",
+                                                     only_if=USE_PEFT)
     lora_task_type: Literal["CAUSAL_LM", "SEQ_CLS"] | None = setting(
         None, "peft task type; null = the stage's (SEQ_CLS for reward, which also trains its score head; "
-              "CAUSAL_LM for sft, rl, dpo)")
-    use_rslora: bool = setting(False, "rank-stabilised LoRA: scale by alpha / sqrt(r)")
-    use_dora: bool = setting(False, "weight-decomposed LoRA (DoRA)")
+              "CAUSAL_LM for sft, rl, dpo)", only_if=USE_PEFT)
+    use_rslora: bool = setting(False, "rank-stabilised LoRA: scale by alpha / sqrt(r)", only_if=USE_PEFT)
+    use_dora: bool = setting(False, "weight-decomposed LoRA (DoRA)", only_if=USE_PEFT)
     load_in_4bit: bool = setting(False, "QLoRA: load the base weights in 4 bits (needs use_peft, CUDA, bitsandbytes)")
     load_in_8bit: bool = setting(False, "load the base weights in 8 bits (needs use_peft, CUDA, bitsandbytes)")
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = setting("nf4", "4-bit quantisation type")
-    use_bnb_nested_quant: bool = setting(False, "quantise the 4-bit quantisation constants too")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = setting("nf4", "4-bit quantisation type", only_if=IN_4BIT)
+    use_bnb_nested_quant: bool = setting(False, "quantise the 4-bit quantisation constants too", only_if=IN_4BIT)
     merge_adapter: bool = setting(True, "with use_peft: also save the adapter merged into its base as STAGE/model/ "
-                                        "(the adapter alone is STAGE/adapter/)")
+                                        "(the adapter alone is STAGE/adapter/)", only_if=USE_PEFT)
     keep_checkpoints: bool = setting(False, "keep STAGE/checkpoints/ once the model is saved (else it is deleted)")
     compile_generation: bool = setting(
         False, "CUDA: compile the in-process engine's decode step (torch.compile with CUDA graphs on its static "
@@ -488,6 +513,20 @@ def split_model_options(section: dict | None) -> tuple[dict, dict]:
     return ({k: v for k, v in section.items() if k in names}, {k: v for k, v in section.items() if k not in names})
 
 
+def inert_top_level_options(top: dict, stages: dict, doc) -> list:
+    """Top-level ModelOptions keys that do nothing in every training stage (`lora_r`
+    with use_peft nowhere): a key that works in one stage (sft.use_peft: true) is fine."""
+    inert: dict[str, str] | None = None
+    for stage in TRAINING_STAGES:
+        own, _ = split_model_options(stages.get(stage) if isinstance(stages.get(stage), dict) else None)
+        parsed = parse_dataclass(ModelOptions, {**top, **own}, doc, (), inert=False)[0]
+        if parsed is None:
+            return []  # reported at its line by stage_model_options
+        here = inert_keys(parsed, set(top) - set(own))
+        inert = here if inert is None else {k: v for k, v in inert.items() if k in here}
+    return [doc.problem((key,), inert_message(key, key, words)) for key, words in (inert or {}).items()]
+
+
 def cuda_usable(device: str) -> bool:
     return torch.cuda.is_available() and not device.startswith("cpu")
 
@@ -507,12 +546,14 @@ def stage_model_options(run, stage: str) -> tuple[ModelOptions | None, list]:
                                                       f"loads; LoRA, quantisation and saving keys apply to the "
                                                       f"training stages ({', '.join(TRAINING_STAGES)})"))
             own.pop(key)
-    parsed, _, more = parse_dataclass(ModelOptions, {**top, **own}, doc, ())
+    parsed, _, more = parse_dataclass(ModelOptions, {**top, **own}, doc, (), inert=False)
     if more:  # located where each key is: the stage's section, else the top level
-        parsed, _, more = parse_dataclass(ModelOptions, own, doc, (stage,))
+        parsed, _, more = parse_dataclass(ModelOptions, own, doc, (stage,), inert=False)
         problems += more
     if problems or parsed is None:
         return None, problems
+    for key, words in inert_keys(parsed, own).items():  # the top level's keys: inert_top_level_options
+        problems.append(doc.problem((stage, key), inert_message(f"{stage}.{key}", key, words)))
 
     def problem(key: str, message: str):
         path = (stage, key) if key in own else (key,)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import json
 import logging
 import platform
 import time
@@ -33,7 +34,7 @@ from typing import Any
 from cai import distributed, registry
 from cai.config import RunConfig, config_hash, shared_fingerprint
 from cai.engines import EngineError, is_server, server_name
-from cai.registry import DATA_STAGES, MODEL_STAGES, ORDER, round_of, split_step, step_name
+from cai.registry import DATA_STAGES, MODEL_STAGES, ORDER, round_of, split_step, step_command, step_name
 from cai.rundir import StageDir, atomic_write_json
 from cai.schema import parse_dataclass
 from cai.yamlio import Problem, ValidationError
@@ -54,6 +55,12 @@ def trl_fields(module) -> tuple[set[str] | None, str]:
     return {f.name for f in dataclasses.fields(cls) if f.init}, f"{cls.__module__.split('.')[0]}.{cls.__name__}"
 
 
+def _model_option_keys() -> tuple[str, ...]:
+    from cai.models import ModelOptions
+
+    return tuple(f.name for f in dataclasses.fields(ModelOptions))
+
+
 def stage_config(run: RunConfig, name: str) -> tuple[Any, dict]:
     """The stage's Config and its TRL pass-through keys, validated (errors name lines):
     its own keys, the stage's checks, and for a training stage the TRL config object built
@@ -68,8 +75,8 @@ def stage_config(run: RunConfig, name: str) -> tuple[Any, dict]:
     problems = renamed_key_problems(run.source, name, section)
     if problems:
         raise ValidationError(problems)
-    cfg, trl, problems = parse_dataclass(module.Config, section, run.source, (name,),
-                                         extra=extra, extra_name=extra_name)
+    cfg, trl, problems = parse_dataclass(module.Config, section, run.source, (name,), extra=extra,
+                                         extra_name=extra_name, suggest=_model_option_keys())
     problems += stage_model_options(run, name)[1]
     if problems:
         raise ValidationError(problems)
@@ -209,6 +216,7 @@ class StageContext:
     dir: StageDir
     config_hash: str
     upstream: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict, repr=False)  # what config_hash is computed from
     model_options: Any = None  # cai.models.ModelOptions: the run's top-level keys, then the stage's
     round: int = 1
     _engines: dict = field(default_factory=dict, repr=False)
@@ -313,6 +321,14 @@ def upstream_steps(run: RunConfig, step: str, cfg) -> list[str]:
 
 
 def _fingerprint(run: RunConfig, step: str, cfg: Any, trl: dict) -> tuple[str, dict]:
+    """The step's config hash and its upstream steps' hashes."""
+    body = hashed_settings(run, step, cfg, trl)
+    return config_hash(body), body["upstream"]
+
+
+def hashed_settings(run: RunConfig, step: str, cfg: Any, trl: dict) -> dict:
+    """Everything a step's config hash is computed from (kept in its marker and manifest,
+    so a refusal can say which setting changed)."""
     name = split_step(step)[0]
     module = stage_module(name)
     upstream = {}
@@ -328,7 +344,7 @@ def _fingerprint(run: RunConfig, step: str, cfg: Any, trl: dict) -> tuple[str, d
     model_options = _model_options(run, name).fingerprint()
     if model_options:  # only settings other than the defaults, so existing runs keep their hashes
         body["model_options"] = model_options
-    return config_hash(body), upstream
+    return body
 
 
 # TRL settings that change where and how often a run logs, saves or reports, never what
@@ -357,9 +373,9 @@ def prepare(run: RunConfig, step: str) -> StageContext:
     name = split_step(step)[0]
     step = in_round(run, step, 1)  # `rl@1` is `rl`
     cfg, trl = stage_config(run, name)
-    digest, upstream = _fingerprint(run, step, cfg, trl)
-    return StageContext(run, name, cfg, trl, StageDir(run.path, step), digest, upstream,
-                        model_options=_model_options(run, name), round=round_of(step, run.rounds))
+    settings = hashed_settings(run, step, cfg, trl)
+    return StageContext(run, name, cfg, trl, StageDir(run.path, step), config_hash(settings), settings["upstream"],
+                        settings=settings, model_options=_model_options(run, name), round=round_of(step, run.rounds))
 
 
 def run_stage(run: RunConfig, step: str, force: bool = False) -> dict:
@@ -381,10 +397,12 @@ def run_stage(run: RunConfig, step: str, force: bool = False) -> dict:
         raise ValidationError([Problem(decision.get("where", str(stage_dir.path)), None, decision["message"])])
     if distributed.is_main():
         if decision.get("aside"):
+            size = folder_size(stage_dir.path)
             stage_dir.path.rename(decision["aside"])
-            print(f"[cai] {name}: old outputs moved to {decision['aside']}")
+            print(f"[cai] {name}: old outputs moved to {decision['aside']} ({size} kept on disk; delete the folder "
+                  f"when it is no longer needed)")
         stage_dir.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(marker, {"config_hash": ctx.config_hash})
+        atomic_write_json(marker, {"config_hash": ctx.config_hash, "settings": ctx.settings})
     distributed.barrier()
     resumed = decision["resumed"]
     threads = set_threads(run.threads)
@@ -409,7 +427,8 @@ def run_stage(run: RunConfig, step: str, force: bool = False) -> dict:
     manifest = {
         "stage": ctx.name, **({"round": ctx.round} if ctx.step != ctx.name else {}),
         "config_hash": ctx.config_hash, "config": dataclasses.asdict(ctx.config), "trl": ctx.trl,
-        "shared": shared_fingerprint(run), "upstream": ctx.upstream, "counts": counts, "resumed": resumed,
+        "shared": shared_fingerprint(run), "upstream": ctx.upstream, "settings": ctx.settings,
+        "counts": counts, "resumed": resumed,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "seconds": round(time.time() - started, 2), "versions": _versions(), "threads": threads,
         "peak_memory": peak_memory(),
@@ -472,13 +491,13 @@ def _decide(ctx: StageContext, force: bool) -> dict:
     """Skip (complete with the same config), refuse (other settings, or a saved model that
     cannot be loaded, here or upstream, without --force) or run (resuming if a marker says
     it started), and where a replaced folder goes."""
-    import json
-
     manifest = ctx.dir.manifest()
     marker = ctx.dir / ".in_progress.json"
     previous = manifest["config_hash"] if manifest else None
+    before = manifest
     if previous is None and marker.exists():
-        previous = json.loads(marker.read_text())["config_hash"]
+        before = json.loads(marker.read_text())
+        previous = before["config_hash"]
     corrupt = ctx.dir.model_problem() if manifest else None  # a saved model that would fail its readers
     if previous == ctx.config_hash and manifest:
         if not corrupt:
@@ -494,8 +513,10 @@ def _decide(ctx: StageContext, force: bool) -> dict:
             state = "completed" if manifest else "started"
             return {"action": "refuse", "message": (
                 f"stage '{ctx.step}' in {ctx.dir.path} was {state} with other settings or inputs "
-                f"(config hash {previous}, now {ctx.config_hash}). Nothing was changed. Use another "
-                f"run_dir, or pass --force to move the old folder aside and redo the stage.")}
+                f"(config hash {previous}, now {ctx.config_hash}):\n"
+                + "\n".join(f"  {line}" for line in settings_diff(before, ctx.settings))
+                + f"\nNothing was changed. Use another run_dir, or pass --force to move the old folder aside "
+                  f"(a full copy, {folder_size(ctx.dir.path)}) and redo the stage.")}
         aside = str(ctx.dir.path.with_name(f"{ctx.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
     return {"action": "run", "aside": aside, "resumed": marker.exists() and aside is None}
 
@@ -506,6 +527,50 @@ def corrupt_refusal(stage: str, problem: tuple[Path, str]) -> dict:
     return {"action": "refuse", "where": str(path), "message": (
         f"{why}: stage '{stage}' is complete but its saved model cannot be loaded. Nothing was changed. Redo the "
         f"stage: `{registry.step_command(stage)} --force` with this config moves its folder aside and runs it again")}
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def settings_diff(before: dict, now: dict) -> list[str]:
+    """`key: old -> new` for every setting that entered the old and the new config hash
+    differently (`before`: the old manifest or marker). An upstream stage redone shows as
+    its hash; the constitution as its file's digest."""
+    if "settings" not in before:  # written before cai kept the hashed settings: what the manifest has
+        old = {k: before.get(k) for k in ("config", "trl", "shared", "upstream")}
+        now = {k: now.get(k) for k in ("config", "trl", "shared", "upstream")}
+    else:
+        old = before["settings"]
+    names = {"shared.constitution_sha256": "constitution (the file's content)"}
+    flat_old, flat_now = _flat(old), _flat(now)
+    lines = []
+    for key in sorted(set(flat_old) | set(flat_now)):
+        a, b = flat_old.get(key, "(not set)"), flat_now.get(key, "(not set)")
+        if a == b:
+            continue
+        shown = names.get(key) or key.removeprefix("shared.").removeprefix("config.").removeprefix("trl.")
+        if key.startswith("upstream."):
+            shown = f"upstream stage '{key.split('.', 1)[1]}' (its config hash: it was redone)"
+        elif key.startswith(("config.", "trl.", "model_options.")):
+            shown = f"{before.get('stage', now.get('stage'))}.{shown.removeprefix('model_options.')}"
+        lines.append(f"{shown}: {json.dumps(a, default=str)} -> {json.dumps(b, default=str)}")
+    return lines or ["(no setting differs: the stage's code changed how its settings are hashed)"]
+
+
+def folder_size(path: Path) -> str:
+    """The disk a folder uses, for the note on what --force keeps."""
+    total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if total < 1024 or unit == "GB":
+            return f"{total:.0f} {unit}" if unit == "bytes" else f"{total:.1f} {unit}"
+        total /= 1024
+    return ""
 
 
 def default_stages(run: RunConfig) -> list[str]:
@@ -524,12 +589,61 @@ def default_stages(run: RunConfig) -> list[str]:
     return registry.steps([s for s in ORDER if s in wanted], run.rounds)
 
 
+# What a stage reads from other stages besides the models it names: (stage, why).
+DATA_READS = {"sft": (("critique", "its sft.jsonl is the training set"),),
+              "reward": (("label", "its prefs.jsonl is the training set"),),
+              "dpo": (("label", "its prefs.jsonl is the training set"),)}
+# A model role left null means this stage's model.
+NULL_ROLES = {"policy": "sft", "reward_model": "reward"}
+
+
+def required_stages(name: str, cfg) -> list[tuple[str, str]]:
+    """The stages `name` cannot run without, and why: the data it reads (DATA_READS,
+    critique's pairs with `mix_critique_pairs`) and every stage its model roles name
+    (evaluate's `models` aside: it skips a stage that has not run)."""
+    from cai.schema import applies
+
+    needed = list(DATA_READS.get(name, ()))
+    if getattr(cfg, "mix_critique_pairs", False):
+        needed.append(("critique", "mix_critique_pairs reads its prefs.jsonl"))
+    for f, item in config_values(cfg):
+        if (not f.metadata.get("model_reference") or not applies(cfg, f)  # rl's reward_model with reward: judge
+                or (name, f.name) == ("evaluate", "models")):
+            continue
+        item = NULL_ROLES.get(f.name) if item is None else item
+        if item in ORDER and item != name:
+            needed.append((item, f"its model is {name}.{f.name}"))
+    return list(dict.fromkeys(needed))
+
+
+def upstream_problems(run: RunConfig, selected: list[str], flag: str | None = None) -> list[Problem]:
+    """Every step a selected step needs (in its round) has completed in the run folder or
+    runs before it in this command: checked before any stage folder is made. `flag`: the
+    `--from` argument of `cai run` (None: a single step's command)."""
+    problems, will_run = [], set()
+    for step in selected:
+        name = split_step(step)[0]
+        cfg, _ = stage_config(run, name)
+        for up, why in required_stages(name, cfg):
+            needed = in_round(run, up, round_of(step, run.rounds))
+            if needed in will_run or StageDir(run.path, needed).complete():
+                continue
+            advice = f"start from it (--from {up})" if flag else f"run `{step_command(needed)}` first"
+            problems.append(Problem(flag or step_command(step), None,
+                                    f"{name} needs stage '{needed}' ({why}), which has not completed in {run.path}: "
+                                    f"{advice}"))
+        will_run.add(step)
+    return problems
+
+
 def run_pipeline(run: RunConfig, start: str | None = None, until: str | None = None,
                  force: bool = False) -> list[dict]:
     selected = select_stages(run, start, until)
     # Every section is checked before any work starts, the unselected ones too: the config
     # is one unit, and `--until critique` today is `--from sft` tomorrow.
     validate(run, default_stages(run))
+    if problems := upstream_problems(run, selected, f"--from {start}" if start else "cai run"):
+        raise ValidationError(problems)
     check_servers(run, selected)
     return [run_stage(run, name, force=force) for name in selected]
 
@@ -572,6 +686,13 @@ def reference_problems(run: RunConfig, name: str, cfg) -> list[Problem]:
     return problems
 
 
+# The hub's legacy ids without an owner (gpt2, bert-base-uncased, ...) now live under one;
+# transformers still redirects some, cai's checks need the full id. By the id's first word.
+LEGACY_HUB_OWNERS = {"gpt2": "openai-community", "openai": "openai-community", "distilgpt2": "distilbert",
+                     "distilbert": "distilbert", "bert": "google-bert", "roberta": "FacebookAI",
+                     "xlm": "FacebookAI", "t5": "google-t5", "albert": "albert", "ctrl": "Salesforce"}
+
+
 def model_problems(run: RunConfig, key: tuple, reference: str) -> list[Problem]:
     import difflib
 
@@ -598,6 +719,8 @@ def model_problems(run: RunConfig, key: tuple, reference: str) -> list[Problem]:
         what = f"neither a stage name ({', '.join(MODEL_STAGES)}) nor {model}" if stage_role else f"not {model}"
         close = difflib.get_close_matches(reference, MODEL_STAGES if stage_role else [], n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
+        if not close and (owner := LEGACY_HUB_OWNERS.get(reference.split("-")[0])) is not None:
+            hint = f"; the hub moved its old ids without an owner under one: write {owner}/{reference}"
         return [run.source.problem(key, f"'{where}': '{reference}' is {what}{hint}")]
     if run.cache_only:  # --check: a hub id is looked up in the cache, never on the hub
         if (reason := spec_problem(reference, hub=False)) is not None:

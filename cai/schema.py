@@ -21,14 +21,47 @@ from cai.yamlio import LocatedYaml, Problem, describe
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002 - argparse's word
             default_factory: Any = dataclasses.MISSING,
-            model_reference: bool = False, **bounds: float) -> Any:
+            model_reference: bool = False, only_if: tuple | None = None, **bounds: float) -> Any:
     """A Config field with its help text and range (`ge`, `gt`, `le`, `lt`), which
     `parse_dataclass` checks when the config is loaded: `setting(8, "prompts per batch", ge=1)`.
     A null value (for an `int | None` field) is never out of range. A `model_reference`
     field names models (a stage, `base`, a model spec or `server:NAME`): `validate` checks
-    that each one exists before any work."""
-    metadata = {"help": help, **bounds, **({"model_reference": True} if model_reference else {})}
+    that each one exists before any work. `only_if=(FIELD, test, "FIELD: value")`: the key
+    does nothing unless `test(FIELD's value)`; setting it without that is refused."""
+    metadata = {"help": help, **bounds, **({"model_reference": True} if model_reference else {}),
+                **({"only_if": only_if} if only_if else {})}
     return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def only_if_rule(obj: Any, f: dataclasses.Field) -> tuple | None:
+    """The field's `setting(only_if=...)` rule, else its class's `ONLY_IF[name]`: the rule
+    of a field inherited from a base several stages share (the judge's keys), which each
+    stage's section gates on its own key."""
+    return f.metadata.get("only_if") or getattr(type(obj), "ONLY_IF", {}).get(f.name)
+
+
+def applies(obj: Any, f: dataclasses.Field) -> bool:
+    """Whether field `f` of a parsed config has any effect (`only_if_rule`)."""
+    rule = only_if_rule(obj, f)
+    return rule is None or bool(rule[1](getattr(obj, rule[0])))
+
+
+def inert_keys(obj: Any, given) -> dict[str, str]:
+    """{key: what it needs} for the keys in `given` set to something other than their
+    default that does nothing in `obj` (a parsed config), because the key they depend on
+    (`only_if_rule`) does not allow it. A default value written out changes nothing either
+    way, so it passes (recipes spell defaults out)."""
+    inert = {}
+    for f in dataclasses.fields(obj):
+        if f.name in given and (rule := only_if_rule(obj, f)):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if getattr(obj, f.name) != default and not applies(obj, f):
+                inert[f.name] = rule[2]
+    return inert
+
+
+def inert_message(name: str, key: str, words: str) -> str:
+    return f"'{name}' does nothing without {words}: set that too, or remove {key}"
 
 
 TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
@@ -91,9 +124,11 @@ def out_of_range(value: Any, bounds: dict, hint: Any = None) -> str | None:
 
 
 def parse_dataclass(cls: type, raw: Any, doc: LocatedYaml, path: tuple, extra: set[str] | None = None,
-                    extra_name: str = "") -> tuple[Any, dict, list[Problem]]:
+                    extra_name: str = "", suggest: tuple = (), inert: bool = True) -> tuple[Any, dict, list[Problem]]:
     """Build `cls` from a mapping. Keys in `extra` (a TRL config's fields) are returned
-    apart; any other unknown key, a wrong type or a missing required field is a problem."""
+    apart; any other unknown key (with the closest known one, from the fields, `extra`
+    and `suggest`), a wrong type, a missing required field or (with `inert`) a key that
+    does nothing without another (`inert_keys`) is a problem."""
     where = ".".join(str(p) for p in path) or "the config"
     if raw is None:
         raw = {}
@@ -115,15 +150,32 @@ def parse_dataclass(cls: type, raw: Any, doc: LocatedYaml, path: tuple, extra: s
         elif extra is not None and key in extra:
             passthrough[key] = value
         else:
-            known = f"a {cls.__name__} field" + (f" nor a field of {extra_name}" if extra_name else "")
-            problems.append(doc.problem(path + (key,), f"unknown key '{key}' in {where}: not {known}"))
+            problems.append(doc.problem(path + (key,), unknown_key(key, where, [*fields, *(extra or ()), *suggest],
+                                                                   extra_name)))
     for name, f in fields.items():
         if (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                 and name not in raw):
             problems.append(doc.problem(path, f"missing required key '{name}' in {where}"))
     if problems:
         return None, passthrough, problems
-    return cls(**values), passthrough, []
+    obj = cls(**values)
+    if inert:
+        for key, words in inert_keys(obj, raw).items():
+            name = ".".join(str(p) for p in path + (key,))
+            problems.append(doc.problem(path + (key,), inert_message(name, key, words)))
+    return (None if problems else obj), passthrough, problems
+
+
+def unknown_key(key: Any, where: str, known, library: str = "") -> str:
+    """The message for an unknown key: the closest known key, if one is close, and
+    where the keys come from, in the user's words (never an internal class name)."""
+    import difflib
+
+    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.75)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    section = "a top-level key" if where == "the config" else f"a key of the '{where}' section"
+    origin = f" (neither one of cai's keys nor a field of {library})" if library else f" (not {section})"
+    return f"unknown key '{key}' in {where}{hint}{origin}"
 
 
 # ---------------------------------------------------------------- help

@@ -71,3 +71,12 @@ def test_constitution_show_with_a_bad_file_shows_the_good_one_and_exits_2(tmp_pa
     assert main(["constitution", "show", good, str(bad)]) == 2
     out, err = capsys.readouterr()
     assert f"==> {good} <==" in out and str(bad) in err
+
+
+def test_output_cut_short_by_the_reader_is_not_an_error():
+    import subprocess
+    import sys
+
+    done = subprocess.run(f"{sys.executable} -m cai constitution show constitutions/harmless.yaml | head -1",
+                          shell=True, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.stdout.strip() and "internal error" not in done.stderr and "Traceback" not in done.stderr

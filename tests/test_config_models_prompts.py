@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ def test_unknown_and_mistyped_keys_name_file_and_line(tmp_path):
     with pytest.raises(ValidationError) as err:
         load_config(path)
     messages = [str(p) for p in err.value.problems]
-    assert f"{path}:3: unknown key 'modle' in the config: not a RunConfig field" in messages
+    assert f"{path}:3: unknown key 'modle' in the config; did you mean 'model'? (not a top-level key)" in messages
     assert any(m.startswith(f"{path}:5: 'prompts.eval_fraction' must be float") for m in messages)
 
 
@@ -47,7 +48,8 @@ def test_trl_keys_pass_through_and_unknown_stage_keys_are_errors(tmp_path):
     run = make_run(tmp_path, "sft.warmup_stepz=2")
     with pytest.raises(ValidationError) as err:
         stage_config(run, "sft")
-    assert "unknown key 'warmup_stepz' in sft: not a Config field nor a field of trl.SFTConfig" in str(err.value)
+    assert ("unknown key 'warmup_stepz' in sft; did you mean 'warmup_steps'? (neither one of cai's keys nor a field "
+            "of trl.SFTConfig)") in str(err.value)
 
 
 def test_missing_run_dir_is_an_error(tmp_path):
@@ -226,3 +228,82 @@ def test_bad_prompt_file_names_the_line(tmp_path):
     (tmp_path / "empty.jsonl").write_text(json.dumps({"prompt": ""}) + "\n")
     with pytest.raises(ValueError, match=r"empty.jsonl:1: 'prompt' is blank"):
         load_source(str(tmp_path / "empty.jsonl"), "red_team")
+
+
+# (--set argument, the message cai gives): the closest known key, in the user's words
+UNKNOWN_KEYS = [
+    ("sft.learning_rat=0.1", "unknown key 'learning_rat' in sft; did you mean 'learning_rate'?"),
+    ("sed=1", "unknown key 'sed' in the config; did you mean 'seed'? (not a top-level key)"),
+    ("critiqe={}", "unknown key 'critiqe' in the config; did you mean 'critique'?"),
+    ("sft.lora_rr=8", "unknown key 'lora_rr' in sft; did you mean 'lora_r'?"),
+    ("prompts.max_evl=3", "unknown key 'max_evl' in prompts; did you mean 'max_eval'? (not a key of the 'prompts' "
+                          "section)"),
+    ("label.feedback_cott=true", "unknown key 'feedback_cott' in label; did you mean 'feedback_cot'?"),
+    ("evaluate.zzzz=1", "unknown key 'zzzz' in evaluate (not a key of the 'evaluate' section)"),
+]
+
+
+@pytest.mark.parametrize(("setting", "expected"), UNKNOWN_KEYS, ids=[c[0] for c in UNKNOWN_KEYS])
+def test_an_unknown_key_gets_the_closest_known_one_and_no_class_name(tmp_path, setting, expected):
+    from cai.pipeline import validate
+
+    with pytest.raises(ValidationError) as err:
+        validate(make_run(tmp_path, setting), ["critique", "sft", "label", "evaluate"])
+    assert expected in str(err.value)
+    assert not re.search(r"\b(Config|RunConfig|PromptsConfig|ModelOptions|ServerConfig)\b", str(err.value))
+
+
+# (--set arguments, the key refused and what it needs): keys that do nothing without another
+INERT = [
+    (["sft.lora_r=8"], "'sft.lora_r' does nothing without use_peft: true"),
+    (["lora_r=8"], "'lora_r' does nothing without use_peft: true"),
+    (["sft.merge_adapter=false"], "'sft.merge_adapter' does nothing without use_peft: true"),
+    (["sft.use_peft=true", "sft.bnb_4bit_quant_type=fp4"], "'sft.bnb_4bit_quant_type' does nothing without "
+                                                           "load_in_4bit: true"),
+    (["label.feedback_cot_clamp=[0.3, 0.7]"], "'label.feedback_cot_clamp' does nothing without feedback_cot: true"),
+    (["critique.feedback_model=sft"], "'critique.feedback_model' does nothing without best_of above 1"),
+    (["critique.feedback_few_shot=1"], "'critique.feedback_few_shot' does nothing without best_of above 1"),
+    (["dpo.soft_labels=weighted", "dpo.min_confidence=0.7"], "'dpo.min_confidence' does nothing without "
+                                                             "soft_labels: threshold"),
+    (["reward.critique_pair_label=0.9", "reward.mix_critique_pairs=false"],
+     "'reward.critique_pair_label' does nothing without mix_critique_pairs: true"),
+    (["rl.feedback_few_shot=1"], "'rl.feedback_few_shot' does nothing without reward: judge"),
+    (["rl.feedback_batch_size=8"], "'rl.feedback_batch_size' does nothing without reward: judge"),
+]
+
+
+@pytest.mark.parametrize(("settings", "expected"), INERT, ids=[" ".join(c[0]) for c in INERT])
+def test_a_key_that_does_nothing_without_another_is_refused(tmp_path, settings, expected):
+    from cai.pipeline import validate
+
+    with pytest.raises(ValidationError) as err:
+        validate(make_run(tmp_path, *settings), ["critique", "sft", "label", "reward", "rl", "dpo"])
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("settings", [
+    ["sft.use_peft=true", "sft.lora_r=8"],
+    ["lora_r=8", "sft.use_peft=true"],  # a top-level key that works in one training stage
+    ["use_peft=true", "lora_r=8", "reward.use_peft=false"],
+    ["label.feedback_cot=true", "label.feedback_cot_clamp=[0.3, 0.7]"],
+    ["critique.best_of=2", "critique.feedback_few_shot=1"],
+])
+def test_a_dependent_key_with_what_it_needs_is_accepted(tmp_path, settings):
+    from cai.pipeline import validate
+
+    validate(make_run(tmp_path, *settings), ["critique", "sft", "label", "reward"])
+
+
+@pytest.mark.parametrize(("model", "expected"), [
+    ("gpt2", "write openai-community/gpt2"),
+    ("gpt2-medium", "write openai-community/gpt2-medium"),
+    ("bert-base-uncased", "write google-bert/bert-base-uncased"),
+    ("distilgpt2", "write distilbert/distilgpt2"),
+    ("my-model", "'model': 'my-model' is not a model (builtin:NAME"),
+])
+def test_a_bare_legacy_hub_id_gets_its_full_name(tmp_path, model, expected):
+    from cai.pipeline import validate
+
+    with pytest.raises(ValidationError) as err:
+        validate(make_run(tmp_path, f"model={model}"), ["critique"])
+    assert expected in str(err.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -89,13 +90,21 @@ def test_interrupted_critique_resumes_without_duplicates_or_gaps(tmp_path, monke
     assert sorted(records(run.path), key=lambda r: r["id"]) == sorted(records(reference.path), key=lambda r: r["id"])
 
 
-def test_changed_settings_refuse_to_mix_with_old_outputs(tmp_path):
+def test_changed_settings_refuse_to_mix_with_old_outputs(tmp_path, capsys):
     run_stage(make_run(tmp_path / "run"), "critique")
-    changed = make_run(tmp_path / "run", "critique.num_revisions=1")
-    with pytest.raises(ValidationError, match="other settings"):
+    changed = make_run(tmp_path / "run", "critique.num_revisions=1", "prompts.max_red_team=7", "seed=3")
+    with pytest.raises(ValidationError, match="other settings") as err:
         run_stage(changed, "critique")
+    # the refusal says which settings changed, old -> new, and what --force keeps on disk
+    lines = str(err.value).splitlines()
+    for line in ("  critique.num_revisions: 2 -> 1", "  prompts.max_red_team: 8 -> 7", "  seed: 0 -> 3"):
+        assert line in lines, str(err.value)
+    assert re.search(r"--force to move the old folder aside \(a full copy, [\d.]+ (bytes|KB|MB)\)", str(err.value))
     assert len(records(changed.path)) == 8  # nothing lost
+    capsys.readouterr()
     manifest = run_stage(changed, "critique", force=True)
+    assert re.search(r"old outputs moved to .*critique\.replaced-\S+ \([\d.]+ (bytes|KB|MB) kept on disk",
+                     capsys.readouterr().out)
     assert manifest["config"]["num_revisions"] == 1
     assert list(tmp_path.joinpath("run").glob("critique.replaced-*"))
 

@@ -206,6 +206,8 @@ def test_evaluate_on_a_few_prompts_gives_figures_but_no_verdicts(sft_run, capsys
     out = capsys.readouterr().out
     assert "only 3 red_team prompt(s)" in out and "only 3 helpful prompt(s)" in out
     assert "better" not in out and "worse" not in out
+    assert "red-team prompts (3), 95% intervals; too few to compare: verdicts need at least 10 prompts:" in out
+    assert "sft vs base: beats" in out
 
 
 @pytest.mark.parametrize("case", ["bad line", "missing file", "unknown kind", "a prompt of both kinds"])
@@ -454,3 +456,18 @@ def test_elo_of_even_or_one_sided_matches():
     assert elo([("base", "sft", 0.5)] * 4, anchor="base") == {"base": 1000.0, "sft": 1000.0}
     lopsided = elo([("base", "sft", 0.0)] * 4, anchor="base")  # sft wins every time: still finite
     assert 1000.0 < lopsided["sft"] < 2000.0
+
+
+def test_a_stage_the_config_does_not_run_is_noted_not_reported_as_missing(sft_run, tmp_path):
+    from cai.config import load_config
+    from cai.pipeline import prepare
+    from cai.stages.evaluate import models_to_evaluate
+
+    text = (ROOT / "configs" / "smoke.yaml").read_text()
+    config = tmp_path / "no-dpo.yaml"
+    config.write_text(text[:text.index("\ndpo:")] + "\n")  # the smoke config without its dpo section
+    ctx = prepare(load_config(config, [f"run_dir={sft_run}"]), "evaluate")
+    found, skipped = models_to_evaluate(ctx, ctx.config)
+    assert list(found) == ["base", "sft"]
+    assert skipped == {"rl": f"stage 'rl' has not completed in {sft_run}",
+                       "dpo": "not one of this run's stages: the config has no dpo section"}

@@ -8,7 +8,7 @@ import re
 import shutil
 
 import pytest
-from conftest import SMOKE, kill_mid_chunk, make_run
+from conftest import ROOT, SMOKE, kill_mid_chunk, make_run
 
 from cai.cli import main
 from cai.judge.eval_labeler import evaluate_labeler, expected_calibration_error, read_labeled_pairs
@@ -41,12 +41,15 @@ def test_label_writes_soft_labelled_pairs_from_the_sft_policy(sft_run):
 
 
 def test_identical_or_degenerate_pairs_are_dropped_and_counted(sft_run):
-    # Greedy decoding gives the same answer twice: nothing left to compare.
-    manifest = run_stage(make_run(sft_run, *LABEL, "label.temperature=0", "label.include_helpful=false"), "label")
+    # Greedy decoding gives the same answer twice: nothing left to compare, and the stage
+    # fails here, naming the cause, rather than reward or dpo failing on an empty file.
+    with pytest.raises(RuntimeError, match=r"label: no comparisons: all 8 answer pairs were dropped \(") as err:
+        run_stage(make_run(sft_run, *LABEL, "label.temperature=0", "label.include_helpful=false"), "label")
+    assert "label.temperature" in str(err.value)
     dropped = read_jsonl(sft_run / "label" / "dropped.jsonl")
-    assert manifest["counts"]["comparisons"] == 0 and read_jsonl(sft_run / "label" / "prefs.jsonl") == []
-    assert manifest["counts"]["dropped"] == len(dropped) == manifest["counts"]["prompts"] == 8
+    assert read_jsonl(sft_run / "label" / "prefs.jsonl") == [] and len(dropped) == 8
     assert {r["reason"] for r in dropped} <= {"identical answers", "degenerate answer"}
+    assert not (sft_run / "label" / "manifest.json").exists()
 
 
 def test_an_interrupted_label_run_resumes_without_duplicates_and_is_deterministic(sft_run, tmp_path):
@@ -200,3 +203,18 @@ def test_calibration_is_on_by_default_wherever_it_applies(tmp_path):
     assert calibrates(run, JudgeSettings(), pointwise=True) is False  # rl's Yes / No question
     assert calibrates(run, JudgeSettings(feedback_calibrate=False)) is False
     assert calibrates(run, JudgeSettings(feedback_calibrate=True)) is True
+
+
+def test_the_hhh_bench_names_the_datas_source_and_how_to_fetch_it(tmp_path):
+    import subprocess
+    import sys
+
+    missing = tmp_path / "hhh-438.jsonl"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "labeler_hhh.py"), str(missing), "--quick"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode != 0
+    assert f"{missing}: no such file" in done.stderr
+    assert ("curl -fL -o bench/data/hhh-438.jsonl https://raw.githubusercontent.com/anthropics/"
+            "ConstitutionalHarmlessnessPaper/") in done.stderr
+    readme = (ROOT / "README.md").read_text()
+    assert "github.com/anthropics/ConstitutionalHarmlessnessPaper" in readme and "states no\nlicence" in readme

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import SMOKE
 
 from cai.cli import main
@@ -55,8 +56,10 @@ def test_a_bad_config_key_stops_the_run_before_any_work(tmp_path, capsys):
 
 def test_stage_out_of_order_is_a_clear_error(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert main(["sft", "--config", str(SMOKE), "--set", f"run_dir={run_dir}"]) == 1
-    assert "stage 'critique' has not completed" in capsys.readouterr().err
+    assert main(["sft", "--config", str(SMOKE), "--set", f"run_dir={run_dir}"]) == 2
+    assert ("cai sft: sft needs stage 'critique' (its sft.jsonl is the training set), which has not completed in "
+            f"{run_dir}: run `cai critique` first") in capsys.readouterr().err
+    assert not run_dir.exists()
     assert main(["critique", "--config", str(SMOKE), "--set", f"run_dir={run_dir}"]) == 0
     assert main(["sft", "--config", str(SMOKE), "--set", f"run_dir={run_dir}"]) == 0
 
@@ -123,3 +126,68 @@ def test_peak_memory_is_the_stages_own():
     small = touched(100)
     assert peak_memory()["rss_bytes"] >= after["rss_bytes"] + 90 * 2**20
     del small
+
+
+@pytest.mark.parametrize(("argv", "expected", "absent"), [
+    (["run", "--from", "reward"], "--from reward: reward needs stage 'label' (its prefs.jsonl is the training set), "
+                                  "which has not completed in {run}: start from it (--from label)", "reward"),
+    (["run", "--from", "rl"], "--from rl: rl needs stage 'reward' (its model is rl.reward_model)", "rl"),
+    (["dpo"], "cai dpo: dpo needs stage 'label' (its prefs.jsonl is the training set)", "dpo"),
+    (["label", "--set", "label.policy=rl"], "cai label: label needs stage 'rl' (its model is label.policy)", "label"),
+    (["run", "--from", "reward", "--set", "reward.mix_critique_pairs=true", "--set", "critique.num_revisions=1"],
+     "reward needs stage 'label'", "reward"),
+])
+def test_a_missing_upstream_stage_is_refused_before_any_stage_folder(sft_run, capsys, argv, expected, absent):
+    def stage_folders():
+        return sorted(p.name for p in sft_run.iterdir() if p.is_dir())
+
+    before = stage_folders()
+    command, rest = argv[0], argv[1:]
+    assert main([command, "--config", str(SMOKE), "--set", f"run_dir={sft_run}", *rest]) == 2
+    err = capsys.readouterr().err
+    assert expected.format(run=sft_run) in err and "Traceback" not in err
+    assert not (sft_run / absent).exists()
+    assert stage_folders() == before  # no stage folder, empty or not
+
+
+def test_a_model_folder_without_a_chat_template_is_refused_before_any_stage(tmp_path, capsys):
+    import shutil
+
+    from cai import models
+
+    folder = tmp_path / "no-template"
+    shutil.copytree(models.resolve("builtin:tiny"), folder)
+    (folder / "chat_template.jinja").unlink()
+    run_dir = tmp_path / "run"
+    assert main(["run", "--config", str(SMOKE), "--set", f"run_dir={run_dir}", "--set", f"model={folder}"]) == 2
+    err = capsys.readouterr().err
+    assert f"model folder {folder} has no chat template" in err and "Traceback" not in err
+    assert not run_dir.exists()
+    # the same folder as a later stage's model: refused before critique runs
+    assert main(["run", "--config", str(SMOKE), "--set", f"run_dir={run_dir}",
+                 "--set", f"evaluate.feedback_model={folder}"]) == 2
+    assert "has no chat template" in capsys.readouterr().err and not run_dir.exists()
+
+
+def test_a_stage_with_nothing_to_pass_on_fails_with_the_reason(tmp_path, capsys, monkeypatch):
+    from cai.engines.base import Completion
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr("cai.engines.hf.TransformersEngine.generate",
+                        lambda self, conversations, *args, **kwargs: [Completion("", 0, True) for _ in conversations])
+    assert main(["critique", "--config", str(SMOKE), "--set", f"run_dir={run_dir}"]) == 1
+    err = capsys.readouterr().err
+    assert "critique: no SFT rows: all 8 prompts were dropped (8 degenerate initial answer" in err
+    assert "critique.max_new_tokens" in err and not (run_dir / "critique" / "manifest.json").exists()
+
+
+def test_label_that_keeps_no_pair_fails_with_the_reason(sft_run, capsys, monkeypatch):
+    from cai.engines.base import Completion
+
+    monkeypatch.setattr("cai.engines.hf.TransformersEngine.generate",
+                        lambda self, conversations, *args, **kwargs: [Completion("The same answer.", 4, True)
+                                                                      for _ in conversations])
+    assert main(["label", "--config", str(SMOKE), "--set", f"run_dir={sft_run}"]) == 1
+    err = capsys.readouterr().err
+    assert "label: no comparisons: all" in err and "identical answers" in err and "label.temperature" in err
+    assert not (sft_run / "label" / "manifest.json").exists()

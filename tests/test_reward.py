@@ -266,7 +266,8 @@ def test_hard_labels_with_critique_pairs_mixed_in(sft_run):
 def test_unknown_keys_and_bad_values_are_errors_before_any_work(tmp_path):
     with pytest.raises(ValidationError) as err:
         run_stage(make_run(tmp_path, "reward.not_a_key=1"), "reward")
-    assert "unknown key 'not_a_key' in reward: not a Config field nor a field of trl.RewardConfig" in str(err.value)
+    assert ("unknown key 'not_a_key' in reward (neither one of cai's keys nor a field of trl.RewardConfig)"
+            in str(err.value))
     with pytest.raises(ValidationError, match=r"'reward.eval_fraction' must be in \[0, 1\), got 1.5"):
         run_stage(make_run(tmp_path, "reward.eval_fraction=1.5"), "reward")
     with pytest.raises(ValidationError, match="'reward.loss' must be 'soft' or 'hard'"):

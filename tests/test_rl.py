@@ -10,6 +10,8 @@ import pytest
 import torch
 from conftest import make_run
 
+from cai.yamlio import ValidationError
+
 # A few steps with 8-token answers: enough to see the policy move and the logs fill.
 TINY_RL = ("rl.max_prompts=8", "rl.max_new_tokens=8", "rl.learning_rate=1.0e-3", "rl.per_device_train_batch_size=4")
 REWARD_KEY = {"ppo": "objective/scores", "rloo": "reward", "grpo": "reward"}
@@ -133,7 +135,6 @@ def test_an_interrupted_ppo_run_resumes_from_its_checkpoint_to_the_uninterrupted
 ])
 def test_config_errors_are_reported_before_any_work(rl_run, overrides, message):
     from cai.pipeline import run_stage
-    from cai.yamlio import ValidationError
 
     run = make_run(rl_run, *overrides)
     with pytest.raises(ValidationError, match=message):
@@ -272,11 +273,14 @@ def test_judge_settings_enter_the_hash_only_when_the_judge_is_the_reward(rl_run)
         return prepare(make_run(rl_run, *overrides), "rl").config_hash
 
     plain = digest()
-    assert digest("rl.feedback_model=sft", "rl.feedback_few_shot=0") == plain  # unused with the reward model
+    assert digest("rl.feedback_few_shot=2") == plain  # a judge key at its default: nothing changes
+    with pytest.raises(ValidationError, match="'rl.feedback_few_shot' does nothing without reward: judge"):
+        digest("rl.feedback_model=sft", "rl.feedback_few_shot=0")  # unused with the reward model: refused
     judged = digest("rl.algorithm=grpo", "rl.reward=judge")
     assert judged != digest("rl.algorithm=grpo") and judged != digest("rl.algorithm=grpo", "rl.reward=judge",
                                                                       "rl.feedback_few_shot=0")
-    assert digest("rl.algorithm=grpo", "rl.reward=judge", "rl.reward_model=/elsewhere") == judged  # unused
+    with pytest.raises(ValidationError, match="'rl.reward_model' does nothing without reward: reward_model"):
+        digest("rl.algorithm=grpo", "rl.reward=judge", "rl.reward_model=/elsewhere")  # unused: refused
     assert list(prepare(make_run(rl_run, "rl.algorithm=grpo", "rl.reward=judge", "rl.feedback_model=reward"),
                         "rl").upstream) == ["sft", "reward"]  # a judge that is a stage's model
 

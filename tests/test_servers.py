@@ -199,12 +199,23 @@ def test_cai_run_with_critique_and_evaluate_on_transformers_serve(tmp_path, live
         stages = ["critique", "sft", "label", "reward", "rl", "dpo", "evaluate"]
         assert all(f"[cai] {s}: already complete" in out for s in stages), out
 
-        # transformers serve returns no log-probabilities: as a judge it is refused up front.
+        # transformers serve returns no log-probabilities: as a judge it is refused up front,
+        # with advice that works: it also refuses the open answer turn vLLM continues (HTTP 422).
         judged = tmp_path / "judged"
         shutil.copytree(run_dir, judged)
-        assert main(["evaluate"] + server_run(judged, serve, "evaluate.feedback_model=server:gen",
-                                              "evaluate.models=[server:gen, sft, dpo]")) == 2
-        assert "no token log-probabilities" in capsys.readouterr().err
+        judge = ("evaluate.feedback_model=server:gen", "evaluate.models=[server:gen, sft, dpo]")
+        assert main(["evaluate"] + server_run(judged, serve, *judge)) == 2
+        err = capsys.readouterr().err
+        assert "no token log-probabilities" in err
+        assert "set option_scoring: letter AND assistant_prefill: none on this server" in err
+        # letter scoring alone is not enough: the open answer turn is still refused, and said so
+        assert main(["evaluate"] + server_run(judged, serve, *judge, "servers.gen.option_scoring=letter")) == 2
+        assert "set assistant_prefill: none on this server" in capsys.readouterr().err
+        # following the advice, the judge works
+        assert main(["evaluate", "--force"] + server_run(judged, serve, *judge, "servers.gen.option_scoring=letter",
+                                                         "servers.gen.assistant_prefill=none")) == 0
+        results = json.loads((judged / "evaluate" / "results.json").read_text())
+        assert results["judge_scoring"].startswith("letter") and results["pairwise"]["all"]["pairs"]
 
 
 def test_an_api_key_comes_from_the_environment_and_is_never_written(tmp_path, lively_model, monkeypatch, capsys):

@@ -224,18 +224,40 @@ class OpenAIEngine(Engine):
 
     def check(self, judge: bool = False) -> None:
         """Before any work: is the server there, does it serve the model, and (for a
-        judge) does it return log-probabilities? One 1-token request, few retries."""
+        judge) does it take the judge's open answer turn as `assistant_prefill` sends it
+        and return log-probabilities? 1-token requests, few retries. The advice of a
+        failure names every setting the server needs, so following it works."""
+        logprobs = 2 if judge and self.capabilities.option_probabilities else 0
         body = self._body([{"role": "user", "content": "Say OK."}], max_tokens=1, temperature=0.0,
-                          top_logprobs=2 if judge and self.capabilities.option_probabilities else 0)
+                          top_logprobs=logprobs)
         answer = self._post(body, retries=min(1, self.server.max_retries))
+        prefill_refused = None
+        if judge and self.server.assistant_prefill != "none":
+            try:  # the judge's request shape: the question, then an open answer turn "("
+                self._post(self._body([{"role": "user", "content": "Say OK."}, {"role": "assistant", "content": "("}],
+                                      max_tokens=1, temperature=0.0, top_logprobs=logprobs), retries=0)
+            except EngineError as err:
+                prefill_refused = str(err)
         if "logprobs" in body and not (answer["choices"][0].get("logprobs") or {}).get("content"):
-            raise EngineError(self._no_logprobs())
+            raise EngineError(self._no_logprobs(prefill_refused))
+        if prefill_refused is not None:
+            raise EngineError(f"{prefill_refused}. The judge's open answer turn is refused as assistant_prefill: "
+                              f"{self.server.assistant_prefill} sends it: {self._prefill_advice()}")
 
-    def _no_logprobs(self) -> str:
+    def _prefill_advice(self) -> str:
+        return ("set assistant_prefill: none on this server (the letter is then read from the first generated "
+                "tokens; llama.cpp's server also takes assistant_prefill: message)")
+
+    def _no_logprobs(self, prefill_refused: str | None = None) -> str:
+        advice = "set option_scoring: letter on this server"
+        if prefill_refused is not None:  # the letter mode sends the same open turn: it needs both settings
+            advice = (f"set option_scoring: letter AND assistant_prefill: none on this server (it also refuses "
+                      f"the judge's open answer turn as assistant_prefill: {self.server.assistant_prefill} sends "
+                      f"it: {prefill_refused})")
         return (f"{self.url} returned no token log-probabilities for model '{self.server.model}': the judge reads "
                 f"its soft labels from them (vLLM, SGLang and llama.cpp's server return them; transformers serve "
-                f"and TGI past 5 do not). Use such a server, or set option_scoring: letter on this server to parse "
-                f"a generated letter into a hard label instead (degraded: no soft labels)")
+                f"and TGI past 5 do not). Use such a server, or {advice} to parse a generated letter into a hard "
+                f"label instead (degraded: no soft labels)")
 
     def generate(self, conversations: list[list[dict]], sampling: Sampling, seed: int,
                  desc: str | None = None, prefill: str = "") -> list[Completion]:

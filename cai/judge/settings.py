@@ -22,6 +22,9 @@ from cai.yamlio import Problem
 PREFIX = "feedback_"
 
 
+COT = ("feedback_cot", bool, "feedback_cot: true")  # the chain-of-thought keys do nothing without it
+
+
 @dataclass
 class JudgeSettings:
     """The judge's keys, the same in every stage section that has a judge."""
@@ -39,8 +42,9 @@ class JudgeSettings:
     feedback_cot: bool = setting(False, "chain of thought: the judge reasons before it answers; each order's "
                                         "probability is then clamped to feedback_cot_clamp")
     feedback_cot_clamp: list[float] = setting(help="[low, high] band for each order's chain-of-thought probability "
-                                                   "(the paper's 40-60 %)", default_factory=lambda: [0.4, 0.6])
-    feedback_cot_max_new_tokens: int = setting(128, "length of the judge's reasoning", ge=1)
+                                                   "(the paper's 40-60 %)", default_factory=lambda: [0.4, 0.6],
+                                              only_if=COT)
+    feedback_cot_max_new_tokens: int = setting(128, "length of the judge's reasoning", ge=1, only_if=COT)
 
 
 JUDGE_FIELDS = tuple(f.name for f in dataclasses.fields(JudgeSettings))

@@ -50,14 +50,17 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
 from cai.engines import Engine, Sampling, is_degenerate
 from cai.judge.judge import draw_principles
-from cai.judge.settings import JudgeSettings, hashed_without_judge, judge_problems, make_judge
+from cai.judge.settings import JUDGE_FIELDS, JudgeSettings, hashed_without_judge, judge_problems, make_judge
 from cai.leakage import SpanIndex, few_shot_index, ngrams, words
 from cai.rundir import atomic_write_jsonl
 from cai.schema import setting
+
+BEST_OF = ("best_of", lambda n: n > 1, "best_of above 1 (the judge picks among sampled revisions)")
 
 
 @dataclass
@@ -84,6 +87,8 @@ class Config(JudgeSettings):  # the judge of best_of: feedback_model, feedback_f
     @property
     def revision_sampling_temperature(self) -> float:
         return self.temperature if self.revision_temperature is None else self.revision_temperature
+
+    ONLY_IF: ClassVar[dict] = dict.fromkeys(JUDGE_FIELDS, BEST_OF)  # the judge is opened only when best_of > 1
 
 
 def config_problems(cfg: Config) -> list[tuple[str, str]]:
@@ -394,6 +399,14 @@ def run(ctx) -> dict:
     run_chunks(ledger, chunks, work, desc="critique")
     records = ledger.rows("records.jsonl")
     sft, prefs = training_sets(records)
+    if not sft:  # sft would fail on an empty file, far from the cause: fail here, with it
+        reasons = Counter(r["dropped"] for r in records if r.get("dropped"))
+        raise RuntimeError(
+            f"critique: no SFT rows: all {len(records)} prompts were dropped "
+            f"({', '.join(f'{n} {reason}' for reason, n in reasons.items())}; see {ctx.dir / 'records.jsonl'}). "
+            f"The model ({model_name}) gave no usable first answer: give it room (critique.max_new_tokens), "
+            f"sample (critique.temperature above 0), or use a model that answers chat prompts; then run again "
+            f"with --force (the settings changed)")
     atomic_write_jsonl(ctx.dir / "sft.jsonl", sft)
     atomic_write_jsonl(ctx.dir / "prefs.jsonl", prefs)
     leak = few_shot_index(constitution)

@@ -56,7 +56,8 @@ class Config:
         None, "the model to optimise, also the reference: null = the newest policy (the sft stage's model in "
               "round 1, round k-1's dpo in round k)", model_reference=True)
     soft_labels: Literal["threshold", "weighted"] = "threshold"  # how p_chosen is used (module docstring)
-    min_confidence: float = setting(0.55, "threshold mode: keep pairs with p_chosen >= this", ge=0.5, le=1)
+    min_confidence: float = setting(0.55, "threshold mode: keep pairs with p_chosen >= this", ge=0.5, le=1,
+                                    only_if=("soft_labels", lambda v: v == "threshold", "soft_labels: threshold"))
     mix_critique_pairs: bool = False  # also train on critique/prefs.jsonl (revision over first answer, p = 1)
 
 

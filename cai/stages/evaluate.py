@@ -262,12 +262,17 @@ def evaluation_prompts(ctx, cfg: Config) -> tuple[list, dict[str, str], dict[str
 def models_to_evaluate(ctx, cfg: Config) -> tuple[dict[str, str], dict[str, str]]:
     """{name: model spec} of the models that exist, and {name: why} of those skipped. With
     rounds, a per-round policy stage (rl, dpo) stands for its model of every round."""
+    from cai.pipeline import default_stages
+
+    in_run = default_stages(ctx.run)
     found, skipped = {}, {}
     for name in (step for entry in cfg.models for step in ctx.every_round(entry)):
         if split_step(name)[0] in POLICY_STAGES:
             stage = ctx.stage(name)
             if not stage.complete() or stage.saved_model() is None:
-                skipped[name] = f"stage '{name}' has not completed in {ctx.run.path}"
+                stage_name = split_step(name)[0]
+                skipped[name] = (f"stage '{name}' has not completed in {ctx.run.path}" if stage_name in in_run else
+                                 f"not one of this run's stages: the config has no {stage_name} section")
                 continue
         found[name] = ctx.model_spec(name)
     return found, skipped
@@ -618,7 +623,8 @@ def format_summary(results: dict) -> str:
                     row = rows[figure]
                     shown = [_show(row[key], figure) if figure == "head_to_head" else _difference(row[key], figure)
                              for key in ("value", "low", "high")]
-                    calls.append(f"{label} {shown[0]} [{shown[1]}, {shown[2]}] {row['verdict']}")
+                    said = "" if row["verdict"] == TOO_FEW else f" {row['verdict']}"  # the title says it once
+                    calls.append(f"{label} {shown[0]} [{shown[1]}, {shown[2]}]{said}")
             if calls:
                 lines.append(f"  {name} vs base: " + "; ".join(calls))
     return "\n".join(lines)
@@ -634,8 +640,8 @@ def run(ctx) -> dict:
     if not models:
         raise RuntimeError(f"none of evaluate.models {cfg.models} exists in {ctx.run.path}: "
                            + "; ".join(skipped.values()))
-    for name, why in skipped.items():
-        print(f"[cai] evaluate: skipping {name} ({why})")
+    print(f"[cai] evaluate: models {', '.join(models)}"
+          + "".join(f"; {name} not evaluated ({why})" for name, why in skipped.items()))
     names = list(models)
     for kind in KINDS:
         n = sum(p.kind == kind for p in prompts)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
@@ -124,6 +125,14 @@ def run(ctx) -> dict:
 
     ran = run_chunks(ledger, chunked_by_length(prompts, cfg.batch_size), work, desc="label")
     prefs, dropped = ledger.rows("prefs.jsonl"), ledger.rows("dropped.jsonl")
+    if not prefs:  # reward and dpo would fail on an empty file, far from the cause: fail here, with it
+        reasons = Counter(r["reason"] for r in dropped)
+        raise RuntimeError(
+            f"label: no comparisons: all {len(dropped)} answer pairs were dropped "
+            f"({', '.join(f'{k} {reason}' for reason, k in reasons.items())}; see {ctx.dir / 'dropped.jsonl'}). "
+            f"The policy ({cfg.policy}) gave no two usable, different answers: sample more widely "
+            f"(label.temperature), give it room (label.max_new_tokens), or label with another policy; then run "
+            f"again with --force (the settings changed)")
     n = len(prefs)
     counts = {"prompts": len(prompts), "comparisons": n, "dropped": len(dropped),
               "dropped_degenerate": sum(r["reason"] == "degenerate answer" for r in dropped),

@@ -60,7 +60,8 @@ class Config:
                                 "spec", model_reference=True)
     loss: Literal["soft", "hard"] = "soft"  # soft: cross-entropy on p_chosen; hard: Bradley-Terry (p = 1)
     mix_critique_pairs: bool = False  # also train on critique/prefs.jsonl (final revision over first answer)
-    critique_pair_label: float = setting(1.0, "p_chosen given to those critique pairs", ge=0, le=1)
+    critique_pair_label: float = setting(1.0, "p_chosen given to those critique pairs", ge=0, le=1,
+                                         only_if=("mix_critique_pairs", bool, "mix_critique_pairs: true"))
     eval_fraction: float = setting(0.1, "share of prompts held out (by hash of the prompt text) for accuracy",
                                    ge=0, lt=1)
 

@@ -58,7 +58,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from cai.judge.settings import JUDGE_FIELDS, JudgeSettings, judge_problems
 from cai.schema import setting
@@ -77,13 +77,17 @@ KNOBS = {
 }
 
 
+JUDGE = ("reward", lambda v: v == "judge", "reward: judge")
+
+
 @dataclass
 class Config(JudgeSettings):  # with reward: judge, the judge: feedback_model and feedback_few_shot (pointwise)
     algorithm: Literal["ppo", "rloo", "grpo"] = "ppo"  # the paper uses PPO
     policy: str | None = setting(
         None, "the policy to optimise, also the KL reference: null = the newest policy (the sft stage's model in "
               "round 1, round k-1's rl in round k)", model_reference=True)
-    reward_model: str | None = setting(None, "null = the reward stage's model", model_reference=True)
+    reward_model: str | None = setting(None, "null = the reward stage's model", model_reference=True,
+                                       only_if=("reward", lambda v: v == "reward_model", "reward: reward_model"))
     max_prompts: int | None = setting(None, "cap on training prompts (red-team + helpful), null = all", ge=1)
     helpful_fraction: float = setting(0.5, "share of the training prompts that are helpful ones (0 = red-team only)",
                                       ge=0, lt=1)
@@ -93,8 +97,10 @@ class Config(JudgeSettings):  # with reward: judge, the judge: feedback_model an
         "reward_model", "reward_model: the reward stage's preference model scores each answer; judge: the feedback "
                         "model does, as P(good) under a drawn principle (direct RLAIF; rloo and grpo only)")
     principles_per_answer: int = setting(1, "with reward: judge, feedback principles drawn per answer (averaged)",
-                                         ge=1)
-    feedback_batch_size: int = setting(64, "with reward: judge, questions per scoring batch", ge=1)
+                                         ge=1, only_if=JUDGE)
+    feedback_batch_size: int = setting(64, "with reward: judge, questions per scoring batch", ge=1, only_if=JUDGE)
+
+    ONLY_IF: ClassVar[dict] = dict.fromkeys(JUDGE_FIELDS, JUDGE)  # the judge's keys do nothing without it
 
 
 # Settings only the judge reads: they enter the config hash only with `reward: judge`.
