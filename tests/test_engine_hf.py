@@ -125,3 +125,15 @@ def test_static_shapes_give_every_batch_one_shape_and_the_same_answers(monkeypat
     static = engine.generate(conversations, Sampling(6, temperature=0), seed=0)
     assert [c.text for c in static] == [c.text for c in plain]
     assert shapes == [(3, hf.CACHE_LENGTH_STEP)] * 2
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_nucleus_sampler_never_draws_a_token_of_probability_zero(static, top_p):
+    """Tokens whose logits are -inf (or underflow to probability 0) lie anywhere in the
+    vocabulary's order, first and last included: none is ever drawn."""
+    logits = torch.full((DRAWS, 50), float("-inf"))
+    logits[:, 1:49:2] = torch.randn(24)  # only odd ids, not the first or the last, are possible
+    drawn = NucleusSampler(1.0, top_p, static=static)(None, logits).argmax(dim=1)
+    assert (drawn % 2 == 1).all()
+    assert top_p < 1 or drawn.unique().numel() == 24

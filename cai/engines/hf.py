@@ -56,9 +56,10 @@ class NucleusSampler(LogitsProcessor):
 
     @staticmethod
     def _invert(mass: torch.Tensor, total: torch.Tensor, last: torch.Tensor | int) -> torch.Tensor:
-        """Column of each row's cumulative distribution `mass` at a uniform point below
-        its `total` (at most column `last`), shaped [rows, 1]."""
-        point = torch.rand(total.shape, device=total.device, dtype=total.dtype) * total
+        """Column of each row's cumulative distribution `mass` at a uniform point in
+        (0, total] (at most column `last`), shaped [rows, 1]: the first column whose mass
+        reaches the point, so never a token of probability 0 (the point is never 0)."""
+        point = (1.0 - torch.rand(total.shape, device=total.device, dtype=total.dtype)) * total
         return torch.searchsorted(mass, point).clamp_(max=last)
 
     def _sorted_nucleus(self, logits: torch.Tensor, k: int) -> torch.Tensor:
