@@ -67,7 +67,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cai import models  # noqa: E402
-from cai.chunks import chunked_by_length  # noqa: E402
+from cai.chunks import chunk_seed, chunked_by_length  # noqa: E402
 from cai.config import load_config  # noqa: E402
 from cai.constitution import load_constitution  # noqa: E402
 from cai.engines import Sampling, open_engine  # noqa: E402
@@ -135,7 +135,7 @@ def run_variant(cfg, prompts, engine, judge_engine, constitution, seed: int, mod
     began, records = time.perf_counter(), []
     for index, (_, chunk) in enumerate(chunked_by_length(prompts, cfg.batch_size)):
         records += critique.critique_chunk(chunk, engine, constitution, cfg, seed,
-                                           critique.chunk_sampling_seed(seed, index), model, judge)
+                                           chunk_seed(seed, index), model, judge)
     return records, time.perf_counter() - began
 
 

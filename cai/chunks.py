@@ -89,6 +89,28 @@ def chunked_by_length(prompts, size: int, prefix: str = "") -> list[tuple[str, l
     return [(prefix + ordered[i].id, ordered[i:i + size]) for i in range(0, len(ordered), size)]
 
 
+def chunk_seed(seed: int, index: int, salt: int = 0) -> int:
+    """The sampling seed of a chunk loop's `index`-th chunk (its place in the loop, the same
+    on every run and resume): the one formula of every data stage. `salt` keeps a loop's
+    seeds apart from another's on the same run seed (sft's helpful answers)."""
+    return (seed + salt) * 100_003 + index * 101
+
+
+class OnFirstChunk:
+    """A model a chunk loop needs (an engine, a judge), opened when the first chunk still to
+    do asks for it: a finished stage loads nothing, a resumed one only if work is left.
+    Call it for the model; `value` is None while it has not been opened."""
+
+    def __init__(self, open_model: Callable[[], object]):
+        self._open = open_model
+        self.value = None
+
+    def __call__(self):
+        if self.value is None:
+            self.value = self._open()
+        return self.value
+
+
 def run_chunks(ledger: ChunkLedger, chunks: Iterable[tuple[str, object]], work: Callable[[int, object], dict],
                desc: str, total: int | None = None, size: Callable[[object], int] = len) -> int:
     """Run `work(index, chunk) -> {file: rows}` for every chunk not yet committed, in

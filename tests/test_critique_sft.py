@@ -434,6 +434,28 @@ def test_the_best_of_judge_calibrates_like_labels(tmp_path, monkeypatch):
         assert again.p_first == pytest.approx(p_champion, abs=1e-5)
 
 
+def test_a_run_killed_after_its_last_chunk_opens_no_model(tmp_path, monkeypatch):
+    """Models are opened by the first chunk still to do (`cai.chunks.OnFirstChunk`): a run
+    stopped after its last commit finishes from the ledger without loading any."""
+    import json
+
+    run_dir = tmp_path / "run"
+    whole = run_stage(make_run(run_dir, "critique.best_of=2"), "critique")
+    stage = run_dir / "critique"
+    sft_rows = (stage / "sft.jsonl").read_text()
+    (stage / ".in_progress.json").write_text(json.dumps({"config_hash": whole["config_hash"]}))
+    (stage / "manifest.json").unlink()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was opened with no chunk left to do")
+
+    monkeypatch.setattr("cai.engines.open_engine", no_model)
+    again = run_stage(make_run(run_dir, "critique.best_of=2"), "critique")
+    assert again["resumed"] and again["counts"]["records"] == whole["counts"]["records"]
+    assert "judge" not in again["counts"] and "tokens_generated_this_session" not in again["counts"]
+    assert (stage / "sft.jsonl").read_text() == sft_rows
+
+
 def test_best_of_with_greedy_revisions_is_refused_before_any_work(tmp_path):
     from cai.yamlio import ValidationError
 

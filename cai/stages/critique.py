@@ -52,7 +52,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
+from cai.chunks import ChunkLedger, OnFirstChunk, chunk_seed, chunked_by_length, run_chunks
 from cai.engines import Engine, Sampling, is_degenerate
 from cai.judge.judge import draw_principles
 from cai.judge.settings import JUDGE_FIELDS, JudgeSettings, hashed_without_judge, judge_problems, make_judge
@@ -233,11 +233,6 @@ def generate_by_set(generator: Engine, conversations: list[list[dict]], sets: li
     return out
 
 
-def chunk_sampling_seed(seed: int, index: int) -> int:
-    """The sampling seed of the stage's `index`-th chunk."""
-    return seed * 100_003 + index * 101
-
-
 def revision_seed(chunk_seed: int, round_index: int, candidate: int) -> int:
     """Candidate 0 keeps the seed revisions always had; the others are spread far apart."""
     return chunk_seed + 2 * round_index + 2 + 100_000 * candidate
@@ -385,15 +380,12 @@ def run(ctx) -> dict:
     prompts = ctx.prompts.red_team_train
     ledger = ChunkLedger(ctx.dir.path, "critique", ["records.jsonl"])
     chunks = chunked_by_length(prompts, cfg.batch_size)
-    engine = judge = None  # opened by the first chunk that needs them (a finished run needs none)
+    engine = OnFirstChunk(lambda: ctx.engine(model_name, cfg.batch_size))
+    judge = OnFirstChunk(lambda: make_judge(ctx, cfg, cfg.batch_size))
 
     def work(index: int, chunk) -> dict:
-        nonlocal engine, judge
-        engine = engine or ctx.engine(model_name, cfg.batch_size)
-        if cfg.best_of > 1 and judge is None:
-            judge = make_judge(ctx, cfg, cfg.batch_size)
-        records = critique_chunk(chunk, engine, constitution, cfg, ctx.run.seed,
-                                 chunk_sampling_seed(ctx.run.seed, index), model_name, judge)
+        records = critique_chunk(chunk, engine(), constitution, cfg, ctx.run.seed, chunk_seed(ctx.run.seed, index),
+                                 model_name, judge() if cfg.best_of > 1 else None)
         return {"records.jsonl": records}
 
     run_chunks(ledger, chunks, work, desc="critique")
@@ -418,6 +410,7 @@ def run(ctx) -> dict:
                                    "chosen": leak.share(r["chosen"][-1]["content"] for r in prefs)}}
     if cfg.best_of > 1:
         counts["feedback_model"] = ctx.model_spec(cfg.feedback_model)
+    judge, engine = judge.value, engine.value
     if judge is not None:
         counts.update(judge=judge.description, judge_comparisons_this_session=judge.comparisons,
                       judge_seconds_this_session=round(judge.seconds, 2))

@@ -78,7 +78,7 @@ from typing import Any
 import numpy as np
 
 from cai import distributed
-from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
+from cai.chunks import ChunkLedger, OnFirstChunk, chunk_seed, chunked_by_length, run_chunks
 from cai.engines import Sampling
 from cai.judge.judge import comparison_key, draw_principles
 from cai.judge.settings import JudgeSettings, judge_problems, judge_scoring, make_judge
@@ -298,7 +298,7 @@ def generate_answers(ctx, cfg: Config, models: dict[str, str], prompts) -> list[
         engine = ctx.engine(models[name], cfg.batch_size)
         # The same seed for the same prompts, whichever model answers them.
         answers = engine.generate([system + [{"role": "user", "content": p.text}] for p in chunk], sampling,
-                                  seed=ctx.run.seed * 100_003 + index)
+                                  seed=chunk_seed(ctx.run.seed, index))
         return {"generations.jsonl": [{"model": name, "id": p.id, "kind": p.kind, "prompt": p.text,
                                        "response": a.text, "num_tokens": a.num_tokens, "finished": a.finished,
                                        "spec": models[name]} for p, a in zip(chunk, answers)]}
@@ -364,20 +364,18 @@ def judge_pairs(ctx, cfg: Config, answers: dict, prompts) -> list[dict]:
     ledger = ChunkLedger(ctx.dir.path, "comparisons", ["comparisons.jsonl"])
     items = [(f"{first}~{key}", (first, second, chunk)) for first, second in combinations(answers, 2)
              for key, chunk in chunked_by_length(prompts, cfg.batch_size, prefix=f"{second}/")]
-    judges: list = []
+    judge = OnFirstChunk(lambda: make_judge(ctx, cfg, cfg.batch_size))
 
     def work(_, item) -> dict:
         first, second, chunk = item
-        if not judges:
-            judges.append(make_judge(ctx, cfg, cfg.batch_size))
         conversations = [[{"role": "user", "content": p.text}] for p in chunk]
         principles = [draw_principles(ctx.constitution, ctx.run.seed, comparison_key(c), cfg.principles_per_comparison,
                                       pool=ctx.constitution.evaluation_principles(p.kind))
                       for p, c in zip(chunk, conversations)]
-        comparisons = judges[0].compare_with(ctx.constitution, conversations,
-                                             [answers[first][p.id]["response"] for p in chunk],
-                                             [answers[second][p.id]["response"] for p in chunk],
-                                             principles, seed=ctx.run.seed)
+        comparisons = judge().compare_with(ctx.constitution, conversations,
+                                           [answers[first][p.id]["response"] for p in chunk],
+                                           [answers[second][p.id]["response"] for p in chunk],
+                                           principles, seed=ctx.run.seed)
         return {"comparisons.jsonl": [
             {"first": first, "second": second, "id": p.id, "kind": p.kind, "p_first": c.p_first,
              "p_order_ab": c.p_order_ab, "p_order_ba": c.p_order_ba, "principles": list(c.principles),
@@ -385,7 +383,7 @@ def judge_pairs(ctx, cfg: Config, answers: dict, prompts) -> list[dict]:
             for p, c in zip(chunk, comparisons)]}
 
     run_chunks(ledger, items, work, desc="evaluate: judging pairs", size=lambda item: len(item[2]))
-    if judges:
+    if judge.value is not None:
         ctx.release(cfg.feedback_model)
     wanted = {p.id for p in prompts}
     return [r for r in ledger.rows("comparisons.jsonl")

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
+from cai.chunks import ChunkLedger, OnFirstChunk, chunk_seed, chunked_by_length, run_chunks
 from cai.engines import Engine, Sampling, is_degenerate
 from cai.judge.settings import JudgeSettings, judge_problems, judge_scoring, make_judge, model_name
 from cai.schema import setting
@@ -113,14 +113,13 @@ def run(ctx) -> dict:
     ledger = ChunkLedger(ctx.dir.path, "label", ["prefs.jsonl", "dropped.jsonl"])
     policy = cfg.policy or ctx.newest_policy()
     names = {"policy": model_name(ctx, policy), "feedback_model": model_name(ctx, cfg.feedback_model)}
-    models: dict = {}
+    engine = OnFirstChunk(lambda: ctx.engine(policy, cfg.batch_size))
+    judge = OnFirstChunk(lambda: make_judge(ctx, cfg, cfg.batch_size))
     started = time.perf_counter()
 
     def work(index: int, chunk) -> dict:
-        if not models:  # loaded only when a chunk is left to do
-            models.update(policy=ctx.engine(policy, cfg.batch_size), judge=make_judge(ctx, cfg, cfg.batch_size))
-        rows, dropped = label_chunk(chunk, models["policy"], models["judge"], constitution, cfg, ctx.run.seed,
-                                    ctx.run.seed * 100_003 + index * 101, names)
+        rows, dropped = label_chunk(chunk, engine(), judge(), constitution, cfg, ctx.run.seed,
+                                    chunk_seed(ctx.run.seed, index), names)
         return {"prefs.jsonl": rows, "dropped.jsonl": dropped}
 
     ran = run_chunks(ledger, chunked_by_length(prompts, cfg.batch_size), work, desc="label")
@@ -146,10 +145,10 @@ def run(ctx) -> dict:
               "judge_scoring": judge_scoring(ctx.run, cfg.feedback_model),
               "chunks_this_session": ran,
               "seconds_this_session": round(time.perf_counter() - started, 2)}
-    if models:
-        judge, policy = models["judge"], models["policy"]
+    if judge.value is not None:
+        judge, engine = judge.value, engine.value
         counts.update(judge=judge.description, comparisons_this_session=judge.comparisons,
                       feedback_seconds_this_session=round(judge.seconds, 2),
                       comparisons_per_second=round(judge.comparisons / judge.seconds, 3) if judge.seconds else None,
-                      policy_tokens_per_second=round(policy.tokens_per_second, 2))
+                      policy_tokens_per_second=round(engine.tokens_per_second, 2))
     return counts

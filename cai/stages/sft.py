@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cai.chunks import ChunkLedger, chunked_by_length, run_chunks
+from cai.chunks import ChunkLedger, chunk_seed, chunked_by_length, run_chunks
 from cai.engines import Sampling, is_degenerate
 from cai.rundir import read_jsonl
 from cai.schema import setting
@@ -56,7 +56,7 @@ def helpful_rows(ctx, cfg: Config, model_name: str) -> list[dict]:
     def work(index: int, chunk) -> dict:
         engine = ctx.engine(model_name, cfg.generation_batch_size)
         answers = engine.generate([[{"role": "user", "content": p.text}] for p in chunk], sampling,
-                                  seed=(ctx.run.seed + 17) * 100_003 + index)
+                                  seed=chunk_seed(ctx.run.seed, index, salt=17))
         return {"helpful.jsonl": [
             {"messages": [{"role": "user", "content": p.text}, {"role": "assistant", "content": a.text}],
              "id": p.id, "source": "helpful"} for p, a in zip(chunk, answers) if not is_degenerate(a.text)]}
