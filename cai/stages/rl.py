@@ -483,6 +483,9 @@ def _ppo_trainer_class():
             super().__init__(*args, **kwargs)
             self._lengths: list[int] = []
             self._batches: ResumableBatches | None = None
+            # A Trainer attribute PPOTrainer's __init__ never sets; the Trainer's checkpoint save
+            # reads it on the processes that do not write.
+            self.is_distributed_loading_by_transformers = False
             self._watch_rollout_lengths(self.policy_model)
 
         def _watch_rollout_lengths(self, policy) -> None:
@@ -539,7 +542,12 @@ def _ppo_trainer_class():
                            for name, p in self.accelerator.unwrap_model(self.model).named_parameters()
                            if p.requires_grad}
                 save_file(trained, str(folder / PPO_TRAINED))
-            super()._save_checkpoint(model, trial)
+            wrapped = self.model  # TRL's model card reads `self.model.config`, which DDP's wrapper lacks
+            self.model = self.accelerator.unwrap_model(wrapped)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.model = wrapped
 
         def _resume(self, checkpoint: str) -> tuple[Any, dict]:
             """Load a checkpoint's weights, optimizer, scheduler and random states; its
