@@ -24,8 +24,12 @@ import pytest
 from conftest import ROOT, SMOKE, kill_mid_chunk, make_run
 
 # Checkpoints at every step, so sft resumes mid-way (save settings enter the config hash:
-# the reference run uses them too).
-OVERRIDES = ["sft.save_steps=1"]
+# the reference run uses them too). Evaluate leaves rl out: PPO on CPU is not bit-for-bit
+# reproducible even between two uninterrupted processes (two fresh `cai rl` runs on the same
+# inputs, one thread, PYTHONHASHSEED fixed, measured 2.3e-7 to 1.3e-6 apart), so rl's answers
+# could differ by a token without any fault of the resume; rl's weights are compared below
+# within that float noise, every other model's answers byte for byte.
+OVERRIDES = ["sft.save_steps=1", "evaluate.models=[base, sft, dpo]"]
 
 # Where the run is stopped, in order, and how: each stop is one `cai run` process, and the
 # next one resumes what it left. The first is a Ctrl-C (SIGINT), the others are kills.
@@ -212,9 +216,10 @@ def test_models_after_kills_are_the_same_up_to_float_rounding(runs, stage):
     assert found.keys() == expected.keys()
     worst = max((found[k] - expected[k]).abs().max().item() for k in expected)
     # sft, reward and dpo resume bit for bit; PPO, killed here before its first checkpoint,
-    # restarts, and its model was measured at 2.1e-7 from an uninterrupted run's: the bound
-    # guards that order of magnitude (its resume from a checkpoint: tests/test_rl.py).
-    assert worst <= 1e-6, f"{stage}: max abs weight difference {worst}"
+    # restarts, and two uninterrupted PPO processes already differ by up to 1.3e-6 (see
+    # OVERRIDES): the bound guards that order of magnitude, as tests/test_rounds.py's does
+    # (its resume from a checkpoint: tests/test_rl.py).
+    assert worst <= 1e-5, f"{stage}: max abs weight difference {worst}"
 
 
 @pytest.mark.parametrize("loop, stage, committed", [("critique", "critique", 1), ("generations", "evaluate", 2),

@@ -51,6 +51,7 @@ Logs (`rl/log_history.json`, one entry per optimisation step), by algorithm:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -481,11 +482,12 @@ def _ppo_trainer_class():
     class CaiPPOTrainer(PPOTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
+            # transformers.Trainer.__init__ sets this and `_save` reads it on every rank;
+            # TRL 1.12's PPOTrainer never calls that __init__. cai never loads PPO's models
+            # sharded by transformers, so non-writer ranks skip saving, as Trainer would.
+            self.is_distributed_loading_by_transformers = False
             self._lengths: list[int] = []
             self._batches: ResumableBatches | None = None
-            # A Trainer attribute PPOTrainer's __init__ never sets; the Trainer's checkpoint save
-            # reads it on the processes that do not write.
-            self.is_distributed_loading_by_transformers = False
             self._watch_rollout_lengths(self.policy_model)
 
         def _watch_rollout_lengths(self, policy) -> None:
@@ -518,15 +520,21 @@ def _ppo_trainer_class():
                 self._lengths = []
             super().log(logs, start_time)
 
-        def save_model(self, output_dir=None, _internal_call=False):
+        @contextlib.contextmanager
+        def _unwrapped(self):
             # Under DDP the policy-and-value model is wrapped: TRL 1.12 then misses its
-            # `.policy` and saves both halves. Save from the unwrapped model.
+            # `.policy` (and saves both halves) and its model card reads `.config`, which the
+            # wrapper lacks. Saves see the unwrapped model.
             wrapped = self.model
             self.model = self.accelerator.unwrap_model(wrapped)
             try:
-                super().save_model(output_dir, _internal_call)
+                yield
             finally:
                 self.model = wrapped
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            with self._unwrapped():
+                super().save_model(output_dir, _internal_call)
 
         def _sharded(self) -> bool:
             return bool(self.is_fsdp_enabled or self.is_deepspeed_enabled)
@@ -542,12 +550,8 @@ def _ppo_trainer_class():
                            for name, p in self.accelerator.unwrap_model(self.model).named_parameters()
                            if p.requires_grad}
                 save_file(trained, str(folder / PPO_TRAINED))
-            wrapped = self.model  # TRL's model card reads `self.model.config`, which DDP's wrapper lacks
-            self.model = self.accelerator.unwrap_model(wrapped)
-            try:
+            with self._unwrapped():
                 super()._save_checkpoint(model, trial)
-            finally:
-                self.model = wrapped
 
         def _resume(self, checkpoint: str) -> tuple[Any, dict]:
             """Load a checkpoint's weights, optimizer, scheduler and random states; its
