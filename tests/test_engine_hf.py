@@ -81,6 +81,7 @@ def test_batches_are_longest_first_and_stay_under_the_cache_bound():
     engine = hf.TransformersEngine.from_spec("builtin:tiny", "cpu", batch_size=4)
     rows = [[1] * n for n in (5, 50, 20, 20, 7, 30)]
     assert engine._batches_by_length(rows) == [[1, 5, 2, 3], [4, 0]]
+    assert engine.max_cache_bytes == hf.CPU_MAX_CACHE_BYTES  # on a CPU the cache is the process's RAM
     per_row = (50 + 10) * engine.cache_bytes_per_token()  # the longest row with 10 new tokens
     engine.max_cache_bytes = 2 * per_row
     batches = engine._batches_by_length(rows, new_tokens=10)

@@ -21,7 +21,8 @@ from cai import models
 from cai.engines.base import Capabilities, Completion, Engine, Sampling
 
 MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is not worth a cache copy
-MAX_CACHE_BYTES = 4 * 2**30  # a generation batch's key/value cache stays under this (fewer rows if needed)
+MAX_CACHE_BYTES = 4 * 2**30  # a batch's key/value cache stays under this (fewer rows if needed) on an accelerator,
+CPU_MAX_CACHE_BYTES = 2**30  # and under this on a CPU, where it is the process's own RAM (README, "Memory")
 CACHE_LENGTH_STEP = 256  # with compile_generation, cache lengths are rounded up to a multiple of this
 
 
@@ -115,7 +116,7 @@ class TransformersEngine(Engine):
     capabilities = Capabilities(option_probabilities=True, seeded=True, in_process=True)
 
     def __init__(self, model, tokenizer, batch_size: int = 8, name: str = "", max_prompt_tokens: int | None = None,
-                 share_prefix: bool = True, max_cache_bytes: int = MAX_CACHE_BYTES, compile_generation: bool = False):
+                 share_prefix: bool = True, max_cache_bytes: int | None = None, compile_generation: bool = False):
         super().__init__()
         # compile_generation: on CUDA, transformers compiles the decode step (torch.compile,
         # CUDA graphs) for a static cache; static shapes make one compiled step serve every
@@ -124,7 +125,8 @@ class TransformersEngine(Engine):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.max_cache_bytes = max_cache_bytes
+        self.max_cache_bytes = max_cache_bytes or (CPU_MAX_CACHE_BYTES if model.device.type == "cpu"
+                                                   else MAX_CACHE_BYTES)
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.share_prefix = share_prefix
         limit = getattr(model.config, "max_position_embeddings", None) or 4096
