@@ -69,6 +69,12 @@ def sft_run(sft_run_template, tmp_path) -> Path:
     return target
 
 
+def install_kill_hook(hooks: Path) -> None:
+    """Put tests/kill_hook.py on a subprocess's path (`hooks` goes first on its PYTHONPATH)
+    as its `sitecustomize`: the process then waits where CAI_TEST_WAIT_AT says."""
+    shutil.copy(ROOT / "tests" / "kill_hook.py", hooks / "sitecustomize.py")
+
+
 def kill_mid_chunk(folder: Path, loop: str, committed: int) -> None:
     """Leave a finished stage folder as a kill during chunk `committed` + 1 would have:
     `committed` chunks in the ledger (`cai.chunks`), the next chunk's rows half written

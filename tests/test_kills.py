@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SMOKE, kill_mid_chunk, make_run
+from conftest import ROOT, SMOKE, install_kill_hook, kill_mid_chunk, make_run
 
 # Checkpoints at every step, so sft resumes mid-way (save settings enter the config hash:
 # the reference run uses them too). Evaluate leaves rl out: PPO on CPU is not bit-for-bit
@@ -45,51 +45,6 @@ DATASETS = ["critique/records.jsonl", "critique/sft.jsonl", "critique/prefs.json
             "label/prefs.jsonl", "label/dropped.jsonl", "evaluate/generations.jsonl",
             "evaluate/comparisons.jsonl", "evaluate/rewards.jsonl"]
 MODELS = ["sft", "reward", "rl", "dpo"]
-
-HOOK = '''
-"""Test-only: wait at the point named by CAI_TEST_WAIT_AT, after writing CAI_TEST_WAITING."""
-import os, time
-
-def _wait(what):
-    path = os.environ["CAI_TEST_WAITING"]
-    with open(path + ".tmp", "w") as f:  # renamed into place: the test never sees it half written
-        f.write(what)
-    os.replace(path + ".tmp", path)
-    time.sleep(600)  # until the test's SIGKILL
-
-_point = os.environ.get("CAI_TEST_WAIT_AT", "")
-if "@" in _point:
-    _stage, _step = _point.split("@")
-    from transformers.trainer_callback import CallbackHandler
-    _on_step_end = CallbackHandler.on_step_end
-
-    def on_step_end(self, args, state, control):
-        control = _on_step_end(self, args, state, control)
-        if f"/{_stage}/" in str(args.output_dir) and state.global_step == int(_step):
-            _wait(_point)
-        return control
-    CallbackHandler.on_step_end = on_step_end
-elif ":" in _point:
-    _loop, _committed = _point.split(":")
-    _folder, _, _loop = _loop.rpartition("/")
-    import json
-    import cai.chunks
-    _commit = cai.chunks.ChunkLedger.commit
-
-    def commit(self, key, rows):
-        if (self.ledger.name == f".{_loop}.chunks.jsonl" and len(self.committed) == int(_committed)
-                and (not _folder or f"/{_folder}/" in str(self.ledger))):
-            name, file_rows = next((n, r) for n, r in rows.items() if r)
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\\n" for r in file_rows).encode()
-            with open(self.paths[name], "ab") as f:  # half of the chunk's rows, the last one torn
-                f.write(text[: len(text) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-            _wait(_point)
-        return _commit(self, key, rows)
-    cai.chunks.ChunkLedger.commit = commit
-'''
-
 
 def cai_run(run_dir: Path, hooks: Path, wait_at: str = "") -> subprocess.Popen:
     """`cai run` on the smoke config in a subprocess (output in `hooks`/NAME.log), waiting at `wait_at`."""
@@ -129,7 +84,7 @@ def stop_when_waiting(process: subprocess.Popen, hooks: Path, point: str, how: i
         time.sleep(0.02)
     os.kill(process.pid, how)
     process.wait(60)
-    assert waiting.read_text() == point
+    assert waiting.read_text().split()[0] == point
     waiting.unlink()
     output = process.log.read_text()
     assert process.returncode == (130 if how == signal.SIGINT else -signal.SIGKILL), output
@@ -144,7 +99,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("kills")
     hooks = root / "hooks"
     hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(HOOK)
+    install_kill_hook(hooks)
     from cai.models import resolve
 
     resolve("builtin:tiny")  # built once, before two processes race to build it

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SMOKE
+from conftest import ROOT, SMOKE, install_kill_hook
 from servers import free_port
 
 MULTI_CPU = ROOT / "configs" / "accelerate" / "multi-cpu.yaml"
@@ -34,59 +34,6 @@ MULTI_CPU = ROOT / "configs" / "accelerate" / "multi-cpu.yaml"
 OVERRIDES = ["critique.batch_size=2", "sft.per_device_train_batch_size=2", "sft.save_steps=1"]
 STOPS = [("critique:2", 0), ("gather:1", 1), ("sft@2", 0), ("sft@2", 1)]
 DATASETS = ["critique/records.jsonl", "critique/sft.jsonl", "critique/prefs.jsonl", "sft/helpful.jsonl"]
-
-HOOK = '''
-"""Test-only: the process of rank CAI_TEST_WAIT_RANK waits at CAI_TEST_WAIT_AT."""
-import json, os, time
-
-def _wait(what):
-    path = os.environ["CAI_TEST_WAITING"]
-    with open(path + ".tmp", "w") as f:
-        f.write(f"{what} {os.getpid()}")
-    os.replace(path + ".tmp", path)
-    time.sleep(600)  # until the test's SIGKILL
-
-_point = os.environ.get("CAI_TEST_WAIT_AT", "")
-if _point and os.environ.get("RANK") == os.environ.get("CAI_TEST_WAIT_RANK"):
-    if "@" in _point:
-        _stage, _step = _point.split("@")
-        from transformers.trainer_callback import CallbackHandler
-        _on_step_end = CallbackHandler.on_step_end
-
-        def on_step_end(self, args, state, control):
-            control = _on_step_end(self, args, state, control)
-            if f"/{_stage}/" in str(args.output_dir) and state.global_step == int(_step):
-                _wait(_point)
-            return control
-        CallbackHandler.on_step_end = on_step_end
-    elif _point.startswith("gather:"):
-        import cai.distributed
-        _gather, _calls = cai.distributed.gather, []
-
-        def gather(value):
-            _calls.append(1)
-            if len(_calls) == int(_point.split(":")[1]):
-                _wait(_point)
-            return _gather(value)
-        cai.distributed.gather = gather
-    else:
-        _loop, _committed = _point.split(":")
-        import cai.chunks
-        _commit = cai.chunks.ChunkLedger.commit
-
-        def commit(self, key, rows):
-            if self.ledger.name == f".{_loop}.chunks.jsonl" and len(self.committed) == int(_committed):
-                name, file_rows = next((n, r) for n, r in rows.items() if r)
-                text = "".join(json.dumps(r, ensure_ascii=False) + "\\n" for r in file_rows).encode()
-                with open(self.paths[name], "ab") as f:  # half of the chunk's rows, the last one torn
-                    f.write(text[: len(text) // 2])
-                    f.flush()
-                    os.fsync(f.fileno())
-                _wait(_point)
-            return _commit(self, key, rows)
-        cai.chunks.ChunkLedger.commit = commit
-'''
-
 
 def launch(run_dir: Path, hooks: Path, point: str = "", rank: int = 0) -> subprocess.Popen:
     """`accelerate launch` of two processes running `cai run --until sft` (output in a log)."""
@@ -136,7 +83,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("mp-kills")
     hooks = root / "hooks"
     hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(HOOK)
+    install_kill_hook(hooks)
     from cai.models import resolve
 
     resolve("builtin:tiny")  # built once, before the processes race to build it

@@ -10,8 +10,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SMOKE, make_run
-from test_kills import HOOK, finish, same_rows, stop_when_waiting
+from conftest import ROOT, SMOKE, install_kill_hook, make_run
+from test_kills import finish, same_rows, stop_when_waiting
 
 from cai import registry
 from cai.cli import main
@@ -106,7 +106,7 @@ def rounds(tmp_path_factory):
     root = tmp_path_factory.mktemp("rounds")
     hooks = root / "hooks"
     hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(HOOK)
+    install_kill_hook(hooks)
     from cai.models import resolve
 
     resolve("builtin:tiny")
