@@ -69,6 +69,16 @@ def sft_run(sft_run_template, tmp_path) -> Path:
     return target
 
 
+def weight_difference(found: Path, expected: Path) -> float:
+    """The largest absolute difference between the weights of two saved models (folders
+    holding model.safetensors), which must name the same tensors."""
+    from safetensors.torch import load_file
+
+    got, want = (load_file(folder / "model.safetensors") for folder in (found, expected))
+    assert got.keys() == want.keys()
+    return max((got[k] - want[k]).abs().max().item() for k in want)
+
+
 def install_kill_hook(hooks: Path) -> None:
     """Put tests/kill_hook.py on a subprocess's path (`hooks` goes first on its PYTHONPATH)
     as its `sitecustomize`: the process then waits where CAI_TEST_WAIT_AT says."""
