@@ -15,7 +15,8 @@ models on the held-out helpful prompts only. Every model is compared with base o
 same resampled prompts (95 % paired bootstrap, `cai.stats`).
 
     .venv/bin/python bench/grid.py [--config configs/demo.yaml] [--runs /tmp/cai-grid]
-        [--configs defaults,sft-1-epoch,...] [--stages critique,sft,label,dpo] [--out FILE.json]
+        [--configs defaults,sft-1-epoch,...] [--stages critique,sft,label,dpo] [--reuse runs/demo]
+        [--out FILE.json]
     .venv/bin/python bench/grid.py --quick     # builtin:tiny, the smoke config: checks the script
     .venv/bin/python bench/grid.py --show RUNS # the table of a finished grid
 
@@ -78,10 +79,17 @@ COLUMNS = (("ASR", "red_team/harmbench", "asr"), ("over-refusal", "helpful/over-
            ("span", "all", "few_shot_span"))
 
 
-def train(config: str, runs: Path, names: list[str], stages: list[str], extra: list[str]) -> dict[str, dict]:
+def train(config: str, runs: Path, names: list[str], stages: list[str], extra: list[str],
+          reuse: list[Path] = ()) -> dict[str, dict]:
     """Run each configuration's stages, linking in the folder of a stage an earlier one ran
-    with the same config hash. Returns {name: {stage: resolved folder}}."""
+    with the same config hash (or one of the `reuse` run folders holds, complete).
+    Returns {name: {stage: resolved folder}}."""
     done: dict[tuple[str, str], Path] = {}  # (stage, config hash) -> its folder
+    for folder in reuse:
+        for stage in stages:
+            manifest = StageDir(folder, stage).manifest()
+            if manifest is not None:
+                done.setdefault((stage, manifest["config_hash"]), StageDir(folder, stage).path.resolve())
     folders: dict[str, dict] = {}
     for name in names:
         run = load_config(config, [*extra, *GRID[name], f"run_dir={runs / name}"])
@@ -168,6 +176,9 @@ def main() -> None:
     parser.add_argument("--stages", default="critique,sft,label,dpo")
     parser.add_argument("--set", action="append", default=[], help="an override for every configuration")
     parser.add_argument("--quick", action="store_true", help="builtin:tiny on the smoke config, 3 configurations")
+    parser.add_argument("--reuse", action="append", default=[], metavar="RUN_DIR",
+                        help="a finished run (e.g. runs/demo): its complete stages with the same config hash are "
+                             "linked in, not run again")
     parser.add_argument("--fresh", action="store_true", help="remove --runs first")
     parser.add_argument("--show", metavar="RUNS", help="print the table of a finished grid (its grid.json)")
     parser.add_argument("--out", help="also write the summary here (JSON)")
@@ -186,7 +197,7 @@ def main() -> None:
     if args.fresh and runs.exists():
         shutil.rmtree(runs)
     started = time.time()
-    folders = train(args.config, runs, names, args.stages.split(","), args.set)
+    folders = train(args.config, runs, names, args.stages.split(","), args.set, [Path(r).resolve() for r in args.reuse])
     summary = evaluate(args.config, runs, folders, args.set)
     summary.update(config=args.config, configs={n: GRID[n] for n in names}, stages=args.stages,
                    seconds=round(time.time() - started))
