@@ -180,6 +180,8 @@ def main() -> None:
                         help="a finished run (e.g. runs/demo): its complete stages with the same config hash are "
                              "linked in, not run again")
     parser.add_argument("--fresh", action="store_true", help="remove --runs first")
+    parser.add_argument("--train-only", action="store_true",
+                        help="run the configurations' stages, not the evaluation (a later run evaluates)")
     parser.add_argument("--show", metavar="RUNS", help="print the table of a finished grid (its grid.json)")
     parser.add_argument("--out", help="also write the summary here (JSON)")
     args = parser.parse_args()
@@ -198,6 +200,8 @@ def main() -> None:
         shutil.rmtree(runs)
     started = time.time()
     folders = train(args.config, runs, names, args.stages.split(","), args.set, [Path(r).resolve() for r in args.reuse])
+    if args.train_only:
+        return
     summary = evaluate(args.config, runs, folders, args.set)
     summary.update(config=args.config, configs={n: GRID[n] for n in names}, stages=args.stages,
                    seconds=round(time.time() - started))
