@@ -10,8 +10,8 @@ few-shot rotation), sft four times, and each DPO variant once on a shared SFT mo
 Then one evaluation (`cai.stages.evaluate`, in RUNS/evaluate) has the base model and every
 configuration's distinct sft and dpo models answer the same prompts: HarmBench's 200
 behaviours and the held-out Do-Not-Answer prompts (red team), cai's over-refusal set and
-the held-out helpful prompts (helpful), greedily; the judge (the base model) compares the
-models on the held-out helpful prompts only. Every model is compared with base on the
+the held-out helpful prompts (helpful), greedily; the judge (the base model) compares each
+model with base (`judge_pairs: base`) on the held-out helpful prompts only. Every model is compared with base on the
 same resampled prompts (95 % paired bootstrap, `cai.stats`).
 
     .venv/bin/python bench/grid.py [--config configs/demo.yaml] [--runs /tmp/cai-grid]
@@ -73,6 +73,7 @@ GRID = {
 DEFAULT_CONFIGS = ("defaults", "sft-1-epoch", "sft-lr-1.5e-4", "dpo-beta-0.5", "dpo-2-epochs", "dpo-labels-only",
                    "no-rotation")
 EVALUATE = ["evaluate.prompts={red_team: [held-out, builtin:harmbench], helpful: [held-out, builtin:over-refusal]}",
+            "evaluate.judge_pairs=base",
             "evaluate.judge_prompts=[helpful/held-out]"]
 COLUMNS = (("ASR", "red_team/harmbench", "asr"), ("over-refusal", "helpful/over-refusal", "refusal"),
            ("evasive", "red_team", "evasive"), ("helpful beats", "helpful/held-out", "head_to_head"),

@@ -471,3 +471,21 @@ def test_a_stage_the_config_does_not_run_is_noted_not_reported_as_missing(sft_ru
     assert list(found) == ["base", "sft"]
     assert skipped == {"rl": f"stage 'rl' has not completed in {sft_run}",
                        "dpo": "not one of this run's stages: the config has no dpo section"}
+
+
+def test_judge_pairs_base_compares_each_model_with_base_only(sft_run):
+    assert evaluate.model_pairs(["base", "sft", "rl", "dpo"], "all") == [
+        ("base", "sft"), ("base", "rl"), ("base", "dpo"), ("sft", "rl"), ("sft", "dpo"), ("rl", "dpo")]
+    assert evaluate.model_pairs(["sft", "base", "dpo"], "base") == [("base", "sft"), ("base", "dpo")]
+    assert evaluate.model_pairs(["sft", "dpo"], "base") == [("sft", "dpo")]  # no base: the first model anchors
+
+    spec = str(sft_run / "sft" / "model")
+    run = make_run(sft_run, *EVAL, f"evaluate.models=[base, sft, {json.dumps(spec)}]", "evaluate.judge_pairs=base")
+    run_stage(run, "evaluate")
+    comparisons = read_jsonl(sft_run / "evaluate" / "comparisons.jsonl")
+    assert {(c["first"], c["second"]) for c in comparisons} == {("base", "sft"), ("base", spec)}
+    results = json.loads((sft_run / "evaluate" / "results.json").read_text())
+    for name in ("sft", spec):  # each model's head-to-head with base, and an Elo on base's scale
+        assert 0.0 <= results["paired"]["all"]["base"][name]["head_to_head"]["value"] <= 1.0
+        assert math.isfinite(results["per_model"][name]["all"]["elo"])
+    assert "head_to_head" not in results["paired"]["all"]["sft"][spec]  # never judged against each other

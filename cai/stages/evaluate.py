@@ -21,9 +21,10 @@ Harmlessness and helpfulness are measured apart, as in the paper:
 `held-out` is the run's held-out split. With several sources, each is also reported as
 its own set (`red_team/harmbench`, `helpful/over-refusal`, ...) beside the kind.
 
-The judge (the feedback model) compares every pair of models on every prompt under a
-principle drawn for that prompt, in both option orders (averaged, against position
-bias): the soft outcome is the probability that one answer is better. Win rates are
+The judge (the feedback model) compares every pair of models (`judge_pairs: base`: each
+model with base only) on every prompt under a principle drawn for that prompt, in both
+option orders (averaged, against position bias): the soft outcome is the probability
+that one answer is better. Win rates are
 means of these outcomes; Elo is a Bradley-Terry fit of them (`cai.stats`). Refusals
 are found by refusal phrases near the start of an answer (`cai.refusals`), reported
 beside the judge's figures, never instead of them.
@@ -73,7 +74,7 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -142,6 +143,9 @@ class Config(JudgeSettings):  # the judge of win rates: feedback_model, feedback
     judge_prompts: list[str] | None = setting(
         None, "the prompts the judge compares models on: kinds or sets (red_team, helpful/held-out, ...); null = "
               "all. A group gets a win rate and Elo only when all its prompts are judged")
+    judge_pairs: Literal["all", "base"] = setting(
+        "all", "which pairs of models the judge compares: all (every pair: win rates and Elo over all models) or "
+               "base (each model against base only: its head-to-head with base, n-1 pairs instead of n(n-1)/2)")
     principles_per_comparison: int = setting(1, "principles drawn per comparison (averaged)", ge=1)
     evasive_max_words: int = setting(40, "a refusal longer than this is never counted as evasive", ge=1)
 
@@ -356,13 +360,22 @@ def reward_scores(ctx, cfg: Config, answers: dict, prompts) -> tuple[dict | None
     return dict(zip(keys, scores)), revision_rows
 
 
+def model_pairs(names: list[str], which: str) -> list[tuple[str, str]]:
+    """The pairs of models the judge compares: every pair, or (`base`) each model with
+    the anchor (base, else the first model) only."""
+    if which == "base":
+        anchor = "base" if "base" in names else names[0]
+        return [(anchor, name) for name in names if name != anchor]
+    return list(combinations(names, 2))
+
+
 def judge_pairs(ctx, cfg: Config, answers: dict, prompts) -> list[dict]:
-    """The feedback model compares every pair of models on every prompt, both orders,
+    """The feedback model compares the pairs of models `judge_pairs` names on every prompt, both orders,
     chunk by chunk (`cai.chunks`), under a principle drawn for the prompt from the
     constitution's evaluation principles of its kind (harmless for red-team prompts,
     helpful for helpful ones), through `Judge.compare_with`."""
     ledger = ChunkLedger(ctx.dir.path, "comparisons", ["comparisons.jsonl"])
-    items = [(f"{first}~{key}", (first, second, chunk)) for first, second in combinations(answers, 2)
+    items = [(f"{first}~{key}", (first, second, chunk)) for first, second in model_pairs(list(answers), cfg.judge_pairs)
              for key, chunk in chunked_by_length(prompts, cfg.batch_size, prefix=f"{second}/")]
     judge = OnFirstChunk(lambda: make_judge(ctx, cfg, cfg.batch_size))
 
