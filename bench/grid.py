@@ -66,6 +66,7 @@ GRID = {
     "dpo-2-epochs": ["dpo.num_train_epochs=2"],
     "dpo-labels-only": ["dpo.mix_critique_pairs=false"],
     "no-rotation": ["critique.few_shot_rotation=false"],
+    "no-critique": ["critique.critique=false"],  # revise directly: bench/critique_prompting.py's most refusing variant
     # not in the default list (budget):
     "critique-192": ["prompts.max_red_team=192"],
     "ppo-kl-0.2": ["rl.kl_coef=0.2"],
