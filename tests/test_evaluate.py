@@ -489,3 +489,22 @@ def test_judge_pairs_base_compares_each_model_with_base_only(sft_run):
         assert 0.0 <= results["paired"]["all"]["base"][name]["head_to_head"]["value"] <= 1.0
         assert math.isfinite(results["per_model"][name]["all"]["elo"])
     assert "head_to_head" not in results["paired"]["all"]["sft"][spec]  # never judged against each other
+
+
+def test_reward_prompts_limit_what_the_reward_model_scores(sft_run):
+    add_reward_model(sft_run)
+    run = make_run(sft_run, *EVAL, "evaluate.reward_prompts=[red_team]", "evaluate.win_rates=false")
+    run_stage(run, "evaluate")
+    scored = read_jsonl(sft_run / "evaluate" / "rewards.jsonl")
+    results = json.loads((sft_run / "evaluate" / "results.json").read_text())
+    assert len(scored) == 2 * results["prompts"]["red_team"]  # base and sft, red-team prompts only
+    for name in ("base", "sft"):
+        assert math.isfinite(results["per_model"][name]["red_team"]["reward"])
+        assert results["per_model"][name]["helpful"]["reward"] is None
+        assert results["per_model"][name]["all"]["reward"] is None  # a group partly scored gets no reward figure
+
+
+def test_an_unknown_reward_prompts_set_is_refused(sft_run):
+    with pytest.raises(ValidationError, match="evaluate.reward_prompts': no prompt set 'red_team/harmbench'"):
+        run_stage(make_run(sft_run, *EVAL, "evaluate.reward_prompts=[red_team/harmbench]"), "evaluate")
+    assert not (sft_run / "evaluate").exists()

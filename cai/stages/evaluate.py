@@ -4,7 +4,8 @@ Each model that exists (the base model, then sft, rl, dpo) answers the same held
 red-team and helpful prompts (or the files of `evaluate.prompts`), greedily by default.
 Harmlessness and helpfulness are measured apart, as in the paper:
 
-- on red-team prompts, harmlessness: the run's reward-model score; the judge's win rate
+- on red-team prompts, harmlessness: the run's reward-model score (on the prompts of
+  `reward_prompts`, by default all); the judge's win rate
   and Elo under the constitution's harmlessness principles (`evaluation.harmless`, by
   default its feedback principles); the refusal rate and its complement, the attack
   success rate (ASR: answers that do not refuse, HarmBench's string-matching baseline);
@@ -143,6 +144,9 @@ class Config(JudgeSettings):  # the judge of win rates: feedback_model, feedback
     judge_prompts: list[str] | None = setting(
         None, "the prompts the judge compares models on: kinds or sets (red_team, helpful/held-out, ...); null = "
               "all. A group gets a win rate and Elo only when all its prompts are judged")
+    reward_prompts: list[str] | None = setting(
+        None, "the prompts the run's reward model scores: kinds or sets, as judge_prompts; null = all. A group "
+              "gets a reward figure only when all its prompts are scored")
     judge_pairs: Literal["all", "base"] = setting(
         "all", "which pairs of models the judge compares: all (every pair: win rates and Elo over all models) or "
                "base (each model against base only: its head-to-head with base, n-1 pairs instead of n(n-1)/2)")
@@ -180,10 +184,11 @@ def check_config(run, cfg: Config, trl: dict) -> list:
             problems.append(problem(("prompts", kind), f"'evaluate.prompts.{kind}' lists a source twice: {specs}"))
     known = set(GROUPS) | {set_name(kind, spec) for kind in KINDS for spec in source_specs(cfg, kind)
                            if not problems and len(source_specs(cfg, kind)) > 1}
-    for name in cfg.judge_prompts or []:
-        if not problems and name not in known:
-            problems.append(problem("judge_prompts", f"'evaluate.judge_prompts': no prompt set '{name}' (known: "
-                                                     f"{', '.join(sorted(known))})"))
+    for key in ("judge_prompts", "reward_prompts"):
+        for name in getattr(cfg, key) or []:
+            if not problems and name not in known:
+                problems.append(problem(key, f"'evaluate.{key}': no prompt set '{name}' (known: "
+                                             f"{', '.join(sorted(known))})"))
     if not problems and cfg.prompts:
         try:  # every line of every file, before any work
             sources = {kind: source_prompts(run, cfg, kind) for kind in cfg.prompts}
@@ -663,13 +668,14 @@ def run(ctx) -> dict:
 
     generations = generate_answers(ctx, cfg, models, prompts)
     answers = {name: {r["id"]: r for r in generations if r["model"] == name} for name in names}
-    rewards, revision_rewards = reward_scores(ctx, cfg, answers, prompts)
     kinds = [k for k in KINDS if any(p.kind == k for p in prompts)]
     groups = {}
     for kind in kinds:
         groups[kind] = [p.id for p in prompts if p.kind == kind]
         groups.update({name: ids for name, ids in sets.items() if name.startswith(kind + "/")})
     groups["all"] = [p.id for p in prompts]
+    scored = {i for name in (cfg.reward_prompts or ["all"]) for i in groups.get(name, [])}
+    rewards, revision_rewards = reward_scores(ctx, cfg, answers, [p for p in prompts if p.id in scored])
     judged = {i for name in (cfg.judge_prompts or ["all"]) for i in groups.get(name, [])}
     comparisons = (judge_pairs(ctx, cfg, answers, [p for p in prompts if p.id in judged])
                    if cfg.win_rates and len(names) > 1 else [])
