@@ -75,6 +75,7 @@ DEFAULT_CONFIGS = ("defaults", "sft-1-epoch", "sft-lr-1.5e-4", "dpo-beta-0.5", "
                    "no-rotation")
 EVALUATE = ["evaluate.prompts={red_team: [held-out, builtin:harmbench], helpful: [held-out, builtin:over-refusal]}",
             "evaluate.judge_pairs=base",
+            "evaluate.reward_prompts=[helpful/held-out]",  # the table has no reward column: score the fewest
             "evaluate.judge_prompts=[helpful/held-out]"]
 COLUMNS = (("ASR", "red_team/harmbench", "asr"), ("over-refusal", "helpful/over-refusal", "refusal"),
            ("evasive", "red_team", "evasive"), ("helpful beats", "helpful/held-out", "head_to_head"),
