@@ -24,6 +24,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -408,13 +409,14 @@ def run_stage(run: RunConfig, step: str, force: bool = False) -> dict:
     threads = set_threads(run.threads)
     set_hub_kernels(run.hub_kernels)
     print(f"[cai] {name}: {'resuming' if resumed else 'running'} in {stage_dir.path}")
-    reset_peak_memory()
+    memory = StagePeak()
     started = time.time()
     try:
         counts = stage_module(name).run(ctx) or {}
         ctx.release()
     except BaseException as err:
         ctx.release()
+        memory.stop()
         # A stage that failed before doing any work it would keep (say, a missing upstream
         # stage, or a trainer that refused its settings) must not leave a marker that would
         # refuse a retry with other settings or the then-complete inputs. (An interrupted
@@ -431,7 +433,7 @@ def run_stage(run: RunConfig, step: str, force: bool = False) -> dict:
         "counts": counts, "resumed": resumed,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "seconds": round(time.time() - started, 2), "versions": _versions(), "threads": threads,
-        "peak_memory": peak_memory(),
+        "peak_memory": memory.stop(),
     }
     if distributed.distributed():
         manifest["processes"] = distributed.world_size()
@@ -448,36 +450,71 @@ def run_stage(run: RunConfig, step: str, force: bool = False) -> dict:
     return manifest
 
 
-def reset_peak_memory() -> None:
-    """Start a stage's memory peaks afresh: the process's peak RSS (Linux: writing 5 to
-    /proc/self/clear_refs resets VmHWM) and torch's CUDA peak."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-    import torch
+class StagePeak:
+    """A stage's peak memory, without resetting the process's high-water mark (which
+    `/usr/bin/time -v` and `ru_maxrss` report for the whole run, so they stay the run's
+    true peak). A thread samples the resident set size every `interval` seconds; when the
+    process's peak (VmHWM) rises during the stage, the stage set it and VmHWM is its exact
+    peak (`rss_scope: stage`), else the highest sample is (`rss_scope: sampled`: a spike
+    shorter than the interval can be missed). Without /proc: the process's peak since it
+    started (`rss_scope: process`). On a GPU, torch's CUDA peak, reset per stage."""
 
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.reset_peak_memory_stats()
+    def __init__(self, interval: float = 0.02):
+        import threading
+
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="cai-stage-peak", daemon=True)
+        self.start_hwm = _status_kib("VmHWM")
+        self.sampled = _resident_bytes() or 0
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
+        if self.start_hwm is not None:
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sampled = max(self.sampled, _resident_bytes() or 0)
+
+    def stop(self) -> dict:
+        """What the manifest records of the stage's memory (see the class)."""
+        import resource
+
+        import torch
+
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+        self.sampled = max(self.sampled, _resident_bytes() or 0)
+        hwm = _status_kib("VmHWM")
+        if hwm is not None and self.start_hwm is not None:
+            peak = ({"rss_bytes": hwm * 1024, "rss_scope": "stage"} if hwm > self.start_hwm
+                    else {"rss_bytes": self.sampled, "rss_scope": "sampled"})
+        else:
+            kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+            peak = {"rss_bytes": kib if platform.system() == "Darwin" else kib * 1024, "rss_scope": "process"}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            peak["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        return peak
 
 
-def peak_memory() -> dict:
-    """What the manifest records of a stage's memory: the peak resident set size of this
-    process since `reset_peak_memory` (`rss_scope: stage`; where /proc is missing, the
-    process's peak since it started, `rss_scope: process`), and on a GPU the most CUDA
-    memory torch allocated (`torch.cuda.max_memory_allocated`)."""
+def _status_kib(field: str) -> int | None:
+    """A /proc/self/status figure in KiB (VmHWM: the process's peak resident set size)."""
     import re
-    import resource
-
-    import torch
 
     try:
-        kib = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-        peak = {"rss_bytes": kib * 1024, "rss_scope": "stage"}
+        return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
     except (OSError, AttributeError):
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-        peak = {"rss_bytes": kib if platform.system() == "Darwin" else kib * 1024, "rss_scope": "process"}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        peak["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
-    return peak
+        return None
+
+
+def _resident_bytes() -> int | None:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _kept_work(stage_dir: StageDir) -> bool:
