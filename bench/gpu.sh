@@ -102,7 +102,8 @@ tests &
 TESTS=$!
 
 step demo 290 $PY -m cai run --config configs/demo.yaml --set "model=$MODEL" --set dtype=bfloat16 \
-    --set "run_dir=$WORK/demo" --set prompts.max_red_team=48 --set prompts.max_helpful=32 --set threads=2
+    --set "run_dir=$WORK/demo" --set prompts.max_red_team=48 --set prompts.max_helpful=32 --set threads=2 \
+    --set rl.algorithm=ppo  # the demo runs RLOO (CPU memory); the check covers PPO on CUDA
 wait "$TESTS"
 
 step compile 150 $PY bench/generation.py --device cuda --dtype bfloat16 --model "$MODEL" --prompts 64 \
