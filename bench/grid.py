@@ -4,8 +4,9 @@ Each configuration is the run config (default configs/demo.yaml) with a few `--s
 overrides, in its own run folder under --runs. A stage whose settings and inputs are
 those of a stage some earlier configuration already ran (the same config hash: the same
 settings, and the same upstream stages) is not run again: its folder is linked in, and
-the pipeline skips it as complete. So the grid below runs critique twice (with and without
-few-shot rotation), sft four times, and each DPO variant once on a shared SFT model.
+the pipeline skips it as complete, and `--reuse RUN_DIR` links in a finished run's stages
+the same way. So the default grid runs critique once more (without critiques), sft twice
+more, and each DPO variant once; `defaults` reuses the demo run.
 
 Then one evaluation (`cai.stages.evaluate`, in RUNS/evaluate) has the base model and every
 configuration's distinct sft and dpo models answer the same prompts: HarmBench's 200
@@ -35,10 +36,18 @@ with its 95 % interval and the verdict:
     target         yes when ASR is better (interval below zero) and over-refusal, evasive
                    and the helpfulness comparison are not worse
 
-Left out by default, for the CPU budget (each is a configuration away, see GRID): PPO
-(steps, KL: the reward and rl stages; add them with --stages ...,reward,rl), the size of
-the SL-CAI data (prompts.max_red_team: every stage reruns), and the critique prompting
-variants that bench/critique_prompting.py measures on the critique stage alone.
+Left out by default, for the CPU budget (each is a configuration away, see GRID): the SFT
+learning rate, DPO beta and epochs, few-shot rotation, PPO / RLOO steps and KL (the reward
+and rl stages; add them with --stages ...,reward,rl), the size of the SL-CAI data
+(prompts.max_red_team: every stage reruns), and the other critique prompting variants
+that bench/critique_prompting.py measures on the critique stage alone.
+
+The README's table: the demo config of f3616e3 (critique on, 96 critiqued prompts, 3 SFT
+epochs), its run reused:
+
+    git show f3616e3:configs/demo.yaml > grid-base.yaml
+    .venv/bin/cai run --config grid-base.yaml --until dpo
+    .venv/bin/python bench/grid.py --config grid-base.yaml --reuse runs/demo
 """
 
 from __future__ import annotations
@@ -69,12 +78,13 @@ GRID = {
     "dpo-labels-only": ["dpo.mix_critique_pairs=false"],
     "no-rotation": ["critique.few_shot_rotation=false"],
     "no-critique": ["critique.critique=false"],  # revise directly: bench/critique_prompting.py's most refusing variant
+    "with-critique": ["critique.critique=true"],  # the other way round, from today's demo config (critique: false)
     # not in the default list (budget):
     "critique-192": ["prompts.max_red_team=192"],
     "ppo-kl-0.2": ["rl.kl_coef=0.2"],
 }
-DEFAULT_CONFIGS = ("defaults", "sft-1-epoch", "sft-lr-1.5e-4", "dpo-beta-0.5", "dpo-2-epochs", "dpo-labels-only",
-                   "no-rotation")
+# What the README's table ran, on the demo config of f3616e3 (critique on, 96 prompts, 3 SFT epochs).
+DEFAULT_CONFIGS = ("defaults", "dpo-labels-only", "no-critique", "sft-1-epoch")
 EVALUATE = ["evaluate.prompts={red_team: [held-out, builtin:harmbench], helpful: [held-out, builtin:over-refusal]}",
             "evaluate.judge_pairs=base",
             "evaluate.reward_prompts=[helpful/held-out]",  # the table has no reward column: score the fewest
