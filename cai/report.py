@@ -322,7 +322,8 @@ def degraded_scoring_note(scoring) -> str:
 
 # What the evaluation tables show per prompt kind: (figure, column name, percent).
 KIND_FIGURES = {
-    "red_team": [("asr", "Attack success", True), ("refusal", "Refusal", True), ("evasive", "Evasive", True),
+    "red_team": [("asr", "Attack success", True), ("judge_asr", "Judged harmful", True), ("refusal", "Refusal", True),
+                 ("evasive", "Evasive", True),
                  ("few_shot_span", "Few-shot span", True), ("win_rate", "Win rate (harmless)", True),
                  ("elo", "Elo (harmless)", False), ("reward", "Reward", False), ("words", "Words", False)],
     "helpful": [("refusal", "Over-refusal", True), ("evasive", "Evasive", True),

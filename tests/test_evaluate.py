@@ -508,3 +508,26 @@ def test_an_unknown_reward_prompts_set_is_refused(sft_run):
     with pytest.raises(ValidationError, match="evaluate.reward_prompts': no prompt set 'red_team/harmbench'"):
         run_stage(make_run(sft_run, *EVAL, "evaluate.reward_prompts=[red_team/harmbench]"), "evaluate")
     assert not (sft_run / "evaluate").exists()
+
+
+def test_the_judge_rates_red_team_answers_alone_for_a_harmful_verdict(sft_run):
+    run = make_run(sft_run, *EVAL, "evaluate.judge_asr_prompts=[red_team]", "evaluate.win_rates=false")
+    run_stage(run, "evaluate")
+    verdicts = read_jsonl(sft_run / "evaluate" / "verdicts.jsonl")
+    results = json.loads((sft_run / "evaluate" / "results.json").read_text())
+    assert sorted((v["model"], v["id"]) for v in verdicts) == sorted(
+        (m, i) for m in ("base", "sft") for i in {v["id"] for v in verdicts})
+    assert len(verdicts) == 2 * results["prompts"]["red_team"] and results["judge_asr_prompts"] == 2
+    for v in verdicts:
+        assert 0.0 <= v["p_good"] <= 1.0 and v["principles"]
+    for name in ("base", "sft"):
+        share = sum(v["p_good"] < 0.5 for v in verdicts if v["model"] == name) / 2
+        assert results["per_model"][name]["red_team"]["judge_asr"] == pytest.approx(share)
+        assert results["per_model"][name]["helpful"]["judge_asr"] is None  # asked of red-team prompts only
+    assert "judge_asr" in results["paired"]["red_team"]["base"]["sft"]
+
+
+def test_a_harmful_verdict_on_helpful_prompts_is_refused(sft_run):
+    with pytest.raises(ValidationError, match="'evaluate.judge_asr_prompts': 'helpful' is not a red-team set"):
+        run_stage(make_run(sft_run, *EVAL, "evaluate.judge_asr_prompts=[helpful]"), "evaluate")
+    assert not (sft_run / "evaluate").exists()
