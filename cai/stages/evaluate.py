@@ -376,24 +376,29 @@ def reward_scores(ctx, cfg: Config, answers: dict, prompts) -> tuple[dict | None
     return dict(zip(keys, scores)), revision_rows
 
 
+def anchor_of(names: list[str]) -> str:
+    """The model others are compared with and Elo is anchored at: base, else the first."""
+    return "base" if "base" in names else names[0]
+
+
 def model_pairs(names: list[str], which: str) -> list[tuple[str, str]]:
     """The pairs of models the judge compares: every pair, or (`base`) each model with
-    the anchor (base, else the first model) only."""
+    the anchor (`anchor_of`) only."""
     if which == "base":
-        anchor = "base" if "base" in names else names[0]
+        anchor = anchor_of(names)
         return [(anchor, name) for name in names if name != anchor]
     return list(combinations(names, 2))
 
 
-def judge_pairs(ctx, cfg: Config, answers: dict, prompts) -> list[dict]:
+def judge_pairs(ctx, cfg: Config, answers: dict, prompts, judge: OnFirstChunk) -> list[dict]:
     """The feedback model compares the pairs of models `judge_pairs` names on every prompt, both orders,
     chunk by chunk (`cai.chunks`), under a principle drawn for the prompt from the
     constitution's evaluation principles of its kind (harmless for red-team prompts,
-    helpful for helpful ones), through `Judge.compare_with`."""
+    helpful for helpful ones), through `Judge.compare_with`. `judge` loads the judge on the
+    first chunk that needs it (none on a resume with every chunk done)."""
     ledger = ChunkLedger(ctx.dir.path, "comparisons", ["comparisons.jsonl"])
     items = [(f"{first}~{key}", (first, second, chunk)) for first, second in model_pairs(list(answers), cfg.judge_pairs)
              for key, chunk in chunked_by_length(prompts, cfg.batch_size, prefix=f"{second}/")]
-    judge = OnFirstChunk(lambda: make_judge(ctx, cfg, cfg.batch_size))
 
     def work(_, item) -> dict:
         first, second, chunk = item
@@ -412,8 +417,6 @@ def judge_pairs(ctx, cfg: Config, answers: dict, prompts) -> list[dict]:
             for p, c in zip(chunk, comparisons)]}
 
     run_chunks(ledger, items, work, desc="evaluate: judging pairs", size=lambda item: len(item[2]))
-    if judge.value is not None:
-        ctx.release(cfg.feedback_model)
     wanted = {p.id for p in prompts}
     return [r for r in ledger.rows("comparisons.jsonl")
             if r["first"] in answers and r["second"] in answers and r["id"] in wanted]
@@ -427,7 +430,7 @@ def _mean(values) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
-def judge_verdicts(ctx, cfg: Config, answers: dict, prompts) -> dict:
+def judge_verdicts(ctx, cfg: Config, answers: dict, prompts, judge: OnFirstChunk) -> dict:
     """The judge rates each model's answer to each of `prompts` alone (`Judge.score_single`,
     both option orders), under a harmlessness principle drawn for the prompt, chunk by
     chunk (`cai.chunks`): {(model, prompt id): P(good)}."""
@@ -436,7 +439,6 @@ def judge_verdicts(ctx, cfg: Config, answers: dict, prompts) -> dict:
     ledger = ChunkLedger(ctx.dir.path, "verdicts", ["verdicts.jsonl"])
     items = [(key, (name, chunk)) for name in answers
              for key, chunk in chunked_by_length(prompts, cfg.batch_size, prefix=f"{name}/")]
-    judge = OnFirstChunk(lambda: make_judge(ctx, cfg, cfg.batch_size))
 
     def work(_, item) -> dict:
         name, chunk = item
@@ -451,8 +453,6 @@ def judge_verdicts(ctx, cfg: Config, answers: dict, prompts) -> dict:
                                    for p, s, drawn in zip(chunk, scores, principles)]}
 
     run_chunks(ledger, items, work, desc="evaluate: harmful or not", size=lambda item: len(item[1]))
-    if judge.value is not None:
-        ctx.release(cfg.feedback_model)
     wanted = {p.id for p in prompts}
     return {(r["model"], r["id"]): r["p_good"] for r in ledger.rows("verdicts.jsonl")
             if r["model"] in answers and r["id"] in wanted}
@@ -722,15 +722,21 @@ def run(ctx) -> dict:
         groups[kind] = [p.id for p in prompts if p.kind == kind]
         groups.update({name: ids for name, ids in sets.items() if name.startswith(kind + "/")})
     groups["all"] = [p.id for p in prompts]
-    scored = {i for name in (cfg.reward_prompts or ["all"]) for i in groups.get(name, [])}
-    rewards, revision_rewards = reward_scores(ctx, cfg, answers, [p for p in prompts if p.id in scored])
-    judged = {i for name in (cfg.judge_prompts or ["all"]) for i in groups.get(name, [])}
-    comparisons = (judge_pairs(ctx, cfg, answers, [p for p in prompts if p.id in judged])
-                   if cfg.win_rates and len(names) > 1 else [])
-    rated = {i for name in (cfg.judge_asr_prompts or []) for i in groups.get(name, [])}
-    verdicts = judge_verdicts(ctx, cfg, answers, [p for p in prompts if p.id in rated])
 
-    anchor = "base" if "base" in names else names[0]
+    def covered(names: list[str]) -> set[str]:  # the prompt ids of some kinds or sets
+        return {i for name in names for i in groups.get(name, [])}
+
+    scored = covered(cfg.reward_prompts or ["all"])
+    rewards, revision_rewards = reward_scores(ctx, cfg, answers, [p for p in prompts if p.id in scored])
+    judged, rated = covered(cfg.judge_prompts or ["all"]), covered(cfg.judge_asr_prompts or [])
+    judge = OnFirstChunk(lambda: make_judge(ctx, cfg, cfg.batch_size))  # one judge for pairs and verdicts
+    comparisons = (judge_pairs(ctx, cfg, answers, [p for p in prompts if p.id in judged], judge)
+                   if cfg.win_rates and len(names) > 1 else [])
+    verdicts = judge_verdicts(ctx, cfg, answers, [p for p in prompts if p.id in rated], judge)
+    if judge.value is not None:
+        ctx.release(cfg.feedback_model)
+
+    anchor = anchor_of(names)
     few_shot = few_shot_index(ctx.constitution)
     per_model: dict = {name: {} for name in names}
     pairwise, paired = {}, {}
