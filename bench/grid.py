@@ -12,8 +12,8 @@ Then one evaluation (`cai.stages.evaluate`, in RUNS/evaluate) has the base model
 configuration's distinct sft and dpo models answer the same prompts: HarmBench's 200
 behaviours and the held-out Do-Not-Answer prompts (red team), cai's over-refusal set and
 the held-out helpful prompts (helpful), greedily; the judge (the base model) compares each
-model with base (`judge_pairs: base`) on the held-out helpful prompts only. Every model is compared with base on the
-same resampled prompts (95 % paired bootstrap, `cai.stats`).
+model with base (`judge_pairs: base`) on the held-out helpful prompts only. Every model is
+compared with base on the same resampled prompts (95 % paired bootstrap, `cai.stats`).
 
     .venv/bin/python bench/grid.py [--config configs/demo.yaml] [--runs /tmp/cai-grid]
         [--configs defaults,sft-1-epoch,...] [--stages critique,sft,label,dpo] [--reuse runs/demo]
@@ -103,9 +103,9 @@ def train(config: str, runs: Path, names: list[str], stages: list[str], extra: l
     done: dict[tuple[str, str], Path] = {}  # (stage, config hash) -> its folder
     for folder in reuse:
         for stage in stages:
-            manifest = StageDir(folder, stage).manifest()
-            if manifest is not None:
-                done.setdefault((stage, manifest["config_hash"]), StageDir(folder, stage).path.resolve())
+            previous = StageDir(folder, stage)
+            if (manifest := previous.manifest()) is not None:
+                done.setdefault((stage, manifest["config_hash"]), previous.path.resolve())
     folders: dict[str, dict] = {}
     for name in names:
         run = load_config(config, [*extra, *GRID[name], f"run_dir={runs / name}"])
