@@ -51,7 +51,7 @@ def _bad(tmp_path: Path, old: str, new: str) -> Path:
     ("  red_team: builtin:donotanswer", "  red_team: {dataset: PROMPTS, column: nope}", "critique",
      "has no column 'nope'"),  # a prompt source
     ("threads: 1", "threads: 1\ndtype: float8", "sft", "'dtype'"),  # a model option
-    ("  algorithm: ppo", "  algorithm: ppo\n  reward: judge", "rl", "'rl.reward'"),  # a stage's own check
+    ("  algorithm: ppo", "  algorithm: ppo\n  num_mini_batches: 3", "rl", "rl.num_mini_batches (3)"),  # a stage's check
 ], ids=["trl-value", "constitution", "prompt-column", "model-option", "stage-check"])
 def test_check_refuses_bad_configs_and_writes_nothing(tmp_path, capsys, old, new, stage, words):
     prompts = tmp_path / "prompts"

@@ -181,9 +181,11 @@ def test_a_stage_key_overrides_the_top_level_and_defaults_keep_config_hashes(tmp
     assert fingerprint("dtype=bfloat16", stage="critique") != fingerprint(stage="critique")
 
 
-def test_ppo_saves_a_config_that_pads_like_its_tokenizer(sft_run):
-    """SmolLM2 pads with its EOS; PPO then pads with another token (ppo_pad_token), and
-    the saved config must say so too."""
+def test_ppo_trains_a_policy_that_pads_with_its_eos(sft_run):
+    """SmolLM2 pads with its EOS, <|im_end|>, which also closes every chat turn: cai's PPO
+    finds answers and padding by position (each answer cut after its first EOS), never by
+    token id, so it trains such a policy as it is, and the saved config pads like its
+    tokenizer."""
     from cai import models
     from cai.pipeline import run_stage
 
@@ -198,8 +200,10 @@ def test_ppo_saves_a_config_that_pads_like_its_tokenizer(sft_run):
     run_stage(make_run(sft_run, *LORA, *TINY_RL, "rl.total_episodes=4", "rl.num_ppo_epochs=1"), "rl")
 
     check_folder(sft_run / "rl" / "model")
-    assert json.loads((sft_run / "rl" / "model" / "config.json").read_text())["pad_token_id"] != tokenizer.eos_token_id
+    assert json.loads((sft_run / "rl" / "model" / "config.json").read_text())["pad_token_id"] == tokenizer.eos_token_id
     assert (sft_run / "rl" / "adapter" / "adapter_config.json").exists()  # PPO trained a LoRA policy
+    logs = json.loads((sft_run / "rl" / "log_history.json").read_text())
+    assert all(0 < entry["completions/mean_length"] <= 8 for entry in logs)
 
 
 def test_unmerged_adapters_chain_through_reward_and_rl(sft_run):

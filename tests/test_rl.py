@@ -68,15 +68,15 @@ def test_each_algorithm_moves_the_policy_and_logs_reward_kl_and_length(rl_run, a
 
 
 def test_an_interrupted_ppo_run_resumes_from_its_checkpoint_to_the_uninterrupted_result(rl_run, tmp_path):
-    """PPO (TRL 1.12 has no resume of its own) checkpoints the policy, the value model, the
-    optimizer, scheduler, random states and its place in the batch stream; killed after
-    update 3 of 6 (8 prompts in batches of 4: the kill falls in the second pass over the
-    prompts), the rerun resumes from checkpoint-3 and ends with the weights and logs of an
-    uninterrupted run."""
+    """cai's PPO checkpoints every trained tensor (policy and value model), the optimizer,
+    scheduler and random states; the prompts of each update and its rollout's random draws
+    are functions of (seed, update). Killed after update 3 of 6 (8 prompts in batches of 4:
+    the kill falls in the second pass over the prompts), the rerun resumes from
+    checkpoint-3 and ends with the weights and logs of an uninterrupted run."""
     import shutil
 
     from cai.pipeline import run_stage
-    from cai.stages.rl import _ppo_trainer_class
+    from cai.training.ppo import PPOTrainer
 
     settings = ("rl.algorithm=ppo", *TINY_RL, "rl.total_episodes=24", "rl.num_ppo_epochs=1", "rl.save_steps=1",
                 "rl.save_total_limit=2")
@@ -85,30 +85,29 @@ def test_an_interrupted_ppo_run_resumes_from_its_checkpoint_to_the_uninterrupted
     whole = run_stage(make_run(rl_run, *settings), "rl")
     assert whole["counts"]["global_steps"] == 6
 
-    trainer_class = _ppo_trainer_class()
-    save = trainer_class._save_checkpoint
+    save = PPOTrainer._save_checkpoint
 
     def save_then_die(self, model, trial):
         save(self, model, trial)
         if self.state.global_step == 3:
             raise KeyboardInterrupt
 
-    trainer_class._save_checkpoint = save_then_die
+    PPOTrainer._save_checkpoint = save_then_die
     try:
         with pytest.raises(KeyboardInterrupt):
             run_stage(make_run(killed, *settings), "rl")
     finally:
-        trainer_class._save_checkpoint = save
+        PPOTrainer._save_checkpoint = save
     assert sorted(p.name for p in (killed / "rl" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2",
                                                                                           "checkpoint-3"]
 
-    updates, log = [], trainer_class.log
-    trainer_class.log = lambda self, logs, start_time=None: updates.append(self.state.global_step) or log(
+    updates, log = [], PPOTrainer.log
+    PPOTrainer.log = lambda self, logs, start_time=None: updates.append(self.state.global_step) or log(
         self, logs, start_time)
     try:
         resumed = run_stage(make_run(killed, *settings), "rl")
     finally:
-        trainer_class.log = log
+        PPOTrainer.log = log
     assert updates == [4, 5, 6]  # only the updates after the checkpoint ran
     assert resumed["resumed"] and resumed["counts"]["global_steps"] == 6
     # the same run, up to float rounding (CPU kernels do not promise bit-identical sums)
@@ -129,7 +128,9 @@ def test_an_interrupted_ppo_run_resumes_from_its_checkpoint_to_the_uninterrupted
     (("rl.algorithm=rloo", "rl.num_generations=1"), "'rl.num_generations' must be at least 2"),
     (("rl.algorithm=ppo", "rl.num_generations=4"), "'rl.num_generations' is not a field of PPOConfig"),
     (("rl.no_such_key=1",), "unknown key 'no_such_key'"),
-    (("rl.algorithm=ppo", "rl.reward=judge"), "'rl.reward': judge needs rl.algorithm rloo or grpo"),
+    (("rl.algorithm=ppo", "rl.stop_token=eos"), "'rl.stop_token' was a key of TRL 1.12's PPOConfig"),
+    (("rl.algorithm=ppo", "rl.per_device_train_batch_size=4", "rl.num_mini_batches=3"),
+     "must be divisible by rl.num_mini_batches"),
     (("rl.algorithm=grpo", "rl.reward=judges"), "'rl.reward' must be"),
     (("rl.algorithm=grpo", "rl.reward=judge", "rl.principles_per_answer=0"), "'rl.principles_per_answer' must be"),
 ])
@@ -142,7 +143,10 @@ def test_config_errors_are_reported_before_any_work(rl_run, overrides, message):
     assert not (rl_run / "rl").exists()
 
 
-def test_ppo_refuses_a_reward_model_with_another_tokenizer(rl_run, tmp_path):
+def test_ppo_takes_a_reward_model_with_another_tokenizer(rl_run, tmp_path):
+    """The reward model reads each prompt and answer as text, rendered with its own chat
+    template, so its tokenizer need not be the policy's; the value model then starts from
+    the policy under a zero head."""
     from cai import models
     from cai.pipeline import run_stage
 
@@ -150,26 +154,12 @@ def test_ppo_refuses_a_reward_model_with_another_tokenizer(rl_run, tmp_path):
     tokenizer = models.load_tokenizer(str(rl_run / "reward" / "model"))
     tokenizer.add_tokens(["<|not-in-the-policy|>"])
     tokenizer.save_pretrained(other)
-    models.load_reward_model(str(rl_run / "reward" / "model"), tokenizer).save_pretrained(other)
-    run = make_run(rl_run, *TINY_RL, f"rl.reward_model={other}")
-    with pytest.raises(ValueError, match="same tokenizer"):
-        run_stage(run, "rl")
-
-
-def test_ppo_pads_with_a_token_the_chat_template_does_not_use(rl_run):
-    """SmolLM2 pads with its EOS, <|im_end|>, which also closes every chat turn: TRL's PPO
-    would take the prompt's own turn ends for padding."""
-    from cai import models
-    from cai.stages.rl import ppo_pad_token
-
-    tokenizer = models.load_tokenizer(str(rl_run / "sft" / "model"), padding_side="left")
-    tokenizer.pad_token = tokenizer.eos_token
-    ppo_pad_token(tokenizer)
-
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
-                                         add_generation_prompt=True)
-    assert tokenizer.pad_token_id != tokenizer.eos_token_id
-    assert tokenizer.pad_token_id not in tokenizer(text, add_special_tokens=False)["input_ids"]
+    reward_model = models.load_reward_model(str(rl_run / "reward" / "model"), tokenizer)
+    reward_model.resize_token_embeddings(len(tokenizer))
+    reward_model.save_pretrained(other)
+    manifest = run_stage(make_run(rl_run, *TINY_RL, "rl.total_episodes=4", "rl.num_ppo_epochs=1",
+                                  f"rl.reward_model={other}"), "rl")
+    assert manifest["counts"]["global_steps"] == 1 and manifest["counts"]["reward_model"] == str(other)
 
 
 # ---------------------------------------------------------------- direct RLAIF: the judge is the reward
@@ -196,6 +186,20 @@ def test_the_judge_as_reward_moves_the_policy_without_a_reward_stage(sft_run, al
     assert len(steps) == 2
     assert all(0.0 <= e["rewards/judge/mean"] <= 1.0 and e["reward"] == pytest.approx(e["rewards/judge/mean"])
                for e in steps)
+
+
+def test_ppo_takes_the_judge_as_reward(sft_run):
+    """cai's PPO calls the same reward function as RLOO and GRPO: the judge works there too,
+    with the value model started from the policy (there is no reward model)."""
+    from cai.pipeline import run_stage
+
+    manifest = run_stage(make_run(sft_run, "rl.algorithm=ppo", *TINY_RL, "rl.reward=judge", "rl.feedback_few_shot=1",
+                                  "rl.total_episodes=8", "rl.num_ppo_epochs=1"), "rl")
+    counts = manifest["counts"]
+    assert counts["global_steps"] == 2 and counts["reward"] == "judge"
+    assert counts["judged_answers_this_session"] == 8 and list(manifest["upstream"]) == ["sft"]
+    steps = json.loads((sft_run / "rl" / "log_history.json").read_text())
+    assert len(steps) == 2 and all(0.0 <= e["objective/scores"] <= 1.0 for e in steps)
 
 
 def test_the_reward_model_is_logged_under_its_name_and_recorded(rl_run):

@@ -230,10 +230,17 @@ class TransformersEngine(Engine):
 
     # ------------------------------------------------------------ generation
 
-    @torch.inference_mode()
     def generate(self, conversations: list[list[dict]], sampling: Sampling, seed: int,
                  desc: str | None = None, prefill: str = "") -> list[Completion]:
-        prompts = [self.render(c, prefill) for c in conversations]
+        rows = self.generate_tokens([self.render(c, prefill) for c in conversations], sampling, seed, desc)
+        return [self._completion(row) for row in rows]
+
+    @torch.inference_mode()
+    def generate_tokens(self, prompts: list[list[int]], sampling: Sampling, seed: int,
+                        desc: str | None = None) -> list[list[int]]:
+        """The sampled token ids that follow each prompt (token ids), in input order: up to
+        `max_new_tokens`, a row that stopped early padded after its EOS. What `generate`
+        decodes, and what PPO's rollouts train on."""
         # Sampled or not, `generate` runs greedy: a NucleusSampler draws the token (see there).
         config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=False,
                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids, use_cache=True,
@@ -242,7 +249,7 @@ class TransformersEngine(Engine):
         static = self.model.device.type != "cpu"
         processors = LogitsProcessorList([NucleusSampler(sampling.temperature, sampling.top_p, sampling.top_k,
                                                          static)] if sampling.temperature > 0 else [])
-        results: list[Completion | None] = [None] * len(prompts)
+        results: list[list[int] | None] = [None] * len(prompts)
         shared, prefix_ids, prefix_cache = self._shared_prefix(prompts)
         batches = self._batches_by_length(prompts, sampling.max_new_tokens)
         most = max(map(len, batches), default=0)
@@ -265,18 +272,21 @@ class TransformersEngine(Engine):
                                          generation_config=config, logits_processor=processors)
             self.seconds += time.perf_counter() - began
             for row, i in zip(output[:, input_ids.shape[1]:].tolist(), batch):
-                results[i] = self._completion(row)
+                results[i] = row
+                self.tokens_generated += self.answer_length(row)[0]
             if self.seconds:
                 bar.set_postfix(tok_s=f"{self.tokens_per_second:.1f}")
         return results  # type: ignore[return-value]
 
-    def _completion(self, row: list[int]) -> Completion:
-        length, finished = len(row), False
+    def answer_length(self, row: list[int]) -> tuple[int, bool]:
+        """(tokens before the first EOS, whether there is one) of a generated row."""
         for j, token in enumerate(row):
             if token in self.eos_ids:
-                length, finished = j, True
-                break
-        self.tokens_generated += length
+                return j, True
+        return len(row), False
+
+    def _completion(self, row: list[int]) -> Completion:
+        length, finished = self.answer_length(row)
         text = self.tokenizer.decode(row[:length], skip_special_tokens=True).strip()
         return Completion(text, length, finished)
 

@@ -8,15 +8,19 @@ with helpful ones (so the policy does not learn that refusing everything pays), 
 uses PPO; RLOO and GRPO are cheaper alternatives (no value model: the baseline is the
 other samples for the same prompt).
 
-- `ppo`: `trl.experimental.ppo.PPOTrainer` (TRL 1.12, the last release with PPO). A
-  value model, initialised from the reward model, is trained alongside the policy.
-  PPO reads pre-tokenised prompts and scores token ids directly, so the policy and the
-  reward model must share a tokenizer. Updates = total_episodes / batch.
-- `rloo`, `grpo`: `trl.RLOOTrainer` / `trl.GRPOTrainer` with the reward model passed as
-  the reward function (TRL renders prompt + answer with the reward model's own tokenizer
-  and reads its score). A batch counts completions: `num_generations` per prompt.
+- `ppo`: cai's own PPO (`cai.training.ppo`; TRL deleted its PPO in 1.13). Rollouts come
+  from cai's generation engine; a value model (from the reward model: a warm critic) is
+  trained alongside the policy. With `use_peft`, policy, reference and value share one
+  frozen base (two adapters; the reference is the base with them disabled).
+  Updates = total_episodes / batch.
+- `rloo`, `grpo`: `trl.RLOOTrainer` / `trl.GRPOTrainer`. A batch counts completions:
+  `num_generations` per prompt.
 
-Direct RLAIF (`reward: judge`, rloo and grpo; Lee et al. 2023, "RLAIF vs. RLHF", reported
+Every algorithm takes the same reward function (`reward_function`): the reward model
+renders prompt + answer with its own chat template and reads its score
+(`RewardModelReward`), or the judge (below).
+
+Direct RLAIF (`reward: judge`; Lee et al. 2023, "RLAIF vs. RLHF", reported
 better than training a reward model on AI labels): no reward model at all. The feedback
 model (`feedback_model`, any engine: in-process weights or `server:NAME`) reads each
 sampled answer with a principle drawn from the constitution and is asked whether the
@@ -51,14 +55,10 @@ Logs (`rl/log_history.json`, one entry per optimisation step), by algorithm:
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import functools
 import random
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from cai.judge.settings import JUDGE_FIELDS, JudgeSettings, judge_problems
@@ -67,7 +67,7 @@ from cai.yamlio import Problem
 
 # algorithm -> (module, TRL config class)
 ALGORITHMS = {
-    "ppo": ("trl.experimental.ppo", "PPOConfig"),
+    "ppo": ("cai.training.ppo", "PPOConfig"),  # cai's own: TRL deleted its PPO in 1.13
     "rloo": ("trl", "RLOOConfig"),
     "grpo": ("trl", "GRPOConfig"),
 }
@@ -96,7 +96,7 @@ class Config(JudgeSettings):  # with reward: judge, the judge: feedback_model an
     kl_coef: float = setting(0.05, "KL penalty to the reference (PPO kl_coef, RLOO/GRPO beta)", ge=0)
     reward: Literal["reward_model", "judge"] = setting(
         "reward_model", "reward_model: the reward stage's preference model scores each answer; judge: the feedback "
-                        "model does, as P(good) under a drawn principle (direct RLAIF; rloo and grpo only)")
+                        "model does, as P(good) under a drawn principle (direct RLAIF)")
     principles_per_answer: int = setting(1, "with reward: judge, feedback principles drawn per answer (averaged)",
                                          ge=1, only_if=JUDGE)
     feedback_batch_size: int = setting(64, "with reward: judge, questions per scoring batch", ge=1, only_if=JUDGE)
@@ -125,10 +125,13 @@ def trl_config_class(algorithm: str):
 
 @functools.cache
 def _any_algorithm_config():
-    """A stand-in whose fields are the union of the three TRL configs' fields: what the
+    """A stand-in whose fields are the union of the three configs' fields: what the
     `rl:` section may hold before the algorithm is known; `check_config` narrows it."""
+    from cai.training.ppo import REMOVED_KEYS
+
+    # (TRL 1.12's PPO keys that cai's PPO lacks pass here so that `check_config` names their replacement.)
     names = sorted({f.name for algorithm in ALGORITHMS for f in dataclasses.fields(trl_config_class(algorithm))
-                    if f.init})
+                    if f.init} | set(REMOVED_KEYS))
     cls = dataclasses.make_dataclass("PPOConfig, RLOOConfig or GRPOConfig", [(n, Any, None) for n in names])
     cls.__module__ = "trl"
     return cls
@@ -145,9 +148,7 @@ def stage_defaults(cfg: Config) -> dict:
     """cai's settings for the algorithm's TRL config (the user's `rl:` keys override them)."""
     defaults = {KNOBS[knob][cfg.algorithm]: getattr(cfg, knob) for knob in KNOBS}
     defaults["num_train_epochs"] = 1  # one pass over the prompts (TrainingArguments says 3)
-    if cfg.algorithm == "ppo":
-        defaults.update(stop_token="eos", num_sample_generations=0)
-    else:
+    if cfg.algorithm != "ppo":
         defaults.update(num_generations=4 if cfg.algorithm == "grpo" else 2)  # GRPO's 8 is a lot for a CPU
     return defaults
 
@@ -172,12 +173,9 @@ def check_config(run, cfg: Config, trl: dict) -> list[Problem]:
             return Problem("config", 1, message)
         return run.source.problem(("rl", key), message)
 
+    from cai.training.ppo import REMOVED_KEYS
+
     problems = judge_problems(run, "rl", cfg, pointwise=True)
-    if cfg.reward == "judge" and cfg.algorithm == "ppo":
-        problems.append(problem("reward", "'rl.reward': judge needs rl.algorithm rloo or grpo (their reward can be "
-                                          "a function of the answer's text); TRL's PPO scores token ids with a "
-                                          "reward model. Set rl.algorithm to rloo or grpo, or rl.reward to "
-                                          "reward_model"))
     if cfg.reward == "judge" and cfg.feedback_model == "rl":
         problems.append(problem("feedback_model", "'rl.feedback_model': rl cannot judge its own training (its "
                                                   "model is what this stage writes); use base, sft, another stage "
@@ -185,7 +183,10 @@ def check_config(run, cfg: Config, trl: dict) -> list[Problem]:
     cls = trl_config_class(cfg.algorithm)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in trl:
-        if key not in fields:
+        if cfg.algorithm == "ppo" and key in REMOVED_KEYS:
+            problems.append(problem(key, f"'rl.{key}' was a key of TRL 1.12's PPOConfig; cai's PPO has none: "
+                                         f"{REMOVED_KEYS[key]}"))
+        elif key not in fields:
             owners = [a for a in ALGORITHMS if key in {f.name for f in dataclasses.fields(trl_config_class(a))}]
             problems.append(problem(key, f"'rl.{key}' is not a field of {cls.__name__} (rl.algorithm is "
                                          f"'{cfg.algorithm}'); it belongs to algorithm {' / '.join(owners)}"))
@@ -197,7 +198,7 @@ def check_config(run, cfg: Config, trl: dict) -> list[Problem]:
         batch = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
         if batch % s["num_mini_batches"]:
             problems.append(problem("num_mini_batches", (
-                f"PPO: the batch (rl.per_device_train_batch_size {s['per_device_train_batch_size']} x "
+                f"PPO: the rollout batch (rl.per_device_train_batch_size {s['per_device_train_batch_size']} x "
                 f"rl.gradient_accumulation_steps {s['gradient_accumulation_steps']} = {batch}) must be divisible "
                 f"by rl.num_mini_batches ({s['num_mini_batches']})")))
     else:
@@ -250,9 +251,8 @@ def _check_prompt_count(cfg: Config, args, prompts: list) -> None:
 
 
 def run(ctx) -> dict:
-    from cai import models
     from cai.training.args import trl_config
-    from cai.training.models import load_training_model, reference_loading
+    from cai.training.models import reference_loading
     from cai.training.save import train_and_save
 
     cfg: Config = ctx.config
@@ -263,35 +263,92 @@ def run(ctx) -> dict:
     reference_loading(args, options)
     _check_prompt_count(cfg, args, prompts)
 
-    reward = ctx.model_spec(cfg.reward_model, "reward") if cfg.reward == "reward_model" else None
-    judge = judge_reward(ctx, cfg) if cfg.reward == "judge" else None
+    reward = reward_function(ctx, cfg, args.device)
     if cfg.algorithm == "ppo":
         trainer = ppo_trainer(ctx, args, policy, reward, prompts)
     else:
         from datasets import Dataset
         from trl import GRPOTrainer, RLOOTrainer
 
-        if judge is not None:
-            reward_funcs, reward_tokenizer = judge, None
-        else:
-            # The reward model is the reward function; TRL renders each prompt + answer with
-            # its own tokenizer.
-            reward_tokenizer = models.load_tokenizer(reward)
-            reward_funcs = models.load_reward_model(reward, reward_tokenizer, options)
+        from cai.training.models import load_training_model
+
         trainer_class = GRPOTrainer if cfg.algorithm == "grpo" else RLOOTrainer
         # The KL reference is reloaded by TRL from the policy's folder, or, with use_peft,
         # is the policy with its adapter disabled.
         loaded = load_training_model(ctx, policy, padding_side="left")
         trainer = trainer_class(
-            model=loaded.model, args=args, reward_funcs=reward_funcs, reward_processing_classes=reward_tokenizer,
+            model=loaded.model, args=args, reward_funcs=reward,
             train_dataset=Dataset.from_list([{"prompt": p["prompt"]} for p in prompts]),
             processing_class=loaded.tokenizer, peft_config=loaded.peft_config)
     metrics = train_and_save(trainer, ctx, base=policy, data=_prompt_counts(prompts))
-    if judge is not None:
+    if cfg.reward == "judge":
         ctx.release(cfg.feedback_model)
-    reward_counts = judge.counts() if judge is not None else {"reward": "reward_model", "reward_model": reward}
     return {"algorithm": cfg.algorithm, "prompts": len(prompts),
-            "helpful_prompts": sum(p["kind"] == "helpful" for p in prompts), **reward_counts, **metrics}
+            "helpful_prompts": sum(p["kind"] == "helpful" for p in prompts), **reward.counts(), **metrics}
+
+
+def reward_function(ctx, cfg: Config, device):
+    """The reward, as the callable every algorithm takes (TRL's `reward_funcs` signature,
+    `reward(prompts, completions, completion_ids=...) -> [float]`): the reward model
+    (`RewardModelReward`) or, with `reward: judge`, the feedback model (`JudgeReward`)."""
+    if cfg.reward == "judge":
+        return judge_reward(ctx, cfg)
+    return RewardModelReward(ctx.model_spec(cfg.reward_model, "reward"), ctx.model_options, device)
+
+
+class RewardModelReward:
+    """The reward stage's preference model as a reward function: each prompt and answer
+    rendered with the reward model's own chat template (the sequences it was trained on,
+    `cai.stages.reward.RewardScorer`), its score read at the last token. Logged by TRL as
+    `rewards/model/mean`."""
+
+    def __init__(self, spec: str, options, device):
+        from cai import models
+        from cai.stages.reward import RewardScorer
+
+        self.__name__ = "model"  # the name TRL logs the reward under
+        self.spec = spec
+        tokenizer = models.load_tokenizer(spec)
+        self.model = models.load_reward_model(spec, tokenizer, options).to(device).eval()
+        self.model.requires_grad_(False)
+        self.scorer = RewardScorer(self.model, tokenizer, batch_size=64)
+
+    def __call__(self, prompts: list, completions: list, **_) -> list[float]:
+        conversations = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
+        responses = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return self.scorer.score(conversations, responses)
+
+    def counts(self) -> dict:
+        return {"reward": "reward_model", "reward_model": self.spec}
+
+
+def ppo_trainer(ctx, args, policy: str, reward, prompts: list[dict]):
+    """cai's PPO (`cai.training.ppo`). Full fine-tuning: a reference copy of the policy and
+    a value model initialised from the reward model (a warm critic; from the policy under a
+    zero head when there is no reward model of the policy's vocabulary). LoRA: one base for
+    policy, reference and value."""
+    import torch
+
+    from cai import models
+    from cai.training.models import load_training_model
+    from cai.training.ppo import PPOTrainer
+
+    options = ctx.model_options
+    loaded = load_training_model(ctx, policy, padding_side="left")
+    reward_model = getattr(reward, "model", None)
+    same_vocabulary = (reward_model is not None
+                       and models.load_tokenizer(reward.spec).get_vocab() == loaded.tokenizer.get_vocab())
+    conversations = [p["prompt"] for p in prompts]
+    if options.use_peft:
+        return PPOTrainer(args, loaded.model, loaded.tokenizer, conversations, reward, peft_config=loaded.peft_config,
+                          reward_model_for_value_head=reward_model if same_vocabulary else None)
+    reference = models.load_causal_lm(policy, ctx.run.device, options)
+    value_model = models.load_reward_model(reward.spec if same_vocabulary else policy, loaded.tokenizer, options)
+    if not same_vocabulary:
+        with torch.no_grad():
+            value_model.score.weight.zero_()
+    return PPOTrainer(args, loaded.model, loaded.tokenizer, conversations, reward, reference=reference,
+                      value_model=value_model)
 
 
 # ---------------------------------------------------------------- the judge as the reward (d-RLAIF)
@@ -346,252 +403,3 @@ class JudgeReward:
 def _prompt_counts(prompts: list[dict]) -> dict[str, int]:
     helpful = sum(p["kind"] == "helpful" for p in prompts)
     return {"red-team prompts": len(prompts) - helpful, "helpful prompts": helpful}
-
-
-# ---------------------------------------------------------------- PPO plumbing
-
-
-def ppo_pad_token(tokenizer) -> None:
-    """TRL's PPO finds padding by token id (`ids != pad_token_id`): a pad token that also
-    ends chat turns (SmolLM2 pads with <|im_end|>) would mask the prompt itself. Pad with
-    another special token the chat template does not use."""
-    if tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return
-    probe = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
-                                          add_generation_prompt=True)
-    specials = [t.content for _, t in sorted(tokenizer.added_tokens_decoder.items()) if t.special]
-    for token in [tokenizer.unk_token, tokenizer.bos_token, *specials]:
-        if token and token != tokenizer.eos_token and token not in probe:
-            tokenizer.pad_token = token
-            return
-    raise ValueError("PPO needs a pad token distinct from the tokens of the chat template; this tokenizer pads "
-                     f"with {tokenizer.pad_token!r} (its EOS) and has no other special token to pad with. "
-                     "Use algorithm rloo or grpo, which do not have this limit")
-
-
-def check_shared_tokenizer(policy_tokenizer, reward_tokenizer, policy: str, reward: str) -> None:
-    if policy_tokenizer.get_vocab() != reward_tokenizer.get_vocab():
-        raise ValueError(f"rl.algorithm ppo scores the policy's token ids with the reward model, so both need the "
-                         f"same tokenizer, but {policy} and {reward} have different vocabularies. Train the reward "
-                         "model from the same base model, or use algorithm rloo or grpo (they re-tokenise for the "
-                         "reward model)")
-
-
-def ppo_trainer(ctx, args, policy: str, reward: str, prompts: list[dict]):
-    from datasets import Dataset
-
-    from cai import models
-    from cai.training.models import load_training_model
-
-    loaded = load_training_model(ctx, policy, padding_side="left")
-    tokenizer = loaded.tokenizer
-    check_shared_tokenizer(tokenizer, models.load_tokenizer(reward), policy, reward)
-    ppo_pad_token(tokenizer)
-    query_ids = [tokenizer(tokenizer.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True),
-                           add_special_tokens=False)["input_ids"] for p in prompts]
-    options = ctx.model_options
-    # With use_peft the policy is a LoRA adapter and the reference is the policy with the
-    # adapter disabled (no reference copy); the value model is still trained in full.
-    reference = None if options.use_peft else models.load_causal_lm(policy, ctx.run.device, options)
-    return _ppo_trainer_class()(
-        args=args, processing_class=tokenizer, model=loaded.model, ref_model=reference,
-        reward_model=models.load_reward_model(reward, tokenizer, options).eval(),
-        value_model=models.load_reward_model(reward, tokenizer, options),  # the value head starts from the reward model
-        train_dataset=Dataset.from_dict({"input_ids": query_ids}), peft_config=loaded.peft_config)
-
-
-PPO_TRAINED = "policy_and_value.safetensors"  # a PPO checkpoint's trained weights: policy (or adapter), value model
-
-
-def ppo_stream_file(process: int) -> str:
-    return f"batch_stream_{process}.pt"
-
-
-class ResumableBatches:
-    """The endless batch stream TRL's PPO draws its updates from (`yield from dataloader`,
-    epoch after epoch), with its place recorded: the epoch's batch count so far and the
-    CPU random state the epoch's shuffle was drawn from (a `RandomSampler` draws its seed
-    from the global generator at the epoch's first batch). A resumed stream (`resume`:
-    that state and count) draws the same shuffle and skips what was used, so the updates
-    after a checkpoint see the batches an uninterrupted run would."""
-
-    def __init__(self, dataloader, resume: dict | None = None):
-        import torch
-
-        self.dataloader = dataloader
-        self.epoch_rng: torch.Tensor | None = None
-        self.position = 0
-        self.resume = resume
-
-    def __iter__(self):
-        import torch
-
-        if self.resume is not None:
-            now, resume, self.resume = torch.get_rng_state(), self.resume, None
-            self.epoch_rng, self.position = resume["epoch_rng"], resume["position"]
-            torch.set_rng_state(self.epoch_rng)
-            batches = iter(self.dataloader)
-            used = [next(batches, None) for _ in range(self.position)]  # the shuffle is drawn at the first
-            torch.set_rng_state(now)  # the generation after the checkpoint goes on from the checkpoint's state
-            del used
-            for batch in batches:
-                self.position += 1
-                yield batch
-        while True:
-            self.epoch_rng, self.position = torch.get_rng_state(), 0
-            for batch in self.dataloader:
-                self.position += 1
-                yield batch
-
-    def state(self) -> dict:
-        return {"epoch_rng": self.epoch_rng, "position": self.position}
-
-
-@functools.cache
-def _ppo_trainer_class():
-    """TRL's PPOTrainer with what cai.training.save.train_and_save expects of a trainer
-    (`train(resume_from_checkpoint)` returning a TrainOutput), a completion-length log,
-    and resume.
-
-    Resume: TRL 1.12's PPO has no `resume_from_checkpoint`, and its checkpoints hold only
-    the policy (`save_model` drops the value model). Each checkpoint here also holds every
-    trained weight (policy or its adapter, and the value model: `PPO_TRAINED`) and each
-    process's place in the batch stream (`ResumableBatches`), written before the Trainer's
-    own files (optimizer, scheduler, random states, and trainer_state.json last, which
-    marks a checkpoint complete). A resume loads them, restores the step and episode
-    counters and the log history, and runs the updates left; the result is the
-    uninterrupted run's (tested). Sharded training (DeepSpeed, FSDP) writes no PPO
-    checkpoints: an interrupted run restarts."""
-    import torch
-    from safetensors.torch import load_file, save_file
-    from transformers import TrainerCallback
-    from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
-    from trl.experimental.ppo import PPOTrainer
-
-    class Continue(TrainerCallback):
-        """Puts back the counters TRL's `train()` zeroes at its start."""
-
-        def __init__(self, saved, total: int):
-            self.saved, self.total = saved, total
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            state.global_step, state.episode = self.saved.global_step, self.saved.episode
-            state.log_history, state.max_steps = list(self.saved.log_history), self.total
-
-    class CaiPPOTrainer(PPOTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            # transformers.Trainer.__init__ sets this and `_save` reads it on every rank;
-            # TRL 1.12's PPOTrainer never calls that __init__. cai never loads PPO's models
-            # sharded by transformers, so non-writer ranks skip saving, as Trainer would.
-            self.is_distributed_loading_by_transformers = False
-            self._lengths: list[int] = []
-            self._batches: ResumableBatches | None = None
-            self._watch_rollout_lengths(self.policy_model)
-
-        def _watch_rollout_lengths(self, policy) -> None:
-            # TRL 1.12's PPO logs no completion length: count it from the rollouts it generates.
-            # Counted like RLOO/GRPO count theirs: up to and including the stop token.
-            generate, stop = policy.generate, self.stop_token_id
-
-            def counting_generate(*args, **kwargs):
-                # TRL passes return_dict_in_generate and output_scores beside its
-                # generation_config, which transformers 5.25 deprecates: fold them in.
-                config = kwargs.get("generation_config")
-                extra = {k: kwargs.pop(k) for k in ("return_dict_in_generate", "output_scores")
-                         if config is not None and k in kwargs}
-                if extra:
-                    kwargs["generation_config"] = copy.deepcopy(config)
-                    kwargs["generation_config"].update(**extra)
-                output = generate(*args, **kwargs)
-                sequences = output.sequences if hasattr(output, "sequences") else output
-                answers = sequences[:, kwargs["input_ids"].shape[1]:]
-                stops = answers == stop if stop is not None else torch.zeros_like(answers, dtype=torch.bool)
-                lengths = torch.where(stops.any(1), stops.int().argmax(1) + 1, answers.shape[1])
-                self._lengths += lengths.tolist()
-                return output
-
-            policy.generate = counting_generate
-
-        def log(self, logs: dict, start_time: float | None = None) -> None:
-            if self._lengths:
-                logs["completions/mean_length"] = sum(self._lengths) / len(self._lengths)
-                self._lengths = []
-            super().log(logs, start_time)
-
-        @contextlib.contextmanager
-        def _unwrapped(self):
-            # Under DDP the policy-and-value model is wrapped: TRL 1.12 then misses its
-            # `.policy` (and saves both halves) and its model card reads `.config`, which the
-            # wrapper lacks. Saves see the unwrapped model.
-            wrapped = self.model
-            self.model = self.accelerator.unwrap_model(wrapped)
-            try:
-                yield
-            finally:
-                self.model = wrapped
-
-        def save_model(self, output_dir=None, _internal_call=False):
-            with self._unwrapped():
-                super().save_model(output_dir, _internal_call)
-
-        def _sharded(self) -> bool:
-            return bool(self.is_fsdp_enabled or self.is_deepspeed_enabled)
-
-        def _save_checkpoint(self, model, trial):
-            if self._sharded():
-                return
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            folder.mkdir(parents=True, exist_ok=True)
-            torch.save(self._batches.state(), folder / ppo_stream_file(self.args.process_index))
-            if self.args.should_save:
-                trained = {name: p.detach().cpu().contiguous()
-                           for name, p in self.accelerator.unwrap_model(self.model).named_parameters()
-                           if p.requires_grad}
-                save_file(trained, str(folder / PPO_TRAINED))
-            with self._unwrapped():
-                super()._save_checkpoint(model, trial)
-
-        def _resume(self, checkpoint: str) -> tuple[Any, dict]:
-            """Load a checkpoint's weights, optimizer, scheduler and random states; its
-            trainer state and this process's batch-stream place."""
-            folder = Path(checkpoint)
-            model = self.accelerator.unwrap_model(self.model)
-            trained = load_file(str(folder / PPO_TRAINED))
-            wanted = {name for name, p in model.named_parameters() if p.requires_grad}
-            _, unexpected = model.load_state_dict(trained, strict=False)
-            if unexpected or wanted - set(trained):
-                raise RuntimeError(f"{folder}: its {PPO_TRAINED} does not match this PPO model (another policy or "
-                                   "LoRA setting?); remove the checkpoints folder to start over")
-            # (Trainer._load_optimizer_and_scheduler reads attributes PPOTrainer never sets.)
-            self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_NAME, map_location=self.accelerator.device,
-                                                      weights_only=True))
-            self.lr_scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
-            saved = type(self.state).load_from_json(str(folder / "trainer_state.json"))
-            stream = torch.load(folder / ppo_stream_file(self.args.process_index), weights_only=True)
-            self._load_rng_state(checkpoint)  # last: nothing above draws random numbers
-            return saved, stream
-
-        def train(self, resume_from_checkpoint=None):
-            started = time.time()
-            total, saved, stream = self.args.num_total_batches, None, None
-            if resume_from_checkpoint:
-                saved, stream = self._resume(resume_from_checkpoint)
-            dataloader, self._batches = self.dataloader, ResumableBatches(self.dataloader, stream)
-            resumed = Continue(saved, total) if saved is not None else None
-            if resumed is not None:
-                self.callback_handler.callbacks.insert(0, resumed)
-                self.args.num_total_batches = total - saved.global_step  # TRL's loop runs this many updates
-            self.dataloader = self._batches
-            try:
-                super().train()
-            finally:
-                self.dataloader, self.args.num_total_batches = dataloader, total
-                if resumed is not None:
-                    self.callback_handler.remove_callback(resumed)
-            losses = [entry["loss/policy_avg"] for entry in self.state.log_history if "loss/policy_avg" in entry]
-            return TrainOutput(self.state.global_step, sum(losses) / len(losses) if losses else 0.0,
-                               {"train_runtime": time.time() - started})
-
-    return CaiPPOTrainer
