@@ -87,8 +87,11 @@ def stage_settings(name: str) -> str:
     lines += ["", f"model options (at the top level for every stage, or in the `{name}:` section):"]
     lines += _rows(model_option_rows(name))
     for title, cls, defaults in trl_sections(name):
-        lines += ["", f"TRL keys, passed to {cls.__module__.split('.')[0]}.{cls.__name__}"
-                      + (f" {title}" if title else "") + " (TRL's help, first sentence):"]
+        if cls.__module__.startswith("trl"):
+            heading = f"TRL keys, passed to trl.{cls.__name__}"
+        else:  # cai's own trainer config (PPO): TrainingArguments and its own keys
+            heading = f"trainer keys, passed to {cls.__module__}.{cls.__name__}"
+        lines += ["", heading + (f" {title}" if title else "") + " (its help, first sentence):"]
         lines += _rows(trl_rows(cls, defaults))
     if registry.stage(name).per_round:
         lines += ["", f"{name} runs once per round (rounds: N): --round K runs round K's, in RUN_DIR/roundK/{name}."]

@@ -55,10 +55,10 @@ def test_training_stage_help_lists_every_trl_key(stage, classes, capsys):
     out = help_text(capsys, stage)
     sections = trl_sections(stage)
     assert [cls.__name__ for _, cls, _ in sections] == classes
-    parts = out.split("TRL keys, passed to ")[1:]
+    parts = re.split(r"(?:TRL|trainer) keys, passed to ", out)[1:]
     assert len(parts) == len(classes)
     for part, (_, cls, defaults) in zip(parts, sections):
-        assert part.startswith(f"trl.{cls.__name__}")
+        assert part.startswith(f"trl.{cls.__name__}" if cls.__module__.startswith("trl") else "cai.training.ppo.")
         for f in dataclasses.fields(cls):
             if f.init and f.name != "output_dir":  # cai sets output_dir: a user value is refused
                 assert f"\n  {f.name}: " in part, (cls.__name__, f.name)

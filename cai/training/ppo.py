@@ -253,6 +253,15 @@ class PolicyAndValue(nn.Module):
         self.value_head = value_head
         self.shared = value_model is None
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False) -> None:
+        """What the Trainer calls for `activation_checkpointing: true`: recompute the
+        activations of the policy (and of a separate value model) in backward."""
+        for model in (self.policy, self.value_model):
+            if model is not None:
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+                                                      every_n_layers=every_n_layers, offload=offload)
+
     def _adapter(self, name: str) -> None:
         # peft's set_adapter freezes the other adapters; both are trained here, and the
         # autograd graph keeps each pass's own adapter.
@@ -438,7 +447,7 @@ class PPOTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
         sampling = Sampling(max_new_tokens=args.response_length, temperature=args.temperature, top_p=1.0, top_k=0)
-        seed = (args.seed * 1_000_003 + update) * 100_003 + args.process_index
+        seed = (args.seed * 1_000_003 + update * 7_919 + args.process_index * 104_729) % 2**31
         rows = engine.generate_tokens(prompt_ids, sampling, seed)
         answers, finished = [], []
         for row in rows:
@@ -546,7 +555,7 @@ class PPOTrainer(Trainer):
         kl = targets["kl"].sum(1).mean()
         non_score = targets["non_score"].sum(1).mean()
         ratios = torch.tensor([stats["ratio"]], device=mask.device)
-        return {
+        metrics = {
             "objective/kl": mean(kl),
             "objective/entropy": mean(((-rollout.logprobs) * mask).sum(1).mean()),
             "objective/non_score_reward": mean(non_score),
@@ -560,11 +569,14 @@ class PPOTrainer(Trainer):
             "policy/entropy_avg": mean(torch.tensor(stats["entropy"], device=mask.device)),
             "val/ratio": mean(ratios),
             "val/num_eos_tokens": gather(rollout.finished.sum().reshape(1)).sum().item(),
-            "val/explained_variance": explained_variance(rollout.values, targets["returns"], mask),
             "completions/mean_length": mean(mask.sum(1).float().mean()),
             "lr": self.lr_scheduler.get_last_lr()[0],
             "episode": self.state.global_step * self.batch,
         }
+        explained = explained_variance(rollout.values, targets["returns"], mask)
+        if math.isfinite(explained):  # undefined when every return is the same
+            metrics["val/explained_variance"] = explained
+        return metrics
 
     # ------------------------------------------------------------ the loop
 
