@@ -100,30 +100,46 @@ def train(config: str, runs: Path, names: list[str], stages: list[str], extra: l
     """Run each configuration's stages, linking in the folder of a stage an earlier one ran
     with the same config hash (or one of the `reuse` run folders holds, complete).
     Returns {name: {stage: resolved folder}}."""
-    done: dict[tuple[str, str], Path] = {}  # (stage, config hash) -> its folder
-    for folder in reuse:
-        for stage in stages:
-            previous = StageDir(folder, stage)
-            if (manifest := previous.manifest()) is not None:
-                done.setdefault((stage, manifest["config_hash"]), previous.path.resolve())
+    done = reusable(reuse, stages)
     folders: dict[str, dict] = {}
     for name in names:
         run = load_config(config, [*extra, *GRID[name], f"run_dir={runs / name}"])
         validate(run, stages)
         folders[name] = {}
         for stage in stages:
-            digest = prepare(run, stage).config_hash
-            here = run.path / stage
-            if (stage, digest) in done and not here.exists():
-                here.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(done[(stage, digest)], here, target_is_directory=True)
-                print(f"[grid] {name}: {stage} shared with {done[(stage, digest)]}", flush=True)
+            link_reused(run, stage, done, name)
             started = time.time()
             manifest = run_stage(run, stage)
             print(f"[grid] {name}: {stage} {time.time() - started:.0f}s", flush=True)
-            done.setdefault((stage, manifest["config_hash"]), here.resolve())
-            folders[name][stage] = here.resolve()
+            here = (run.path / stage).resolve()
+            done.setdefault((stage, manifest["config_hash"]), here)
+            folders[name][stage] = here
     return folders
+
+
+def reusable(runs: list[Path], stages: list[str]) -> dict[tuple[str, str], Path]:
+    """The complete stages of finished run folders: {(stage, config hash): its folder}."""
+    done: dict[tuple[str, str], Path] = {}
+    for folder in runs:
+        for stage in stages:
+            previous = StageDir(folder, stage)
+            if (manifest := previous.manifest()) is not None:
+                done.setdefault((stage, manifest["config_hash"]), previous.path.resolve())
+    return done
+
+
+def link_reused(run, stage: str, done: dict[tuple[str, str], Path], name: str = "grid") -> bool:
+    """Link in the folder of `done` that has this stage's config hash in `run` (the same
+    settings and the same upstream stages: link them in order), unless the run folder has
+    the stage already. The pipeline then skips it as complete."""
+    digest = prepare(run, stage).config_hash
+    here = run.path / stage
+    if (stage, digest) not in done or here.exists():
+        return False
+    here.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(done[(stage, digest)], here, target_is_directory=True)
+    print(f"[grid] {name}: {stage} shared with {done[(stage, digest)]}", flush=True)
+    return True
 
 
 def evaluate(config: str, runs: Path, folders: dict[str, dict], extra: list[str]) -> dict:
