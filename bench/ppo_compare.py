@@ -37,6 +37,8 @@ The table (ratios against the trl-1.12 row of the same invocation):
     score        mean reward-model score (`objective/scores`) over the first updates -> the last
     gain         last minus first (the window: --window updates, default a quarter of them)
     KL end       `objective/kl` (summed over the answer's tokens), mean over the last window
+    wall s, CPU s  the whole process (loading included): wall-clock, and user + system CPU
+                 seconds (steadier than wall-clock when other work shares the cores)
 """
 
 from __future__ import annotations
@@ -95,7 +97,10 @@ def parse_args() -> argparse.Namespace:
     for key, value in (TINY if args.tiny else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.runs = args.runs or ROOT / "bench/data" / ("ppo-compare-tiny" if args.tiny else "ppo-compare")
+    # Paths absolute: the rows run from the repository root. A default is the repository's.
+    args.config = Path(args.config).resolve() if Path(args.config).exists() else ROOT / args.config
+    args.runs = (args.runs or ROOT / "bench/data" / ("ppo-compare-tiny" if args.tiny else "ppo-compare")).resolve()
+    args.venv = args.venv.resolve()
     args.rows = [row.strip() for row in args.rows.split(",") if row.strip()]
     if unknown := [row for row in args.rows if row not in ROWS]:
         parser.error(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)}")
@@ -185,10 +190,11 @@ def export_prompts(run, path: Path) -> dict:
 # ---------------------------------------------------------------- running a row
 
 
-def run_measured(command: list[str], log: Path, threads: int) -> tuple[float, int]:
-    """Run a command to its end, output to `log`: (wall seconds, peak RSS in bytes). The
-    peak is ru_maxrss of that child alone (os.wait4), so rows run one after another never
-    see each other's peaks."""
+def run_measured(command: list[str], log: Path, threads: int) -> tuple[float, float, int]:
+    """Run a command to its end, output to `log`: (wall seconds, CPU seconds, peak RSS in
+    bytes), the last two of that child alone (os.wait4's rusage), so rows run one after
+    another never see each other's peaks. CPU seconds (user + system) move less than wall
+    seconds when other work shares the cores."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
     started = time.time()
@@ -199,7 +205,7 @@ def run_measured(command: list[str], log: Path, threads: int) -> tuple[float, in
     if child.returncode:
         tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-25:])
         raise SystemExit(f"[ppo] {' '.join(command[:3])} ... failed ({child.returncode}); {log}:\n{tail}")
-    return time.time() - started, usage.ru_maxrss * 1024  # KiB on Linux
+    return time.time() - started, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024  # KiB on Linux
 
 
 def run_trl(args, python: Path, prompts: dict, reward: Path) -> dict:
@@ -214,11 +220,12 @@ def run_trl(args, python: Path, prompts: dict, reward: Path) -> dict:
                    "kl_coef": args.kl_coef, "temperature": args.temperature,
                    "response_length": args.max_new_tokens}}
     (folder / "job.json").write_text(json.dumps(job, indent=1) + "\n", encoding="utf-8")
-    wall, rss = run_measured([str(python), str(ROOT / "bench/ppo_trl112.py"), str(folder / "job.json")],
-                             folder / "log.txt", args.threads)
+    wall, cpu, rss = run_measured([str(python), str(ROOT / "bench/ppo_trl112.py"), str(folder / "job.json")],
+                                  folder / "log.txt", args.threads)
     result = json.loads((folder / "result.json").read_text(encoding="utf-8"))
     return {"log_history": result["log_history"], "train_seconds": result["train_seconds"],
             "global_steps": result["global_steps"], "peak_rss_bytes": rss, "wall_seconds": round(wall, 1),
+            "cpu_seconds": round(cpu, 1),
             "threads": result["threads"], "versions": result["versions"]}
 
 
@@ -228,13 +235,13 @@ def run_cai(args, run, row: str, overrides: list[str]) -> dict:
     command = [str(Path(sys.executable).parent / "cai"), "rl", "--config", str(args.config)]
     for item in [*overrides, *row_overrides(args, row), f"run_dir={run.path}"]:
         command += ["--set", item]
-    wall, rss = run_measured(command, args.runs / f"{row}.log", args.threads)
+    wall, cpu, rss = run_measured(command, args.runs / f"{row}.log", args.threads)
     manifest = rl.manifest()
     counts = manifest["counts"]
     return {"log_history": json.loads((rl / "log_history.json").read_text(encoding="utf-8")),
             "train_seconds": counts["train_seconds"], "global_steps": counts["global_steps"],
             "peak_rss_bytes": rss, "stage_peak_rss_bytes": manifest["peak_memory"]["rss_bytes"],
-            "wall_seconds": round(wall, 1), "threads": manifest["threads"]["threads"],
+            "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "threads": manifest["threads"]["threads"],
             "versions": manifest["versions"]}
 
 
@@ -268,8 +275,9 @@ def table(summary: dict) -> str:
              f"{settings['num_ppo_epochs']} PPO epochs x {settings['num_mini_batches']} mini-batch(es); "
              f"score and KL: mean of {settings['window']} update(s) at each end",
              "",
-             "| row | updates | s/update | vs TRL | peak RSS | vs TRL | score first -> last | gain | KL end | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| row | updates | s/update | vs TRL | peak RSS | vs TRL | score first -> last | gain | KL end | wall s "
+             "| CPU s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         s = row["summary"]
         lines.append(
@@ -278,7 +286,7 @@ def table(summary: dict) -> str:
             f"{row['peak_rss_bytes'] / 2**30:.2f} GiB | "
             f"{versus(row['peak_rss_bytes'], base and base['peak_rss_bytes'], name)} | "
             f"{s['score_first']:+.3f} -> {s['score_last']:+.3f} | {s['gain']:+.3f} | {s['kl_end']:.3f} | "
-            f"{row['wall_seconds']:.0f} |")
+            f"{row['wall_seconds']:.0f} | {row.get('cpu_seconds', float('nan')):.0f} |")
     return "\n".join(lines)
 
 
@@ -318,9 +326,11 @@ def main() -> None:
                                                                                           overrides)
         result["summary"] = summarize(result, args.window)
         summary["rows"][row] = result
+        stage_peak = (f" (the rl manifest's: {result['stage_peak_rss_bytes'] / 2**30:.2f} GiB)"
+                      if "stage_peak_rss_bytes" in result else "")
         print(f"[ppo] {row}: {result['summary']['updates']} updates, "
-              f"{result['summary']['seconds_per_update']:.2f} s/update, "
-              f"peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB, {result['wall_seconds']:.0f} s", flush=True)
+              f"{result['summary']['seconds_per_update']:.2f} s/update, peak RSS "
+              f"{result['peak_rss_bytes'] / 2**30:.2f} GiB{stage_peak}, {result['wall_seconds']:.0f} s", flush=True)
         (args.runs / "compare.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     print(table(summary))
 
