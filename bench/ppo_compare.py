@@ -57,9 +57,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.grid import link_reused, reusable  # noqa: E402
 from cai.config import load_config  # noqa: E402
-from cai.pipeline import prepare, required_stages  # noqa: E402
+from cai.pipeline import prepare, required_stages, validate  # noqa: E402
 from cai.registry import ORDER  # noqa: E402
 from cai.rundir import StageDir  # noqa: E402
+from cai.yamlio import ValidationError  # noqa: E402
 
 TRL_VERSION = "1.12.0"
 ROWS = ("trl-1.12", "cai", "cai-lora")
@@ -161,6 +162,10 @@ def row_run(args, row: str, overrides: list[str], done: dict):
     run = load_config(args.config, [*overrides, *row_overrides(args, row), f"run_dir={args.runs / row}"])
     for stage in UPSTREAM:
         link_reused(run, stage, done, row)
+    try:  # what `cai rl` checks first, here before any row runs
+        validate(run, ["rl"])
+    except ValidationError as err:
+        raise SystemExit(f"[ppo] {row}: the rl settings are refused:\n{err}") from None
     cfg = prepare(run, "rl").config
     for stage, why in required_stages("rl", cfg):
         if not StageDir(run.path, stage).complete():
