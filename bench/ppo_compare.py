@@ -7,7 +7,8 @@ Three rows, each its own process, one at a time (so each peak RSS is that proces
                full fine-tuning, four models (policy, its reference copy, reward model, and a
                value model initialised from the reward model)
     cai        `cai rl` with rl.algorithm=ppo, full fine-tuning
-    cai-lora   the same with rl.use_peft=true: a LoRA policy (the reference is the adapter disabled)
+    cai-lora   the same with rl.use_peft=true: a LoRA policy on one base (the reference is the adapter
+               disabled, the value model a second adapter)
 
 Every row starts from a finished run's stages (`--reuse`, linked in as bench/grid.py links
 them: the config must be the one that run was made with) and scores with one reward model
