@@ -61,7 +61,10 @@ def trl_sections(name: str) -> list[tuple[str, type, dict]]:
     if algorithms:
         found = []
         for algorithm in algorithms:
-            cls, defaults = settings(module.Config(algorithm=algorithm))
+            try:
+                cls, defaults = settings(module.Config(algorithm=algorithm))
+            except ImportError:  # an algorithm this TRL lacks (rl's ppo on TRL >= 1.13)
+                continue
             found.append((f"with {name}.algorithm: {algorithm}", cls, defaults))
         return found
     cls, defaults = settings(module.Config())

@@ -120,15 +120,26 @@ def trl_config_class(algorithm: str):
     import importlib
 
     module, name = ALGORITHMS[algorithm]
+    if module == "trl.experimental.ppo":  # deleted in TRL 1.13 (cai requires 1.16); cai's own PPO replaces it
+        raise ImportError("rl.algorithm: ppo is not available in this version of cai (TRL 1.13 removed its PPO); "
+                          "use rl.algorithm: rloo or grpo")
     return getattr(importlib.import_module(module), name)
+
+
+def _available_configs() -> dict:
+    """algorithm -> TRL config class, for the algorithms this TRL has."""
+    configs = {}
+    for algorithm in ALGORITHMS:
+        with contextlib.suppress(ImportError):
+            configs[algorithm] = trl_config_class(algorithm)
+    return configs
 
 
 @functools.cache
 def _any_algorithm_config():
     """A stand-in whose fields are the union of the three TRL configs' fields: what the
     `rl:` section may hold before the algorithm is known; `check_config` narrows it."""
-    names = sorted({f.name for algorithm in ALGORITHMS for f in dataclasses.fields(trl_config_class(algorithm))
-                    if f.init})
+    names = sorted({f.name for cls in _available_configs().values() for f in dataclasses.fields(cls) if f.init})
     cls = dataclasses.make_dataclass("PPOConfig, RLOOConfig or GRPOConfig", [(n, Any, None) for n in names])
     cls.__module__ = "trl"
     return cls
@@ -186,7 +197,8 @@ def check_config(run, cfg: Config, trl: dict) -> list[Problem]:
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in trl:
         if key not in fields:
-            owners = [a for a in ALGORITHMS if key in {f.name for f in dataclasses.fields(trl_config_class(a))}]
+            owners = [a for a, other in _available_configs().items()
+                      if key in {f.name for f in dataclasses.fields(other)}]
             problems.append(problem(key, f"'rl.{key}' is not a field of {cls.__name__} (rl.algorithm is "
                                          f"'{cfg.algorithm}'); it belongs to algorithm {' / '.join(owners)}"))
     if problems:
