@@ -26,7 +26,9 @@ def trl_settings(cfg) -> tuple[type, dict]:
     """The TRL config class and cai's defaults for it (the user's `sft:` keys override them)."""
     from trl import SFTConfig
 
-    return SFTConfig, {"max_length": 1024, "completion_only_loss": True}
+    # loss_type nll: the revisions' negative log-likelihood, SL-CAI's loss (TRL 1.12's default,
+    # chunked_nll, is the same maths; 1.15 made nll the default and deprecated chunked_nll).
+    return SFTConfig, {"max_length": 1024, "completion_only_loss": True, "loss_type": "nll"}
 
 
 @dataclass

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
 from trl import DPOTrainer, RewardConfig, RewardTrainer
 from trl.trainer import dpo_trainer, reward_trainer
-from trl.trainer.utils import selective_log_softmax
 
 
 def soft_label_loss(margin_chosen: torch.Tensor, margin_rejected: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -88,9 +87,17 @@ class SoftLabelDPOTrainer(_KeepsSoftLabels, DPOTrainer):
 
     Since logσ(x) − logσ(−x) = x, the soft loss is TRL's sigmoid loss plus a linear term:
         -[p·logσ(βh) + (1−p)·logσ(−βh)] = −logσ(βh) + (1−p)·βh
-    so TRL computes its loss (and all its metrics) as usual, and only (1−p)·βh is added,
-    with h recomputed from the policy logits TRL returns and the precomputed reference
-    log-probs in the batch."""
+    so TRL computes its loss (and all its metrics) as usual, and only (1−p)·βh is added.
+
+    The term needs h with its graph: d/dθ of the whole is −β(p − σ(βh))·dh/dθ, not plain
+    DPO's −β(1 − σ(βh))·dh/dθ. Since TRL 1.15 the DPO forward goes through a fused LM head
+    that returns per-token log-probs and builds no logits; `compute_loss(return_outputs=
+    True)` rebuilds logits in a second forward under no_grad, which would leave the term
+    without gradient (and cost a forward). TRL 1.16 has no loss method that receives the
+    policy's log-probs: `_compute_loss` runs the forward, the loss and the metrics in one
+    body, and copying it would fork TRL. So the policy's per-token log-probs are taken from
+    that one forward as it runs (`_PolicyLogProbs`, a forward hook on the model TRL calls),
+    and h is summed from them exactly as TRL sums its own (`log_ratio_margin`)."""
 
     def __init__(self, model, args, processing_class, **kwargs):
         kwargs.setdefault("data_collator", DPOSoftLabelCollator(
@@ -104,16 +111,41 @@ class SoftLabelDPOTrainer(_KeepsSoftLabels, DPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         p_chosen = inputs.pop("p_chosen")
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
-        margin = log_ratio_margin(outputs.logits, inputs)
-        loss = loss + (self.beta * (1 - p_chosen) * margin).mean()
+        with _PolicyLogProbs(model) as policy:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs)
+        loss, outputs = result if return_outputs else (result, None)
+        margin = log_ratio_margin(policy.log_probs, inputs)
+        loss = loss + (self.beta * (1 - p_chosen.to(margin)) * margin).mean()
         return (loss, outputs) if return_outputs else loss
 
 
-def log_ratio_margin(logits, inputs):
-    """h = [log π(chosen) − log π_ref(chosen)] − [log π(rejected) − log π_ref(rejected)]."""
-    labels = inputs["input_ids"][..., 1:]
-    mask = inputs["completion_mask"][..., 1:]
-    logps = (selective_log_softmax(logits[..., :-1, :], labels) * mask).sum(dim=1)
+class _PolicyLogProbs:
+    """Within the block, the per-token log-probs of the model's first fused-LM-head forward
+    (TRL's policy forward: `model(..., fused_lm_head=True).log_probs`), graph included."""
+
+    def __init__(self, model):
+        self.model = model
+        self.log_probs: torch.Tensor | None = None
+
+    def _seen(self, module, args, kwargs, output):
+        if self.log_probs is None and kwargs.get("fused_lm_head"):
+            self.log_probs = output.log_probs
+
+    def __enter__(self):
+        self._hook = self.model.register_forward_hook(self._seen, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self._hook.remove()
+        if exc[0] is None and self.log_probs is None:
+            raise RuntimeError("SoftLabelDPOTrainer: TRL's DPO loss ran no fused-LM-head forward of the policy; this "
+                               "TRL version computes DPO differently from the one cai's soft-label loss follows (1.16)")
+
+
+def log_ratio_margin(log_probs: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """h = [log π(chosen) − log π_ref(chosen)] − [log π(rejected) − log π_ref(rejected)],
+    from the policy's per-token log-probs (zero outside the completions, as TRL's fused head
+    returns them) and the precomputed reference log-probs in the batch."""
+    logps = log_probs[:, -(inputs["completion_mask"].size(1) - 1):].sum(dim=1)
     chosen, rejected = logps.chunk(2, dim=0)  # TRL batches [chosen..., rejected...]
     return (chosen - inputs["ref_chosen_logps"]) - (rejected - inputs["ref_rejected_logps"])
