@@ -14,7 +14,7 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, StrictUndefined, UndefinedError, select_autoescape
 from markupsafe import Markup
 
-from cai.evaluation.figures import BY_KEY, DETAIL, KIND_NAMES, PRINCIPLE_SETS, SHOWN
+from cai.evaluation.figures import BY_KEY, DETAIL, KIND_NAMES, MEASURES, PRINCIPLE_SETS, SHOWN
 from cai.registry import ORDER, TRAINING_STAGES, step_folder, steps
 from cai.report.charts import bar_chart, curves_chart, histogram, round_traces, tradeoff_chart
 from cai.rundir import atomic_write_text, read_jsonl
@@ -27,7 +27,7 @@ SAMPLE_PROMPTS = 3  # held-out prompts per kind shown side by side
 SAMPLE_CHAINS = 3  # critique chains shown
 MAX_CHARS = 1500  # longer model text is cut, with a mark
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # invalid in HTML; tiny models emit them
-KIND_TITLES = {"red_team": "Harmlessness on red-team prompts", "helpful": "Helpfulness on helpful prompts"}
+KIND_TITLES = {kind: f"{measure.capitalize()} on {KIND_NAMES[kind]} prompts" for kind, measure in MEASURES.items()}
 # A verdict colours a cell only when the interval excludes no difference (cai.stats).
 VERDICT_CLASS = {"better": "better", "worse": "worse", "within noise": "noise"}
 
