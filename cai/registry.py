@@ -78,6 +78,12 @@ POLICY_STAGES = tuple(s.name for s in STAGES if s.policy)
 MODEL_STAGES = ("base",) + tuple(s.name for s in STAGES if s.saves_model)
 
 
+def optimisers(sections) -> list[str]:
+    """The policy optimisers a run has, from its config's section names: rl and dpo when
+    their section is present, rl when neither is."""
+    return [s for s in ("rl", "dpo") if s in sections] or ["rl"]
+
+
 def stage(name: str) -> Stage:
     """The registry entry of a stage or a step (`rl@2`)."""
     base = split_step(name)[0]

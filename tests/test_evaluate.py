@@ -10,13 +10,13 @@ import pytest
 from conftest import ROOT, make_run
 
 from cai.constitution import DEFAULT_HELPFUL, load_constitution
+from cai.evaluation import answering
+from cai.evaluation.statistics import critique_principle_table, group_statistics, judged_principle_table
 from cai.leakage import few_shot_index
 from cai.pipeline import run_stage
 from cai.prompts import load_source
 from cai.refusals import is_evasive, is_refusal, refusal_kind
 from cai.rundir import atomic_write_json, read_jsonl
-from cai.stages import evaluate
-from cai.stages.evaluate import critique_principle_table, group_statistics, judged_principle_table
 from cai.stats import TOO_FEW, elo
 from cai.yamlio import ValidationError
 
@@ -355,7 +355,7 @@ def test_per_principle_tables_count_draws_kept_rounds_rewards_and_confidence():
                            {"round": 3, "principle": "privacy", "revision": "third", "kept": True}]},
                {"id": "b", "prompt": "q", "initial_response": "x", "dropped": "degenerate initial answer",
                 "rounds": []}]
-    kept = evaluate.kept_revisions(records)
+    kept = answering.kept_revisions(records)
     assert [(r["principle"], r["revision"], r["replaced"]) for r in kept] == [("violence", "second", "first"),
                                                                               ("privacy", "third", "second")]
     scores = [{"id": "a", "round": 1, "principle": "violence", "reward": 0.5, "reward_replaced": -0.5},
@@ -474,10 +474,10 @@ def test_a_stage_the_config_does_not_run_is_noted_not_reported_as_missing(sft_ru
 
 
 def test_judge_pairs_base_compares_each_model_with_base_only(sft_run):
-    assert evaluate.model_pairs(["base", "sft", "rl", "dpo"], "all") == [
+    assert answering.model_pairs(["base", "sft", "rl", "dpo"], "all") == [
         ("base", "sft"), ("base", "rl"), ("base", "dpo"), ("sft", "rl"), ("sft", "dpo"), ("rl", "dpo")]
-    assert evaluate.model_pairs(["sft", "base", "dpo"], "base") == [("base", "sft"), ("base", "dpo")]
-    assert evaluate.model_pairs(["sft", "dpo"], "base") == [("sft", "dpo")]  # no base: the first model anchors
+    assert answering.model_pairs(["sft", "base", "dpo"], "base") == [("base", "sft"), ("base", "dpo")]
+    assert answering.model_pairs(["sft", "dpo"], "base") == [("sft", "dpo")]  # no base: the first model anchors
 
     spec = str(sft_run / "sft" / "model")
     run = make_run(sft_run, *EVAL, f"evaluate.models=[base, sft, {json.dumps(spec)}]", "evaluate.judge_pairs=base")

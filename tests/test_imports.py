@@ -95,3 +95,14 @@ def test_the_leaves_import_nothing_above_them():
     # the settings machinery is the schema's, not the run config's
     for name in ("cai.models", "cai.engines.openai", "cai.constitution"):
         assert "cai.schema" in graph[name] and "cai.config" not in graph[name], name
+
+
+def test_stages_the_evaluation_and_the_report_never_import_the_runner():
+    """Imports run one way: the runner (cai.pipeline, the plan, the executor, the CLI) imports
+    the stages, never the other way round; a stage gets what it needs from its context."""
+    graph = import_graph()
+    runner = {name for name in graph if name in ("cai.pipeline", "cai.cli", "cai.__main__")
+              or name.startswith(("cai.plan", "cai.execute"))}
+    below = [name for name in graph if name.startswith(("cai.stages", "cai.evaluation", "cai.report"))]
+    assert "cai.stages.evaluate" in below and "cai.evaluation.figures" in below and "cai.report.page" in below
+    assert {name: sorted(graph[name] & runner) for name in below if graph[name] & runner} == {}

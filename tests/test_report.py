@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -167,11 +168,70 @@ def test_report_shows_every_section_of_a_run(evaluated_run):
     assert (f"Few-shot leakage: {leakage['sft_targets']['leaked']} of {leakage['sft_targets']['n']} SFT targets"
             in text) and "Few-shot span" in text
     assert "dpo" in text and "has not completed" in text  # the missing stage is named, not an error
-    assert INJECTED not in text and html.escape(INJECTED, quote=True) in text
+    assert INJECTED not in text and INJECTED in html.unescape(text)  # shown as text, never as markup
+
+
+def test_the_page_shows_every_figure_model_interval_and_note_of_the_results(evaluated_run):
+    """What results.json holds is on the page: per group, each model's figures with their
+    intervals, each paired difference with its verdict, the win rates, every figure's
+    method and the run's notes; names and units as cai.evaluation.figures defines them."""
+    from cai.evaluation.figures import BY_KEY, DETAIL, SHOWN
+    from cai.report.page import fmt
+
+    def flat(text: str) -> str:
+        return " ".join(text.split())
+
+    def shown(value, interval, percent: bool, signed: bool = False) -> str:
+        text = fmt(value, percent, signed)
+        if not interval:
+            return text
+        return f"{text} [{fmt(interval[0], percent, signed)}, {fmt(interval[1], percent, signed)}]"
+
+    text = (evaluated_run / "report" / "index.html").read_text(encoding="utf-8")
+    page = Page(text)
+    tables = {cls: flat(table) for cls, table in zip(page.table_classes, page.tables)}
+    results = json.loads((evaluated_run / "evaluate" / "results.json").read_text())
+    names = results["models"]
+    for group in results["kinds"]:
+        table = tables[f"models {group}"]
+        for key in SHOWN[group]:
+            assert BY_KEY[key].label(group) in table, (group, key)
+        for name in names:
+            figures = results["per_model"][name][group]
+            for key in SHOWN[group]:
+                if figures.get(key) is not None:
+                    assert shown(figures[key], figures["ci"].get(key), BY_KEY[key].percent) in table, (name, key)
+        for name, rows in results["paired"][group]["base"].items():
+            paired = tables[f"paired {group} vs-base"]
+            assert name in paired
+            for key, row in rows.items():
+                signed = key != "head_to_head"
+                assert f"{shown(row['value'], [row['low'], row['high']], BY_KEY[key].percent, signed)} " \
+                       f"{row['verdict']}" in paired, (group, key)
+    detail = next(flat(t) for t in page.tables if "Partial refusal" in t and "Finished" in t)
+    for name in names:
+        for group in results["kinds"] + ["all"]:
+            figures = results["per_model"][name][group]
+            for key in DETAIL:
+                assert shown(figures.get(key), figures["ci"].get(key), BY_KEY[key].percent) in detail, (name, key)
+    matrix = tables["winrates"]
+    for first in names:
+        for second, rate in results["pairwise"]["all"]["win_rates"][first].items():
+            assert fmt(rate, percent=True) in matrix and first in matrix and second in matrix
+    visible = flat(html.unescape(re.sub(r"<[^>]+>", "", text)))  # the text a reader sees
+    for key, how in results["methods"].items():
+        assert flat(f"{BY_KEY[key].label() if key in BY_KEY else key.capitalize()}: {how}.") in visible, key
+    for judged in results["judge_principles"].values():
+        assert f"Judged under {judged['set']} principles ({judged['from']}: {', '.join(judged['ids'])})" in visible
+    assert f"Judge (feedback model): {results['feedback_model']}." in visible
+    assert "Not evaluated: " + "; ".join(f"{k}: {v}" for k, v in results["skipped"].items()) in visible
+    assert f"at most {results['generation']['max_new_tokens']} new tokens" in visible
 
 
 def test_a_cell_is_coloured_only_when_its_difference_from_base_is_significant():
-    from cai.report import kind_table
+    from cai.report.page import macro
+
+    kind_table = macro("evaluation_tables.html", "kind_table")
 
     def results_with(verdict: str) -> tuple:
         figures = {"n": 12, "reward": 0.4, "win_rate": 0.6, "elo": 1040.0, "refusal": 0.5, "evasive": 0.0,

@@ -168,7 +168,7 @@ def test_models_after_kills_in_round_two_are_the_same_up_to_float_rounding(round
 
 
 def test_evaluate_and_the_report_cover_both_rounds(rounds):
-    from cai.report import round_traces
+    from cai.report.charts import round_traces
 
     reference, _, _ = rounds
     results = json.loads((reference / "evaluate" / "results.json").read_text())
