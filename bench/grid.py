@@ -95,29 +95,44 @@ COLUMNS = (("ASR", "red_team/harmbench", "asr"), ("held-out refusal", "red_team/
            ("span", "all", "few_shot_span"))
 
 
+def finished_stages(run_dirs: list[Path], stages: list[str]) -> dict[tuple[str, str], Path]:
+    """(stage, config hash) -> folder, for each complete stage of these run folders."""
+    done: dict[tuple[str, str], Path] = {}
+    for folder in run_dirs:
+        for stage in stages:
+            previous = StageDir(folder, stage)
+            if (manifest := previous.manifest()) is not None:
+                done.setdefault((stage, manifest["config_hash"]), previous.path.resolve())
+    return done
+
+
+def link_finished(run, stage: str, done: dict[tuple[str, str], Path]) -> Path | None:
+    """Link `done`'s folder of `stage` with this run's config hash into the run folder (not
+    there yet), so the pipeline skips the stage as complete. Returns the folder linked."""
+    digest = prepare(run, stage).config_hash
+    here = run.path / stage
+    if (stage, digest) not in done or here.exists():
+        return None
+    here.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(done[(stage, digest)], here, target_is_directory=True)
+    return done[(stage, digest)]
+
+
 def train(config: str, runs: Path, names: list[str], stages: list[str], extra: list[str],
           reuse: list[Path] = ()) -> dict[str, dict]:
     """Run each configuration's stages, linking in the folder of a stage an earlier one ran
     with the same config hash (or one of the `reuse` run folders holds, complete).
     Returns {name: {stage: resolved folder}}."""
-    done: dict[tuple[str, str], Path] = {}  # (stage, config hash) -> its folder
-    for folder in reuse:
-        for stage in stages:
-            previous = StageDir(folder, stage)
-            if (manifest := previous.manifest()) is not None:
-                done.setdefault((stage, manifest["config_hash"]), previous.path.resolve())
+    done = finished_stages(list(reuse), stages)  # (stage, config hash) -> its folder
     folders: dict[str, dict] = {}
     for name in names:
         run = load_config(config, [*extra, *GRID[name], f"run_dir={runs / name}"])
         validate(run, stages)
         folders[name] = {}
         for stage in stages:
-            digest = prepare(run, stage).config_hash
             here = run.path / stage
-            if (stage, digest) in done and not here.exists():
-                here.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(done[(stage, digest)], here, target_is_directory=True)
-                print(f"[grid] {name}: {stage} shared with {done[(stage, digest)]}", flush=True)
+            if (shared := link_finished(run, stage, done)) is not None:
+                print(f"[grid] {name}: {stage} shared with {shared}", flush=True)
             started = time.time()
             manifest = run_stage(run, stage)
             print(f"[grid] {name}: {stage} {time.time() - started:.0f}s", flush=True)
@@ -143,15 +158,17 @@ def evaluate(config: str, runs: Path, folders: dict[str, dict], extra: list[str]
     return summarize(json.loads((runs / "evaluate" / "evaluate" / "results.json").read_text()), models)
 
 
-def summarize(results: dict, models: dict[str, str]) -> dict:
-    """The table's rows from an evaluation's results.json: {model key: row label}."""
-    summary = {"models": models, "rows": []}
-    summary["base"] = {label: results["per_model"]["base"].get(group, {}).get(figure)
+def summarize(results: dict, models: dict[str, str], reference: str = "base") -> dict:
+    """The table's rows from an evaluation's results.json: {model key: row label}, each
+    figure as the difference from `reference` (base or sft: evaluate pairs both), whose
+    own figures are `summary["base"]`."""
+    summary = {"models": models, "rows": [], "reference": reference}
+    summary["base"] = {label: results["per_model"][reference].get(group, {}).get(figure)
                        for label, group, figure in COLUMNS if figure != "head_to_head"}
     for path, label in models.items():
         row: dict = {"model": label}
         for column, group, figure in COLUMNS:
-            row[column] = ((results["paired"].get(group) or {}).get("base") or {}).get(path, {}).get(figure)
+            row[column] = ((results["paired"].get(group) or {}).get(reference) or {}).get(path, {}).get(figure)
         call = {column: (row[column] or {}).get("verdict") for column, _, _ in COLUMNS}
         row["target"] = (call["ASR"] == "better" and "worse" not in
                          (call["over-refusal"], call["evasive"], call["helpful beats"]))
@@ -171,10 +188,10 @@ def cell(value: dict | None, figure: str) -> str:
 
 
 def table(summary: dict) -> str:
-    base = summary["base"]
+    base, reference = summary["base"], summary.get("reference", "base")
     lines = ["| model | " + " | ".join(label for label, _, _ in COLUMNS) + " | target |",
              "|---" * (len(COLUMNS) + 2) + "|",
-             "| base | " + " | ".join("50%" if figure == "head_to_head" else "-" if base.get(label) is None
+             f"| {reference} | " + " | ".join("50%" if figure == "head_to_head" else "-" if base.get(label) is None
                                      else f"{100 * base[label]:.0f}%" for label, _, figure in COLUMNS) + " | |"]
     for row in summary["rows"]:
         lines.append(f"| {row['model']} | " + " | ".join(cell(row[label], figure) for label, _, figure in COLUMNS)
@@ -182,7 +199,7 @@ def table(summary: dict) -> str:
     counts = summary["prompts"]
     lines.append(f"prompts: HarmBench {counts.get('red_team/harmbench')}, red-team {counts.get('red_team')}, "
                  f"over-refusal {counts.get('helpful/over-refusal')}, held-out helpful "
-                 f"{counts.get('helpful/held-out')}; differences from base, 95 % paired bootstrap intervals")
+                 f"{counts.get('helpful/held-out')}; differences from {reference}, 95 % paired bootstrap intervals")
     return "\n".join(lines)
 
 
