@@ -21,7 +21,8 @@ choice is `chosen` (p_chosen 1.0, a hard label).
 3. The reward model scores chosen and rejected of every held-out pair
    (`cai.stages.reward.RewardScorer`): its accuracy (r_chosen > r_rejected; a tie counts
    half), with a 95 % bootstrap interval over conversations (`cai.stats`: a resample draws
-   conversations, each bringing all its pairs).
+   conversations, each bringing all its pairs); beside it the same figure for "the longer
+   answer is better", what a reward model that learnt only length would score.
 4. `cai rl` from sft against that reward model (`--algorithm`, default ppo; the run
    config's rl section otherwise: the demo's LoRA policy, 32 prompts, 48 new tokens,
    learning rate 1e-4, kl_coef 0.05), then `cai evaluate` as the demo does (base, sft, rl
@@ -57,7 +58,8 @@ from grid import COLUMNS, EVALUATE, finished_stages, link_finished, summarize, t
 
 from cai.config import load_config  # noqa: E402
 from cai.judge.eval_labeler import read_labeled_pairs  # noqa: E402
-from cai.rundir import atomic_write_json, atomic_write_jsonl  # noqa: E402
+from cai.pipeline import prepare  # noqa: E402
+from cai.rundir import StageDir, atomic_write_json, atomic_write_jsonl  # noqa: E402
 from cai.stats import Resampler, verdict  # noqa: E402
 
 DATA = "../shared/data/hhh-438.jsonl"
@@ -81,7 +83,13 @@ def split_by_conversation(rows: list[dict], fraction: float, seed: int) -> tuple
 
 
 def cai(stage: str, config: str, overrides: list[str]) -> float:
-    """Run one `cai STAGE` command (skipped by cai when complete); its wall time in seconds."""
+    """Run one `cai STAGE` command; its wall time in seconds. A stage complete with the
+    same config hash is not started at all (cai would skip it, after a minute of imports)."""
+    run = load_config(config, overrides)
+    manifest = StageDir(run.path, stage).manifest()
+    if manifest is not None and manifest["config_hash"] == prepare(run, stage).config_hash:
+        print(f"[hhh] {stage}: already complete in {run.path / stage}", flush=True)
+        return manifest["seconds"]
     command = [sys.executable, "-m", "cai", stage, "--config", config]
     for override in overrides:
         command += ["--set", override]
@@ -93,27 +101,37 @@ def cai(stage: str, config: str, overrides: list[str]) -> float:
     return seconds
 
 
+def accuracy(rows: list[dict], chosen: list[float], rejected: list[float]) -> dict:
+    """Share of pairs whose chosen side scores higher (a tie counts half), with a 95 %
+    bootstrap interval over conversations: (hits in the drawn conversations) / (their pairs)."""
+    hits = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected)]
+    keys = [json.dumps(r["prompt"], sort_keys=True) for r in rows]
+    where = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    hit_sums, pair_counts = np.zeros(len(where)), np.zeros(len(where))
+    np.add.at(hit_sums, [where[k] for k in keys], hits)
+    np.add.at(pair_counts, [where[k] for k in keys], 1)
+    estimate = Resampler(len(where)).estimate(lambda w: (w @ hit_sums) / (w @ pair_counts), null=0.5)
+    return {"pairs": len(rows), "conversations": len(where), **estimate.as_dict(), "verdict": verdict(estimate),
+            "margin": round(float(np.mean(np.subtract(chosen, rejected))), 4)}
+
+
 def held_out_accuracy(model: Path, rows: list[dict], threads) -> dict:
-    """The reward model's accuracy on held-out pairs, with a 95 % bootstrap interval over
-    conversations: the statistic is (hits in the drawn conversations) / (their pairs)."""
+    """The reward model's accuracy on the held-out pairs."""
     from cai.models import set_threads
     from cai.stages.reward import RewardScorer
 
     set_threads(threads)
     scorer = RewardScorer.from_path(str(model), device="cpu")
     prompts = [r["prompt"] for r in rows]
-    chosen = scorer.score(prompts, [r["chosen"][-1]["content"] for r in rows])
-    rejected = scorer.score(prompts, [r["rejected"][-1]["content"] for r in rows])
-    hits = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected)]
-    keys = list(dict.fromkeys(json.dumps(p, sort_keys=True) for p in prompts))
-    where = {key: i for i, key in enumerate(keys)}
-    hit_sums, pair_counts = np.zeros(len(keys)), np.zeros(len(keys))
-    for prompt, hit in zip(prompts, hits):
-        hit_sums[where[json.dumps(prompt, sort_keys=True)]] += hit
-        pair_counts[where[json.dumps(prompt, sort_keys=True)]] += 1
-    estimate = Resampler(len(keys)).estimate(lambda w: (w @ hit_sums) / (w @ pair_counts), null=0.5)
-    return {"pairs": len(rows), "conversations": len(keys), **estimate.as_dict(),
-            "verdict": verdict(estimate), "margin": round(float(np.mean(np.subtract(chosen, rejected))), 4)}
+    return accuracy(rows, scorer.score(prompts, [r["chosen"][-1]["content"] for r in rows]),
+                    scorer.score(prompts, [r["rejected"][-1]["content"] for r in rows]))
+
+
+def longer_answer(rows: list[dict]) -> dict:
+    """The same figure for "the longer answer is better" (characters): what a reward model
+    that learnt only length would score."""
+    return accuracy(rows, [len(r["chosen"][-1]["content"]) for r in rows],
+                    [len(r["rejected"][-1]["content"]) for r in rows])
 
 
 def figures_table(results: dict, names: list[str]) -> str:
@@ -141,6 +159,8 @@ def show(out: Path) -> None:
     print(f"reward model held-out accuracy {rm['value']:.3f} [{rm['low']:.3f}, {rm['high']:.3f}] (against chance: "
           f"{rm['verdict']}), mean margin {rm['margin']:+.3f}; the stage's own training accuracy "
           f"{summary['reward_stage']['train_before']:.3f} -> {summary['reward_stage']['train_after']:.3f}")
+    length = summary["longer_answer"]
+    print(f"the longer answer, on the same pairs: {length['value']:.3f} [{length['low']:.3f}, {length['high']:.3f}]")
     print("wall time: " + ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in summary["seconds"].items()))
     results_path = out / "run" / "evaluate" / "results.json"
     if "evaluate" not in summary["seconds"] or not results_path.exists():
@@ -203,9 +223,10 @@ def main() -> None:
     seconds = {stage: cai(stage, args.config, overrides) for stage in ("critique", "sft", "reward")}
     metrics = json.loads((out / "run" / "reward" / "metrics.json").read_text())
     started = time.time()
-    accuracy = held_out_accuracy(out / "run" / "reward" / "model", held, run.threads)
+    scored = held_out_accuracy(out / "run" / "reward" / "model", held, run.threads)
     seconds["held-out scoring"] = time.time() - started
-    summary = {"split": split, "reward_model": accuracy, "config": args.config, "overrides": overrides,
+    summary = {"split": split, "reward_model": scored, "longer_answer": longer_answer(held),
+               "config": args.config, "overrides": overrides,
                "reward_stage": {"train_before": metrics["before"]["train"]["accuracy"],
                                 "train_after": metrics["after"]["train"]["accuracy"], "pairs": metrics["pairs"]},
                "seconds": seconds}
