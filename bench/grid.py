@@ -159,15 +159,17 @@ def evaluate(config: str, runs: Path, folders: dict[str, dict], extra: list[str]
     return summarize(json.loads((runs / "evaluate" / "evaluate" / "results.json").read_text()), models)
 
 
-def summarize(results: dict, models: dict[str, str]) -> dict:
-    """The table's rows from an evaluation's results.json: {model key: row label}."""
-    summary = {"models": models, "rows": []}
-    summary["base"] = {label: results["per_model"]["base"].get(group, {}).get(figure)
+def summarize(results: dict, models: dict[str, str], reference: str = "base") -> dict:
+    """The table's rows from an evaluation's results.json: {model key: row label}, each
+    figure as the difference from `reference` (base or sft: evaluate pairs both), whose
+    own figures are `summary["base"]`."""
+    summary = {"models": models, "rows": [], "reference": reference}
+    summary["base"] = {label: results["per_model"][reference].get(group, {}).get(figure)
                        for label, group, figure in COLUMNS if figure != "head_to_head"}
     for path, label in models.items():
         row: dict = {"model": label}
         for column, group, figure in COLUMNS:
-            row[column] = ((results["paired"].get(group) or {}).get("base") or {}).get(path, {}).get(figure)
+            row[column] = ((results["paired"].get(group) or {}).get(reference) or {}).get(path, {}).get(figure)
         call = {column: (row[column] or {}).get("verdict") for column, _, _ in COLUMNS}
         row["target"] = (call["ASR"] == "better" and "worse" not in
                          (call["over-refusal"], call["evasive"], call["helpful beats"]))
@@ -187,10 +189,10 @@ def cell(value: dict | None, figure: str) -> str:
 
 
 def table(summary: dict) -> str:
-    base = summary["base"]
+    base, reference = summary["base"], summary.get("reference", "base")
     lines = ["| model | " + " | ".join(label for label, _, _ in COLUMNS) + " | target |",
              "|---" * (len(COLUMNS) + 2) + "|",
-             "| base | " + " | ".join("50%" if figure == "head_to_head" else "-" if base.get(label) is None
+             f"| {reference} | " + " | ".join("50%" if figure == "head_to_head" else "-" if base.get(label) is None
                                      else f"{100 * base[label]:.0f}%" for label, _, figure in COLUMNS) + " | |"]
     for row in summary["rows"]:
         lines.append(f"| {row['model']} | " + " | ".join(cell(row[label], figure) for label, _, figure in COLUMNS)
@@ -198,7 +200,7 @@ def table(summary: dict) -> str:
     counts = summary["prompts"]
     lines.append(f"prompts: HarmBench {counts.get('red_team/harmbench')}, red-team {counts.get('red_team')}, "
                  f"over-refusal {counts.get('helpful/over-refusal')}, held-out helpful "
-                 f"{counts.get('helpful/held-out')}; differences from base, 95 % paired bootstrap intervals")
+                 f"{counts.get('helpful/held-out')}; differences from {reference}, 95 % paired bootstrap intervals")
     return "\n".join(lines)
 
 

@@ -5,8 +5,8 @@ The stages, their order, their upstream and which of them run per round are
 - `Config`: a dataclass of the stage's own knobs (documented fields with defaults);
 - `TRL_CONFIG()` (optional): the TRL config class whose fields the section passes through
   (rl's is the union of PPO/RLOO/GRPO configs; its `check_config` narrows it);
-- `hashed_config(cfg)` (optional): the settings that enter the config hash, when some
-  settings are unused in some modes (default: all of them);
+- `hashed_config(cfg, run)` (optional): the settings that enter the config hash, when some
+  settings are unused in some modes or a file counts by its content (default: all of them);
 - `run(ctx: StageContext) -> dict`: does the work, returns counts for the manifest.
 
 A completed step (manifest with the same config hash) is skipped; an interrupted one
@@ -336,7 +336,7 @@ def hashed_settings(run: RunConfig, step: str, cfg: Any, trl: dict) -> dict:
     for up in upstream_steps(run, step, cfg):
         manifest = StageDir(run.path, up).manifest()
         upstream[up] = manifest["config_hash"] if manifest else None
-    hashed = getattr(module, "hashed_config", dataclasses.asdict)(cfg)
+    hashed = module.hashed_config(cfg, run) if hasattr(module, "hashed_config") else dataclasses.asdict(cfg)
     body = {"stage": name, "shared": shared_fingerprint(run), "config": hashed,
             "trl": {key: value for key, value in trl.items() if changes_results(key)}, "upstream": upstream}
     servers = {ref: run.servers[server_name(ref)].fingerprint() for ref in server_references(cfg)}
@@ -614,14 +614,15 @@ def default_stages(run: RunConfig) -> list[str]:
     """The steps `cai run` runs: all stages, but rl and dpo only when their section is
     present (rl is the default when neither is). rl with `reward: judge` needs no reward
     model: then reward runs only when its section is present (evaluate scores with it),
-    and label only when reward or dpo runs or its section is present. With `rounds: N`
-    the per-round ones repeat N times (`cai.registry.steps`)."""
+    and label only when reward (without `reward.preferences`) or dpo runs or its section
+    is present. With `rounds: N` the per-round ones repeat N times (`cai.registry.steps`)."""
     chosen = optimisers(run)
     wanted = {"critique", "sft", "evaluate", *chosen}
     judge_reward = "rl" in chosen and run.stages.get("rl", {}).get("reward") == "judge"
     if not judge_reward or "reward" in run.stages:
         wanted.add("reward")
-    if {"reward", "dpo"} & wanted or "label" in run.stages:
+    reads_labels = not (run.stages.get("reward") or {}).get("preferences")  # else it reads a file of pairs
+    if ("reward" in wanted and reads_labels) or "dpo" in wanted or "label" in run.stages:
         wanted.add("label")
     return registry.steps([s for s in ORDER if s in wanted], run.rounds)
 
@@ -635,12 +636,14 @@ NULL_ROLES = {"policy": "sft", "reward_model": "reward"}
 
 
 def required_stages(name: str, cfg) -> list[tuple[str, str]]:
-    """The stages `name` cannot run without, and why: the data it reads (DATA_READS,
-    critique's pairs with `mix_critique_pairs`) and every stage its model roles name
-    (evaluate's `models` aside: it skips a stage that has not run)."""
+    """The stages `name` cannot run without, and why: the data it reads (DATA_READS, when
+    upstream in this config: reward with `preferences` reads no labels; critique's pairs
+    with `mix_critique_pairs`) and every stage its model roles name (evaluate's `models`
+    aside: it skips a stage that has not run)."""
     from cai.schema import applies
 
-    needed = list(DATA_READS.get(name, ()))
+    upstream = registry.stage(name).upstream_of(cfg)
+    needed = [(stage, why) for stage, why in DATA_READS.get(name, ()) if stage in upstream]
     if getattr(cfg, "mix_critique_pairs", False):
         needed.append(("critique", "mix_critique_pairs reads its prefs.jsonl"))
     for f, item in config_values(cfg):

@@ -51,6 +51,11 @@ def _rl_upstream(cfg) -> tuple[str, ...]:
     return ("sft", cfg.feedback_model) if judge in MODEL_STAGES and judge not in ("base", "sft") else ("sft",)
 
 
+def _reward_upstream(cfg) -> tuple[str, ...]:
+    """reward reads the label stage's pairs, or with `preferences` a file of pairs instead."""
+    return ("critique", "sft") if cfg.preferences else ("critique", "sft", "label")
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("critique", "data", "SL-CAI: answer red-team prompts, critique and revise against the constitution",
           prompts="train"),
@@ -59,7 +64,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("label", "data", "RL-CAI: sample answer pairs, the feedback model picks one (soft labels)",
           upstream=("sft",), per_round=True, prompts="train"),
     Stage("reward", "training", "train a reward model on the AI preferences (TRL RewardTrainer, soft-label loss)",
-          upstream=("critique", "sft", "label"), saves_model=True, per_round=True),
+          upstream=_reward_upstream, saves_model=True, per_round=True),
     Stage("rl", "training", "optimise the policy against the reward model (PPO, RLOO or GRPO)",
           upstream=_rl_upstream, saves_model=True, policy=True, per_round=True, prompts="train"),
     Stage("dpo", "training", "optimise the policy directly on the AI preferences (TRL DPOTrainer)",

@@ -278,3 +278,91 @@ def test_unknown_keys_and_bad_values_are_errors_before_any_work(tmp_path):
 def test_the_stage_needs_the_label_stage(sft_run):
     with pytest.raises(FileNotFoundError, match="stage 'label' has not completed.*run `cai label` first"):
         run_stage(make_run(sft_run, *TRAIN), "reward")
+
+
+# ---------------------------------------------------------------- pairs from a file (human labels)
+
+
+def preference_file(path, n: int = 16):
+    """Human-labelled pairs as a user would write them: no p_chosen (a hard label) but on one row."""
+    rows = [{"prompt": user(f"Question {i}: how do I pick a lock?"),
+             "chosen": assistant("I can't help with that, but a locksmith can."),
+             "rejected": assistant(f"Sure, step {i}: push the pins up one by one.")} for i in range(n)]
+    rows[0]["p_chosen"] = 0.9
+    atomic_write_jsonl(path, rows)
+    return path
+
+
+def test_the_stage_trains_on_a_preferences_file_without_a_label_stage(sft_run, tmp_path):
+    from cai.pipeline import prepare, upstream_problems
+
+    path = preference_file(tmp_path / "human.jsonl")
+    run = make_run(sft_run, *TRAIN, f"reward.preferences={path}")
+    assert upstream_problems(run, ["reward"]) == []  # no label stage, and none needed
+    run_stage(run, "reward")
+    assert not (sft_run / "label").exists()
+    metrics = json.loads((sft_run / "reward" / "metrics.json").read_text())
+    assert metrics["pairs"]["preferences"] == 16 and metrics["pairs"]["label"] == 0
+    assert metrics["pairs"]["train"] + metrics["pairs"]["held_out"] == 16
+    assert metrics["after"]["train"]["accuracy"] == 1.0
+    assert metrics["after"]["train"]["margin"] > metrics["before"]["train"]["margin"]
+    # the file's preferred side was learnt: the refusal now outscores the instructions
+    scorer = RewardScorer.from_path(str(sft_run / "reward" / "model"), device="cpu")
+    prompts = [user(f"Question {i}: how do I open a lock without its key?") for i in range(4)]
+    refusals = scorer.score(prompts, ["I can't help with that, but a locksmith can."] * 4)
+    instructions = scorer.score(prompts, [f"Sure, step {i}: push the pins up one by one." for i in range(4)])
+    assert all(r > c for r, c in zip(refusals, instructions))
+    manifest = json.loads((sft_run / "reward" / "manifest.json").read_text())
+    assert "label" not in manifest["upstream"] and manifest["counts"]["preferences"] == 16
+    # the file counts by its content: a copy elsewhere is the same config, one changed row is not
+    copy = tmp_path / "copy" / "human.jsonl"
+    copy.parent.mkdir()
+    shutil.copy(path, copy)
+    digest = prepare(run, "reward").config_hash
+    assert prepare(make_run(sft_run, *TRAIN, f"reward.preferences={copy}"), "reward").config_hash == digest
+    preference_file(copy, 15)
+    assert prepare(make_run(sft_run, *TRAIN, f"reward.preferences={copy}"), "reward").config_hash != digest
+
+
+def test_without_preferences_the_config_hash_is_what_it_was(tmp_path):
+    """Runs made before the key existed keep their reward stage: `preferences: null` is not hashed."""
+    from cai.pipeline import hashed_settings, prepare
+
+    run = make_run(tmp_path)
+    ctx = prepare(run, "reward")
+    assert "preferences" not in hashed_settings(run, "reward", ctx.config, ctx.trl)["config"]
+    assert ctx.upstream.keys() == {"critique", "sft", "label"}
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "'reward.preferences': no file {path}"),
+    (b'{"prompt": "q"}\n', "{path}:1: 'reward.preferences': missing chosen, rejected"),
+    (json.dumps({"prompt": user("q"), "chosen": "a", "rejected": assistant("b")}).encode() + b"\n",
+     "{path}:1: 'reward.preferences': 'chosen' must be a conversation"),
+    (json.dumps({"prompt": user("q"), "chosen": assistant("a"), "rejected": assistant("b"), "p_chosen": 2}).encode()
+     + b"\n", "{path}:1: 'reward.preferences': expected a 'p_chosen' soft label in \\[0, 1\\], got 2"),
+    (b'{not json\n', "'reward.preferences': {path}:1: not a JSON line"),
+    (b"", "'reward.preferences': {path} holds no preference pairs"),
+], ids=["missing-file", "missing-keys", "not-a-conversation", "bad-label", "not-json", "empty"])
+def test_a_bad_preferences_file_is_refused_before_any_work(sft_run, tmp_path, content, message):
+    path = tmp_path / "human.jsonl"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ValidationError, match=message.format(path=path)):
+        run_stage(make_run(sft_run, *TRAIN, f"reward.preferences={path}"), "reward")
+    assert not (sft_run / "reward").exists()
+
+
+def test_cai_run_with_a_preferences_file_runs_no_label_stage(tmp_path):
+    from conftest import SMOKE
+
+    from cai.config import load_config
+    from cai.pipeline import default_stages
+
+    path = preference_file(tmp_path / "human.jsonl")
+    run = load_config(SMOKE, [f"run_dir={tmp_path / 'run'}", f"reward.preferences={path}"])
+    for section in ("label", "dpo"):
+        del run.stages[section]
+    assert default_stages(run) == ["critique", "sft", "reward", "rl", "evaluate"]
+    del run.stages["reward"]["preferences"]  # the AI labels again: label comes back
+    assert default_stages(run) == ["critique", "sft", "label", "reward", "rl", "evaluate"]

@@ -105,7 +105,7 @@ def check_config(run, cfg: Config, trl: dict) -> list:
             + judge_problems(run, "critique", cfg))
 
 
-def hashed_config(cfg: Config) -> dict:
+def hashed_config(cfg: Config, run) -> dict:
     """The settings that decide critique's results: the judge's only when best_of uses it."""
     return dataclasses.asdict(cfg) if cfg.best_of > 1 else hashed_without_judge(cfg)
 

@@ -13,12 +13,16 @@ carries `p_chosen` through tokenisation and collation and swaps the loss, keepin
 metrics. The pairs come from `cai.training.preferences`, the model from
 `cai.training.models` (the SFT model under a new one-output head).
 
-Optionally the critique stage's pairs (final revision over first answer) are mixed in
-with a fixed label. A share of the prompts is held out (by hash of the prompt text);
-preference accuracy and mean margin on it, and on the training pairs, are measured
-before and after training and written to `reward/metrics.json`:
+`preferences: FILE` trains on a file of pairs instead of the label stage's (human labels,
+say: `p_chosen` defaults to 1.0, a person's hard label), so the stage needs no label stage;
+the file's content enters the config hash. Optionally the critique stage's pairs (final
+revision over first answer) are mixed in with a fixed label. A share of the prompts is
+held out (by hash of the prompt text); preference accuracy and mean margin on it, and on
+the training pairs, are measured before and after training and written to
+`reward/metrics.json`:
 
-    {"loss": "soft", "pairs": {"label": .., "critique": .., "train": .., "held_out": .., "too_long": ..},
+    {"loss": "soft", "pairs": {"label": .., "critique": .., ["preferences": ..,] "train": .., "held_out": ..,
+                               "too_long": ..},
      "before": {"train": {"pairs", "accuracy", "margin", "loss"}, "held_out": {...}},
      "after":  {"train": {...}, "held_out": {...}}}
 
@@ -28,18 +32,22 @@ before and after training and written to `reward/metrics.json`:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from trl import RewardConfig
 
 from cai import models
+from cai.config import find_file
 from cai.rundir import atomic_write_json
 from cai.schema import setting
 from cai.training.soft_labels import SoftLabelRewardTrainer, soft_label_loss
+from cai.yamlio import Problem, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +67,58 @@ class Config:
     model: str = setting("sft", "initial weights: sft (the SFT stage's model), base (the run's model), or a model "
                                 "spec", model_reference=True)
     loss: Literal["soft", "hard"] = "soft"  # soft: cross-entropy on p_chosen; hard: Bradley-Terry (p = 1)
+    preferences: str | None = setting(
+        None, "a JSONL file of preference pairs to train on instead of the label stage's AI labels (then no label "
+              "stage is needed): TRL's conversational prompt/chosen/rejected rows, optional p_chosen (1.0 when "
+              "absent: a person's hard label); null = label/prefs.jsonl")
     mix_critique_pairs: bool = False  # also train on critique/prefs.jsonl (final revision over first answer)
     critique_pair_label: float = setting(1.0, "p_chosen given to those critique pairs", ge=0, le=1,
                                          only_if=("mix_critique_pairs", bool, "mix_critique_pairs: true"))
     eval_fraction: float = setting(0.1, "share of prompts held out (by hash of the prompt text) for accuracy",
                                    ge=0, lt=1)
+
+
+def preferences_path(run, cfg: Config) -> Path | None:
+    """The `preferences` file, resolved as every path of a config is (`cai.config.find_file`)."""
+    return None if cfg.preferences is None else find_file(cfg.preferences, run.source)
+
+
+def check_config(run, cfg: Config, trl: dict) -> list[Problem]:
+    """The `preferences` file is read through, every row checked, before any work."""
+    from cai.training.preferences import read_preferences
+
+    path = preferences_path(run, cfg)
+    if path is None:
+        return []
+
+    def problem(message: str) -> Problem:
+        where = ("reward", "preferences")
+        return run.source.problem(where, message) if run.source else Problem("config", None, message)
+
+    if not path.is_file():
+        return [problem(f"'reward.preferences': no file {cfg.preferences}")]
+    try:
+        pairs = read_preferences(path, "preferences", default=1.0)
+    except ValidationError as err:  # a bad row: its file:line
+        return [Problem(p.file, p.line, f"'reward.preferences': {p.message}") for p in err.problems]
+    except ValueError as err:  # not JSON lines: the message names file:line
+        return [problem(f"'reward.preferences': {err}")]
+    if not pairs:
+        return [problem(f"'reward.preferences': {path} holds no preference pairs")]
+    return []
+
+
+def hashed_config(cfg: Config, run) -> dict:
+    """The settings that decide reward's results: the `preferences` file by its content
+    (sha256), not its name; without the key, the settings as before it existed (so runs
+    keep their hashes)."""
+    hashed = dataclasses.asdict(cfg)
+    path = preferences_path(run, cfg)
+    if path is None:
+        del hashed["preferences"]
+    else:
+        hashed["preferences"] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return hashed
 
 
 # ---------------------------------------------------------------- scoring
@@ -167,15 +222,16 @@ def run(ctx) -> dict:
     # With rounds, round k trains afresh (from `model`, sft by default) on the labels of
     # rounds 1..k: every policy's answers so far, as the HH paper's iterated online RLHF
     # retrains its preference models on all comparisons collected.
-    pairs, data = training_preferences(ctx, cfg.mix_critique_pairs, cfg.critique_pair_label, every_round=True)
+    given = preferences_path(ctx.run, cfg)
+    pairs, data = training_preferences(ctx, cfg.mix_critique_pairs, cfg.critique_pair_label, every_round=True,
+                                       preferences=given)
     if cfg.loss == "hard":  # Bradley-Terry: the preferred side is certain
         pairs = [{**pair, "p_chosen": 1.0} for pair in pairs]
-    n_label = sum(n for file, n in data.items() if file.endswith("label/prefs.jsonl"))
-    label_path = ctx.stage("label").path / "prefs.jsonl"
+    sources = {source: sum(p["source"] == source for p in pairs) for source in ("label", "critique", "preferences")}
     train = [p for p in pairs if not held_out(p["prompt"], cfg.eval_fraction)]
     held = [p for p in pairs if held_out(p["prompt"], cfg.eval_fraction)]
     if not train:
-        raise RuntimeError(f"no preference pairs to train on in {label_path}"
+        raise RuntimeError(f"no preference pairs to train on in {given or ctx.stage('label').path / 'prefs.jsonl'}"
                            + (" and critique/prefs.jsonl" if cfg.mix_critique_pairs else "")
                            + f" ({len(held)} held out by reward.eval_fraction={cfg.eval_fraction})")
     if not held:
@@ -202,7 +258,9 @@ def run(ctx) -> dict:
     after = measure()
     too_long = len(train) + len(held) - len(trainer.train_dataset) - len(trainer.eval_dataset or [])
     metrics = {"loss": cfg.loss, "model": spec,
-               "pairs": {"label": n_label, "critique": len(pairs) - n_label, "train": len(trainer.train_dataset),
+               "pairs": {"label": sources["label"], "critique": sources["critique"],
+                         **({"preferences": sources["preferences"]} if given else {}),
+                         "train": len(trainer.train_dataset),
                          "held_out": len(trainer.eval_dataset or []), "too_long": too_long},
                "before": before, "after": after}
     atomic_write_json(ctx.dir / "metrics.json", metrics)

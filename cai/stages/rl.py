@@ -108,7 +108,7 @@ class Config(JudgeSettings):  # with reward: judge, the judge: feedback_model an
 JUDGE_SETTINGS = ("reward", *JUDGE_FIELDS, "principles_per_answer", "feedback_batch_size")
 
 
-def hashed_config(cfg: Config) -> dict:
+def hashed_config(cfg: Config, run) -> dict:
     """The settings that decide rl's results, for its config hash: the judge's only with
     `reward: judge` (so runs from before the option keep their hashes), the reward
     model's only without it."""
