@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from cai.registry import ORDER, POLICY_STAGES, ROUND_STAGES, TRAINING_STAGES, split_step, step_folder, steps
-from cai.rundir import atomic_write_text, read_jsonl
+from cai.rundir import atomic_write_text, read_jsonl, step_state
 from cai.yamlio import Problem, ValidationError
 
 CURVE_WORDS = ("loss", "reward", "score", "kl", "length")  # log-history keys worth a curve
@@ -235,17 +235,19 @@ def summary_section(run_dir: Path, manifests: dict) -> str:
         if manifest:
             counts = manifest.get("counts") or {}
             shown = ", ".join(f"{esc(k)}={fmt(v)}" for k, v in counts.items() if not isinstance(v, (dict, list)))
-            stage_rows.append([f"<td>{esc(name)}</td>", "<td>complete</td>",
+            state, redone = step_state(run_dir, name)
+            if redone:
+                state = f"stale: {', '.join(redone)} redone after it"
+            stage_rows.append([f"<td>{esc(name)}</td>", f"<td>{esc(state)}</td>",
                                f"<td>{esc(manifest.get('started', ''))}</td>", td(manifest.get("seconds")),
                                f"<td class='note'>{shown}</td>"])
-        elif (run_dir / step_folder(name) / ".in_progress.json").exists():
+        elif step_state(run_dir, name)[0] == "partial":
             stage_rows.append([f"<td>{esc(name)}</td>", "<td>interrupted / running</td>", "<td></td>",
                                td(None), "<td></td>"])
     if stage_rows:
         body += "<h3>Stages</h3>" + table(["Stage", "Status", "Started", "Seconds", "Counts"], stage_rows)
         total = sum(m.get("seconds") or 0 for m in manifests.values() if m)
-        absent = [s for s in run_steps(run_dir) if s not in manifests
-                  and not (run_dir / step_folder(s) / ".in_progress.json").exists()]
+        absent = [s for s in run_steps(run_dir) if step_state(run_dir, s)[0] == "pending"]
         body += f"<p class='note'>Total {total:,.0f} s over {len(manifests)} completed stages."
         body += f" Not run: {esc(', '.join(absent))}.</p>" if absent else "</p>"
     else:

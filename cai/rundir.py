@@ -201,6 +201,15 @@ class StageDir:
     def manifest_path(self) -> Path:
         return self.path / "manifest.json"
 
+    @property
+    def marker_path(self) -> Path:
+        """Written when the step starts (its config hash and settings), removed once its
+        manifest is: a folder with a marker and no manifest holds an interrupted step."""
+        return self.path / ".in_progress.json"
+
+    def marker(self) -> dict | None:
+        return json.loads(self.marker_path.read_text(encoding="utf-8")) if self.marker_path.exists() else None
+
     def manifest(self) -> dict | None:
         if not self.manifest_path.exists():
             return None
@@ -251,6 +260,22 @@ class StageDir:
             raise FileNotFoundError(f"stage '{self.name}' has not completed in {self.path.parent}{hint}: "
                                     f"run `{step_command(self.name)}` first")
         return self
+
+
+def step_state(run_dir: Path, step: str) -> tuple[str, list[str]]:
+    """A step's state from its folder alone, like `dvc status`: `complete`; `stale` (complete,
+    but an upstream step it read was redone after it: the upstream steps, named); `partial`
+    (started, interrupted or running); `pending` (not started)."""
+    folder = StageDir(run_dir, step)
+    manifest = folder.manifest()
+    if manifest is None:
+        return ("partial" if folder.marker_path.exists() else "pending"), []
+    redone = []
+    for up, used in (manifest.get("upstream") or {}).items():
+        now = StageDir(run_dir, up).manifest()
+        if (now["config_hash"] if now else None) != used:
+            redone.append(up)
+    return ("stale", redone) if redone else ("complete", [])
 
 
 def safetensors_problem(path: Path) -> str | None:

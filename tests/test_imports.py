@@ -95,3 +95,22 @@ def test_the_leaves_import_nothing_above_them():
     # the settings machinery is the schema's, not the run config's
     for name in ("cai.models", "cai.engines.openai", "cai.constitution"):
         assert "cai.schema" in graph[name] and "cai.config" not in graph[name], name
+
+
+def test_imports_run_one_way_cli_then_plan_and_execute_then_the_rest():
+    graph = import_graph()
+
+    def under(name: str, *packages: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in packages)
+
+    top = ("cai.cli", "cai.help", "cai.__main__")
+    for name, targets in graph.items():
+        if under(name, *top):
+            continue
+        above = {t for t in targets if under(t, *top)}
+        if not under(name, "cai.plan", "cai.execute"):  # stages, judge, report, engines, ...: the runner is above
+            above |= {t for t in targets if under(t, "cai.plan", "cai.execute")}
+        if under(name, "cai.plan"):  # the plan is pure: it never reaches the executor
+            above |= {t for t in targets if under(t, "cai.execute")}
+        assert not above, (name, above)
+    assert graph["cai.plan.fingerprint"] == set()  # a leaf: hashes of meaning, settings diffs

@@ -163,43 +163,47 @@ class Config(JudgeSettings):  # the judge of win rates: feedback_model, feedback
 
 
 def check_config(run, cfg: Config, trl: dict) -> list:
-    from cai.yamlio import ValidationError
-
-    def problem(key: str | tuple, message: str):
-        path = ("evaluate",) + (key if isinstance(key, tuple) else (key,))
-        return run.source.problem(path, message) if run.source else message
+    from cai.yamlio import ValidationError, problem
 
     problems = judge_problems(run, "evaluate", cfg)
     if not cfg.models:
-        problems.append(problem("models", "'evaluate.models' is empty: list at least one model, e.g. [base, sft]"))
+        problems.append(problem(run.source, ("evaluate", "models"),
+                                "'evaluate.models' is empty: list at least one model, e.g. [base, sft]"))
     if len(set(cfg.models)) != len(cfg.models):
-        problems.append(problem("models", f"'evaluate.models' lists a model twice: {cfg.models}"))
+        problems.append(problem(run.source, ("evaluate", "models"),
+                                f"'evaluate.models' lists a model twice: {cfg.models}"))
     for name in cfg.models:
-        if name == "reward":  # stages without any model are refused by pipeline.reference_problems
-            problems.append(problem("models", f"'evaluate.models': '{name}' has no policy model "
-                                              f"(use base, sft, rl, dpo or a model spec)"))
+        if name == "reward":  # stages without any model are refused by cai.plan.checks
+            problems.append(problem(run.source, ("evaluate", "models"),
+                                    f"'evaluate.models': '{name}' has no policy model "
+                                    f"(use base, sft, rl, dpo or a model spec)"))
     for kind, spec in cfg.prompts.items():
         specs = spec if isinstance(spec, list) else [spec]
         if kind not in KINDS:
-            problems.append(problem(("prompts", kind), f"'evaluate.prompts': unknown prompt kind '{kind}' "
-                                                       f"(expected {' or '.join(KINDS)})"))
+            problems.append(problem(run.source, ("evaluate", "prompts", kind),
+                                    f"'evaluate.prompts': unknown prompt kind '{kind}' "
+                                    f"(expected {' or '.join(KINDS)})"))
         elif not specs or not all(isinstance(s, dict) or isinstance(s, str) and s.strip() for s in specs):
-            problems.append(problem(("prompts", kind), f"'evaluate.prompts.{kind}' must be a prompt source "
-                                                       f"(a .jsonl/.txt file, a datasets folder, builtin:NAME, "
-                                                       f"a mapping {{dataset: ID, split: ..., column: ...}} or "
-                                                       f"{HELD_OUT}) or a non-empty list of them"))
+            problems.append(problem(run.source, ("evaluate", "prompts", kind),
+                                    f"'evaluate.prompts.{kind}' must be a prompt source "
+                                    f"(a .jsonl/.txt file, a datasets folder, builtin:NAME, "
+                                    f"a mapping {{dataset: ID, split: ..., column: ...}} or "
+                                    f"{HELD_OUT}) or a non-empty list of them"))
         elif any(specs.count(s) > 1 for s in specs):
-            problems.append(problem(("prompts", kind), f"'evaluate.prompts.{kind}' lists a source twice: {specs}"))
+            problems.append(problem(run.source, ("evaluate", "prompts", kind),
+                                    f"'evaluate.prompts.{kind}' lists a source twice: {specs}"))
     known = set(GROUPS) | {set_name(kind, spec) for kind in KINDS for spec in source_specs(cfg, kind)
                            if not problems and len(source_specs(cfg, kind)) > 1}
     for key in ("judge_prompts", "reward_prompts", "judge_asr_prompts"):
         for name in getattr(cfg, key) or []:
             if not problems and name not in known:
-                problems.append(problem(key, f"'evaluate.{key}': no prompt set '{name}' (known: "
-                                             f"{', '.join(sorted(known))})"))
+                problems.append(problem(run.source, ("evaluate", key),
+                                        f"'evaluate.{key}': no prompt set '{name}' (known: "
+                                        f"{', '.join(sorted(known))})"))
             elif not problems and key == "judge_asr_prompts" and name.split("/")[0] != "red_team":
-                problems.append(problem(key, f"'evaluate.judge_asr_prompts': '{name}' is not a red-team set: "
-                                             "the harmful verdict is asked of red-team prompts only"))
+                problems.append(problem(run.source, ("evaluate", key),
+                                        f"'evaluate.judge_asr_prompts': '{name}' is not a red-team set: "
+                                        "the harmful verdict is asked of red-team prompts only"))
     if not problems and cfg.prompts:
         try:  # every line of every file, before any work
             sources = {kind: source_prompts(run, cfg, kind) for kind in cfg.prompts}
@@ -207,8 +211,9 @@ def check_config(run, cfg: Config, trl: dict) -> list:
             return problems + err.problems
         if len(sources) == 2 and (both := {p.id for p in sources["red_team"]} & {p.id for p in sources["helpful"]}):
             text = next(p.text for p in sources["red_team"] if p.id in both)
-            problems.append(problem("prompts", f"'evaluate.prompts': {len(both)} prompt(s) are in both the red_team "
-                                               f"and the helpful file, e.g. {text[:60]!r}; a prompt has one kind"))
+            problems.append(problem(run.source, ("evaluate", "prompts"),
+                                    f"'evaluate.prompts': {len(both)} prompt(s) are in both the red_team "
+                                    f"and the helpful file, e.g. {text[:60]!r}; a prompt has one kind"))
     return problems
 
 
@@ -282,9 +287,7 @@ def evaluation_prompts(ctx, cfg: Config) -> tuple[list, dict[str, str], dict[str
 def models_to_evaluate(ctx, cfg: Config) -> tuple[dict[str, str], dict[str, str]]:
     """{name: model spec} of the models that exist, and {name: why} of those skipped. With
     rounds, a per-round policy stage (rl, dpo) stands for its model of every round."""
-    from cai.pipeline import default_stages
-
-    in_run = default_stages(ctx.run)
+    in_run = ctx.run_steps
     found, skipped = {}, {}
     for name in (step for entry in cfg.models for step in ctx.every_round(entry)):
         if split_step(name)[0] in POLICY_STAGES:
