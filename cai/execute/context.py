@@ -44,6 +44,16 @@ class StageContext:
     def step(self) -> str:
         return self.dir.name
 
+    def run_stage(self) -> dict:
+        """The stage's `run(ctx)`: its counts for the manifest; its engines released after,
+        however it ends."""
+        import importlib
+
+        try:
+            return importlib.import_module(registry.stage(self.name).module).run(self) or {}
+        finally:
+            self.release()
+
     def stage(self, name: str) -> StageDir:
         """A stage's folder as this step sees it: a per-round stage's in this round
         (`label` in round 2 is `round2/label`), `NAME@K` in round K."""

@@ -11,9 +11,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cai import distributed
 from cai.plan.fingerprint import own_settings, settings_diff
 from cai.registry import step_command
-from cai.rundir import StageDir
+from cai.rundir import StageDir, folder_size
+from cai.yamlio import Problem, ValidationError
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,9 @@ class Decision:
     where: str = ""  # what a refusal is about: the step's folder, or a file
     manifest: dict | None = None  # a skipped step's
     stale: bool = False  # a redo because upstream steps were redone after it
+
+    def problem(self) -> Problem:
+        return Problem(self.where, None, self.message)
 
     def aside(self, folder: Path) -> Path:
         """Where a redo moves the old folder."""
@@ -72,11 +77,20 @@ def corrupt_refusal(step: str, problem: tuple[Path, str]) -> Decision:
         where=str(path))
 
 
-def folder_size(path: Path) -> str:
-    """The disk a folder uses, for the note on what a redo keeps."""
-    total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if total < 1024 or unit == "GB":
-            return f"{total:.0f} {unit}" if unit == "bytes" else f"{total:.1f} {unit}"
-        total /= 1024
-    return ""
+def decide_all(plan, force: bool = False) -> list[Decision]:
+    """Every step of a plan decided before any work (by the main process; the others follow
+    its decisions): all refusals raised together."""
+    decisions = distributed.broadcast([decide(step, plan.run.path, force) for step in plan.steps]
+                                      if distributed.is_main() else None)
+    if refusals := [d.problem() for d in decisions if d.action == "refuse"]:
+        raise ValidationError(refusals)
+    return decisions
+
+
+def decide_now(step, run_dir: Path, force: bool = False) -> Decision:
+    """One step decided as it starts (the files may have changed since `decide_all`): a
+    refusal raises."""
+    decision = distributed.broadcast(decide(step, run_dir, force) if distributed.is_main() else None)
+    if decision.action == "refuse":
+        raise ValidationError([decision.problem()])
+    return decision

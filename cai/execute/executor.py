@@ -5,105 +5,62 @@ runs gets its context, its measurements and, once done, its manifest."""
 from __future__ import annotations
 
 import dataclasses
-import logging
-import time
 
 from cai import distributed
 from cai.engines import EngineError, server_name
 from cai.execute.context import StageContext
-from cai.execute.decide import Decision, decide, folder_size
-from cai.execute.measure import StagePeak, set_up, versions
-from cai.rundir import StageDir, atomic_write_json
+from cai.execute.decide import decide_all, decide_now
+from cai.execute.measure import Measurement, summary
 from cai.yamlio import Problem, ValidationError, problem
-
-log = logging.getLogger(__name__)
 
 
 def execute(plan, force: bool = False, remember: bool = False) -> list[dict]:
     """Run a plan: refuse before any work if any step would be refused, check the servers
     its running steps use, then run each step in order. `remember`: keep the config in
     RUN_DIR/config.yaml (a command's run). Returns the steps' manifests."""
-    decisions = distributed.broadcast([decide(step, plan.run.path, force) for step in plan.steps]
-                                      if distributed.is_main() else None)
-    if refusals := [refusal(d) for d in decisions if d.action == "refuse"]:
-        raise ValidationError(refusals)
+    decisions = decide_all(plan, force)
     check_servers(plan.run, [s for s, d in zip(plan.steps, decisions) if d.action != "skip"])
     if remember and distributed.is_main():
         remember_config(plan.run)
     return [run_step(plan.run, step, force, plan.run_steps) for step in plan.steps]
 
 
-def refusal(decision: Decision) -> Problem:
-    return Problem(decision.where, None, decision.message)
-
-
 def run_step(run, step, force: bool = False, run_steps: tuple = ()) -> dict:
     """Run one planned step: skip it if complete with the same fingerprint, resume it if
     interrupted, redo it (old folder moved aside) if forced or stale."""
+    decision = decide_now(step, run.path, force)
     ctx = StageContext.of(step, run, run_steps)
-    folder = ctx.dir
-    # The main process decides and sets the folder up; the others follow its decision
-    # once it has (several processes: cai.distributed).
-    decision = distributed.broadcast(decide(step, run.path, force) if distributed.is_main() else None)
     if decision.action == "skip":
-        log.info("%s: complete with the same config (%s), skipped", step.step, step.fingerprint)
-        print(f"[cai] {step.step}: already complete ({folder.path}), skipped")
+        print(f"[cai] {step.step}: already complete ({ctx.dir.path}), skipped")
         return decision.manifest
-    if decision.action == "refuse":
-        raise ValidationError([refusal(decision)])
-    if distributed.is_main():
-        if decision.action == "redo":
-            aside = decision.aside(folder.path)
-            size = folder_size(folder.path)
-            folder.path.rename(aside)
-            print(f"[cai] {step.step}: redone: {decision.message}")
-            print(f"[cai] {step.step}: old outputs moved to {aside} ({size} kept on disk; delete the folder when it "
-                  f"is no longer needed)")
-        folder.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder.marker_path, {"config_hash": step.fingerprint, "settings": step.settings})
+    if distributed.is_main():  # the main process sets the folder up; the others wait for it
+        aside = decision.aside(ctx.dir.path) if decision.action == "redo" else None
+        size = ctx.dir.begin(step.fingerprint, step.settings, aside)
+        if aside is not None:
+            print(f"[cai] {step.step}: redone: {decision.message}\n[cai] {step.step}: old outputs moved to {aside} "
+                  f"({size} kept on disk; delete the folder when it is no longer needed)")
     distributed.barrier()
     resumed = decision.action == "resume"
-    threads = set_up(run)
-    print(f"[cai] {step.step}: {'resuming' if resumed else 'running'} in {folder.path}")
-    memory = StagePeak()
-    started = time.time()
+    measured = Measurement(run)
+    print(f"[cai] {step.step}: {'resuming' if resumed else 'running'} in {ctx.dir.path}")
     try:
-        from cai.plan.sections import stage_module
-
-        counts = stage_module(step.name).run(ctx) or {}
-        ctx.release()
+        counts = ctx.run_stage()
     except BaseException as err:
-        ctx.release()
-        memory.stop()
-        # A stage that failed before doing any work it would keep (say, a trainer that
-        # refused its settings) must not leave a marker that would refuse a retry with
-        # other settings. (An interrupted one keeps it: the same command resumes.)
-        if distributed.is_main() and not isinstance(err, KeyboardInterrupt) and not kept_work(folder):
-            folder.marker_path.unlink(missing_ok=True)
-            if not any(folder.path.iterdir()):
-                folder.path.rmdir()
+        measured.abort()
+        if distributed.is_main() and not isinstance(err, KeyboardInterrupt):
+            ctx.dir.abandon()
         raise
+    record = measured.stop()
     manifest = {
         "stage": step.name, **({"round": step.round} if step.step != step.name else {}),
         "config_hash": step.fingerprint, "config": dataclasses.asdict(step.config), "trl": step.trl,
-        "shared": {**step.settings["shared"], "constitution_sha256": constitution_sha256(run)},
-        "upstream": step.upstream, "settings": step.settings, "counts": counts, "resumed": resumed,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-        "seconds": round(time.time() - started, 2), "versions": versions(), "threads": threads,
-        "peak_memory": memory.stop(),
-    }
-    if distributed.distributed():
-        manifest["processes"] = distributed.world_size()
-    if ctx.engines_used:
-        manifest["engines"] = ctx.engines_used
+        "shared": {**step.settings["shared"], "constitution_sha256": measured.constitution_sha256},
+        "upstream": step.upstream, "settings": step.settings, "counts": counts, "resumed": resumed, **record,
+        **({"engines": ctx.engines_used} if ctx.engines_used else {})}
     if distributed.is_main():
-        atomic_write_json(folder.manifest_path, manifest)
-        folder.marker_path.unlink(missing_ok=True)
+        ctx.dir.finish(manifest)
     distributed.barrier()  # the next stage reads this one's manifest and outputs
-    peak = manifest["peak_memory"]
-    print(f"[cai] {step.step}: done in {manifest['seconds']:.1f}s, peak RSS {peak['rss_bytes'] / 2**30:.2f} GiB"
-          + (f", CUDA {peak['cuda_max_allocated_bytes'] / 2**30:.2f} GiB" if "cuda_max_allocated_bytes" in peak else "")
-          + f" {counts}")
+    print(f"[cai] {step.step}: {summary(record)} {counts}")
     return manifest
 
 
@@ -124,21 +81,6 @@ def remember_config(run) -> None:
     if path.exists():
         print(f"[cai] {path}: updated to this run's config")
     atomic_write_text(path, text)
-
-
-def constitution_sha256(run) -> str | None:
-    """The constitution file's digest, recorded (the report shows it), never hashed: the
-    fingerprint has the parts each stage uses."""
-    import hashlib
-
-    path = run.constitution_path()
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
-
-
-def kept_work(folder: StageDir) -> bool:
-    """Work a resume would keep: a committed chunk, a checkpoint, a saved model or adapter."""
-    return (any(ledger.stat().st_size for ledger in folder.path.glob(".*.chunks.jsonl"))
-            or any((folder.path / "checkpoints").glob("checkpoint-*")) or folder.saved_model() is not None)
 
 
 def check_servers(run, steps, roles: tuple[str, ...] | None = None) -> None:

@@ -6,17 +6,51 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import time
 from pathlib import Path
 
 
-def set_up(run) -> dict:
-    """The process's threads and hub-kernel setting for a stage (`cai.models`); returns
-    what the manifest records of the threads."""
-    from cai.models import set_hub_kernels, set_threads
+class Measurement:
+    """A step's measurements, from its start (threads set, memory sampled) to its end."""
 
-    threads = set_threads(run.threads)
-    set_hub_kernels(run.hub_kernels)
-    return threads
+    def __init__(self, run):
+        from cai.models import set_hub_kernels, set_threads
+
+        self.threads = set_threads(run.threads)
+        set_hub_kernels(run.hub_kernels)
+        self.constitution_sha256 = file_sha256(run.constitution_path())
+        self.memory = StagePeak()
+        self.started = time.time()
+
+    def abort(self) -> None:
+        self.memory.stop()
+
+    def stop(self) -> dict:
+        """What the manifest records: start, seconds, peaks, threads, versions, processes."""
+        from cai import distributed
+
+        record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
+                  "seconds": round(time.time() - self.started, 2), "versions": versions(), "threads": self.threads,
+                  "peak_memory": self.memory.stop()}
+        if distributed.distributed():
+            record["processes"] = distributed.world_size()
+        return record
+
+
+def summary(record: dict) -> str:
+    """`done in 1.2s, peak RSS 0.41 GiB`, for the step's last line."""
+    peak = record["peak_memory"]
+    return (f"done in {record['seconds']:.1f}s, peak RSS {peak['rss_bytes'] / 2**30:.2f} GiB"
+            + (f", CUDA {peak['cuda_max_allocated_bytes'] / 2**30:.2f} GiB" if "cuda_max_allocated_bytes" in peak
+               else ""))
+
+
+def file_sha256(path: Path) -> str | None:
+    """A file's digest, recorded (the report shows the constitution's), never hashed: the
+    fingerprint has the parts of it each stage uses."""
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
 def versions() -> dict:
@@ -56,6 +90,9 @@ class StagePeak:
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
             self.sampled = max(self.sampled, resident_bytes() or 0)
+
+    def abort(self) -> None:
+        self.memory.stop()
 
     def stop(self) -> dict:
         """What the manifest records of the stage's memory (see the class)."""
