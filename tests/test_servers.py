@@ -203,7 +203,9 @@ def test_cai_run_with_critique_and_evaluate_on_transformers_serve(tmp_path, live
         # with advice that works: it also refuses the open answer turn vLLM continues (HTTP 422).
         judged = tmp_path / "judged"
         shutil.copytree(run_dir, judged)
-        judge = ("evaluate.feedback_model=server:gen", "evaluate.models=[server:gen, sft, dpo]")
+        # the config the folder was built with (critique on the server), so evaluate reads what it describes
+        judge = ("critique.model=server:gen", "evaluate.feedback_model=server:gen",
+                 "evaluate.models=[server:gen, sft, dpo]")
         assert main(["evaluate"] + server_run(judged, serve, *judge)) == 2
         err = capsys.readouterr().err
         assert "no token log-probabilities" in err
