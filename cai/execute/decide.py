@@ -79,12 +79,15 @@ def corrupt_refusal(step: str, problem: tuple[Path, str]) -> Decision:
 
 def decide_all(plan, force: bool = False) -> list[Decision]:
     """Every step of a plan decided before any work (by the main process; the others follow
-    its decisions): all refusals raised together."""
-    decisions = distributed.broadcast([decide(step, plan.run.path, force) for step in plan.steps]
-                                      if distributed.is_main() else None)
+    its decisions)."""
+    return distributed.broadcast([decide(step, plan.run.path, force) for step in plan.steps]
+                                 if distributed.is_main() else None)
+
+
+def refuse(decisions: list[Decision]) -> None:
+    """All the refusals among a plan's decisions, together."""
     if refusals := [d.problem() for d in decisions if d.action == "refuse"]:
         raise ValidationError(refusals)
-    return decisions
 
 
 def decide_now(step, run_dir: Path, force: bool = False) -> Decision:

@@ -9,17 +9,18 @@ import dataclasses
 from cai import distributed
 from cai.engines import EngineError, server_name
 from cai.execute.context import StageContext
-from cai.execute.decide import decide_all, decide_now
+from cai.execute.decide import decide_all, decide_now, refuse
 from cai.execute.measure import Measurement, summary
 from cai.yamlio import Problem, ValidationError, problem
 
 
 def execute(plan, force: bool = False, remember: bool = False) -> list[dict]:
-    """Run a plan: refuse before any work if any step would be refused, check the servers
-    its running steps use, then run each step in order. `remember`: keep the config in
+    """Run a plan: check the servers its running steps use, refuse before any work if any
+    step would be refused, then run each step in order. `remember`: keep the config in
     RUN_DIR/config.yaml (a command's run). Returns the steps' manifests."""
     decisions = decide_all(plan, force)
-    check_servers(plan.run, [s for s, d in zip(plan.steps, decisions) if d.action != "skip"])
+    check_servers(plan.run, [s for s, d in zip(plan.steps, decisions) if d.action != "skip"])  # a dead server first
+    refuse(decisions)
     if remember and distributed.is_main():
         remember_config(plan.run)
     return [run_step(plan.run, step, force, plan.run_steps) for step in plan.steps]
