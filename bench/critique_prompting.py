@@ -72,7 +72,7 @@ from cai.config import load_config  # noqa: E402
 from cai.constitution import load_constitution  # noqa: E402
 from cai.engines import Sampling, open_engine  # noqa: E402
 from cai.judge.judge import Judge  # noqa: E402
-from cai.pipeline import stage_config  # noqa: E402
+from cai.plan.sections import parse_section  # noqa: E402
 from cai.prompts import load_splits  # noqa: E402
 from cai.refusals import is_refusal  # noqa: E402
 from cai.stages import critique  # noqa: E402
@@ -162,7 +162,7 @@ def main() -> None:
     # run_dir is required but unused: the bench writes nothing there.
     run = load_config(args.config, [f"run_dir={Path(tempfile.gettempdir()) / 'cai-bench-prompting'}",
                                     f"model={args.model}", f"seed={args.seed}", f"prompts.max_red_team={args.prompts}"])
-    base_cfg, _ = stage_config(run, "critique")
+    base_cfg = parse_section(run, "critique").config
     models.set_threads(args.threads or run.threads)
     constitution = load_constitution(run.constitution_path())
     prompts = load_splits(run.prompts, run.seed, run.source).red_team_train

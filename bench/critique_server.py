@@ -4,7 +4,7 @@ The same prompts, rounds and token limits, run three ways in one process:
   1. in-process (TransformersEngine: batched, shared-prefix cache),
   2. `transformers serve` with continuous batching, reached through `server:NAME`,
   3. `transformers serve` without it.
-Each run is the real stage (`run_stage`) in a fresh run folder; the server is started
+Each run is the real stage (`run_one`) in a fresh run folder; the server is started
 here on 127.0.0.1 and stopped after. Prints seconds, generated tokens, tokens/s and the
 ratio of each server run to the in-process one. The server and cai share this machine's
 cores, so on a 2-core laptop the server's numbers are what a local server costs, not
@@ -44,7 +44,7 @@ def main() -> None:
 
     from cai import models
     from cai.config import load_config
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one
 
     folder = models.resolve(args.model)
     work = Path(tempfile.mkdtemp(prefix="cai-bench-server-"))
@@ -56,7 +56,7 @@ def main() -> None:
             f"critique.max_new_tokens={args.max_new_tokens}", f"critique.critique_max_new_tokens={args.max_new_tokens}",
             f"critique.batch_size={args.batch_size}", *overrides])
         began = time.perf_counter()
-        manifest = run_stage(run, "critique")
+        manifest = run_one(run, "critique")
         seconds = time.perf_counter() - began
         return seconds, manifest
 

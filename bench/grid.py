@@ -64,7 +64,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cai.config import load_config  # noqa: E402
-from cai.pipeline import prepare, run_stage, validate  # noqa: E402
+from cai.execute.executor import prepare, run_one  # noqa: E402
+from cai.plan.plan import validate  # noqa: E402
 from cai.registry import POLICY_STAGES as POLICIES  # noqa: E402
 from cai.rundir import StageDir  # noqa: E402
 
@@ -109,7 +110,7 @@ def train(config: str, runs: Path, names: list[str], stages: list[str], extra: l
         for stage in stages:
             link_reused(run, stage, done, name)
             started = time.time()
-            manifest = run_stage(run, stage)
+            manifest = run_one(run, stage)
             print(f"[grid] {name}: {stage} {time.time() - started:.0f}s", flush=True)
             here = (run.path / stage).resolve()
             done.setdefault((stage, manifest["config_hash"]), here)
@@ -154,7 +155,7 @@ def evaluate(config: str, runs: Path, folders: dict[str, dict], extra: list[str]
     run = load_config(config, [*extra, *EVALUATE, f"run_dir={runs / 'evaluate'}", f"evaluate.models=[base, {specs}]"])
     validate(run, ["evaluate"])
     started = time.time()
-    run_stage(run, "evaluate")
+    run_one(run, "evaluate")
     print(f"[grid] evaluate: {len(models) + 1} models, {time.time() - started:.0f}s", flush=True)
     return summarize(json.loads((runs / "evaluate" / "evaluate" / "results.json").read_text()), models)
 

@@ -18,8 +18,11 @@ def _verbose_flag(parser: argparse.ArgumentParser, default) -> None:
                         help="debug logging, and the traceback of an internal error")
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="run config YAML (see configs/)")
+def _add_config_args(parser: argparse.ArgumentParser, run_dir: bool = False) -> None:
+    if run_dir:  # `cai run RUN_DIR`: the config the run folder keeps
+        parser.add_argument("run_dir", nargs="?", metavar="RUN_DIR",
+                            help="continue the run in this folder with the config it keeps (RUN_DIR/config.yaml)")
+    parser.add_argument("--config", required=not run_dir, help="run config YAML (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set critique.num_revisions=1 (repeatable)")
     parser.add_argument("--force", action="store_true",
@@ -27,42 +30,93 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
+    from pathlib import Path
+
     from cai.config import load_config
 
-    return load_config(args.config, args.overrides)
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is not None and args.config is not None:
+        raise ValidationError([Problem(run_dir, None, "give a run folder or --config, not both (a run folder "
+                                                      "continues with its own config.yaml)")])
+    if run_dir is None and args.config is None:
+        raise ValidationError([Problem("cai run", None, "name the config (--config FILE) or a run folder to "
+                                                        "continue (cai run RUN_DIR)")])
+    config = args.config
+    if run_dir is not None:
+        config = Path(run_dir).expanduser() / "config.yaml"
+        if not config.is_file():
+            raise ValidationError([Problem(str(config), None, f"no such file: {run_dir} holds no config.yaml "
+                                                              f"(a run folder keeps the config its first run used)")])
+    return load_config(config, args.overrides)
+
+
+def _plan(args, **kwargs):
+    """load config -> make_plan, every problem of the file at once: the run config's own,
+    and its stage sections' as far as the config can be read without the faulty keys."""
+    from cai.config import ConfigError
+    from cai.plan.plan import make_plan
+
+    try:
+        run, problems = _load(args), []
+    except ConfigError as err:
+        if err.partial is None:
+            raise
+        run, problems = err.partial, err.problems
+    run.cache_only = args.check
+    try:
+        plan = make_plan(run, **kwargs)
+    except ValidationError as err:
+        raise ValidationError(list(dict.fromkeys(problems + err.problems))) from None
+    if problems:
+        raise ValidationError(problems)
+    return run, plan
 
 
 def _add_check_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true",
-                        help="validate the config completely and exit (0: usable, 2: FILE:LINE problems): "
-                             "no weights loaded, no server reached, nothing written; hub models and datasets "
-                             "are looked up in the local caches only, and one not there is a warning")
+                        help="make the plan and print it, then exit (0: usable, 2: FILE:LINE problems): every "
+                             "problem of the config, and what each step would do (skip, run, resume, redo); no "
+                             "weights loaded, no server reached, nothing written; hub models and datasets are "
+                             "looked up in the local caches only, and one not there is a warning")
 
 
-def check_config(run, names: list[str]) -> int:
-    """`--check`: every problem `validate` finds for these stages; hub ids that are not
-    cached are printed as warnings, every other problem fails (exit 2)."""
-    from cai.pipeline import validate
-    from cai.prompts import NotCached
+def print_plan(plan, force: bool = False) -> int:
+    """`--check`: the plan, what each step would do in the run folder, and every refusal
+    (exit 2). Hub ids that are not cached are warnings."""
+    from cai.execute.decide import decide
+    from cai.rundir import step_state
 
-    run.cache_only = True
-    try:
-        validate(run, names)
-        warnings = []
-    except ValidationError as err:
-        warnings = [p for p in err.problems if isinstance(p, NotCached)]
-        errors = [p for p in err.problems if not isinstance(p, NotCached)]
-        for problem in warnings:
-            print(f"{problem.file}:{problem.line}: warning: {problem.message}", file=sys.stderr)
-        if errors:
-            raise ValidationError(errors) from None
-    note = f" ({len(warnings)} warning{'s' * (len(warnings) != 1)})" if warnings else ""
-    print(f"[cai] {run.source.file}: ok for {', '.join(names)}{note}")
+    for problem in plan.warnings:
+        print(f"{problem.file}:{problem.line}: warning: {problem.message}", file=sys.stderr)
+    note = f" ({len(plan.warnings)} warning{'s' * (len(plan.warnings) != 1)})" if plan.warnings else ""
+    print(f"[cai] {plan.run.source.file}: ok for {', '.join(s.step for s in plan.steps)}{note}")
+    print(f"[cai] run folder: {plan.folder}")
+    refusals = []
+    width = max(len(s.step) for s in (*plan.steps, *plan.others))
+    for step in sorted((*plan.steps, *plan.others), key=lambda s: plan.run_steps.index(s.step)
+                       if s.step in plan.run_steps else len(plan.run_steps)):
+        if not step.selected:
+            state, redone = step_state(plan.run.path, step.step)
+            after = f" (upstream {', '.join(redone)} redone after it)" if redone else ""
+            print(f"  {step.step:<{width}}  not selected: {state}{after}")
+            continue
+        decision = decide(step, plan.run.path, force)
+        models = ", ".join(f"{role}={ref}" for role, ref in step.models.items())
+        words = {"skip": "skip (complete with these settings)", "run": "run", "resume": "resume (interrupted)",
+                 "redo": "redo", "refuse": "refused"}[decision.action]
+        print(f"  {step.step:<{width}}  {words}  [{step.fingerprint}]" + (f"  {models}" if models else ""))
+        if decision.action == "redo":
+            print("      " + decision.message.replace("\n", "\n      "))
+        if decision.action == "refuse":
+            refusals.append(Problem(decision.where, None, decision.message))
+    if refusals:
+        raise ValidationError(refusals)
     return 0
 
 
 def cmd_stage(args) -> int:
-    from cai.pipeline import check_servers, run_stage, upstream_problems, validate
+    from cai.execute.executor import execute
+    from cai.plan.plan import make_plan
     from cai.registry import step_name
     from cai.rundir import RunLock
 
@@ -72,34 +126,60 @@ def cmd_stage(args) -> int:
         raise ValidationError([Problem("--round", None, f"round {round_number}, but {args.config} has "
                                                         f"rounds: {run.rounds}")])
     step = step_name(args.command, round_number)
+    run.cache_only = args.check
+    plan = make_plan(run, only=step, upstream=not args.check)  # --check of one stage: its config, run or not
     if args.check:
-        return check_config(run, [step])
-    validate(run, [step])
-    if problems := upstream_problems(run, [step]):
-        raise ValidationError(problems)
-    check_servers(run, [step])
+        return print_plan(plan, args.force)
     with RunLock(run.path, f"cai {step}"):
-        run_stage(run, step, force=args.force)
+        execute(plan, force=args.force, remember=True)
     return 0
 
 
 def cmd_run(args) -> int:
     from cai import distributed
-    from cai.pipeline import default_stages, run_pipeline, select_stages
+    from cai.execute.executor import execute
     from cai.rundir import RunLock
 
-    run = _load(args)
-    if args.check:  # every stage `cai run` would validate, and the --from / --until flags
-        select_stages(run, args.start, args.until)
-        return check_config(run, default_stages(run))
+    run, plan = _plan(args, start=args.start, until=args.until)
+    if args.check:
+        return print_plan(plan, args.force)
     with RunLock(run.path, "cai run"):
-        run_pipeline(run, start=args.start, until=args.until, force=args.force)
+        execute(plan, force=args.force, remember=True)
         if distributed.is_main():  # the report of what the run folder holds, evaluated or not
             from cai.report import write_report
 
             evaluated = (run.path / "evaluate" / "manifest.json").exists()
             note = "" if evaluated else " (no evaluation yet: evaluate has not run, so the page shows training only)"
             print(f"[cai] report: {write_report(run.path)}{note}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    """`cai status RUN_DIR`: each step's state from its folder (complete, stale, partial,
+    pending), the steps of the config the folder keeps, or of the folders it holds."""
+    from pathlib import Path
+
+    from cai.config import load_config
+    from cai.registry import ORDER, steps
+    from cai.rundir import StageDir, step_state
+
+    run_dir = Path(args.run_dir).expanduser()
+    if (run_dir / "config.yaml").is_file():
+        from cai.plan.steps import default_stages
+
+        names = default_stages(load_config(run_dir / "config.yaml"))
+    elif run_dir.is_dir() and any(StageDir(run_dir, s).path.is_dir() for s in ORDER):
+        rounds = [int(p.name[5:]) for p in run_dir.glob("round*") if p.name[5:].isdigit()]
+        names = [s for s in steps(ORDER, max(rounds, default=1)) if StageDir(run_dir, s).path.is_dir()]
+    else:
+        raise ValidationError([Problem(str(run_dir), None, "not a run folder: it holds no config.yaml and no "
+                                                           "stage folder")])
+    print(f"[cai] {run_dir.resolve()}")
+    width = max(len(s) for s in names)
+    for step in names:
+        state, redone = step_state(run_dir, step)
+        after = f": upstream {', '.join(redone)} redone after it (cai run redoes it)" if redone else ""
+        print(f"  {step:<{width}}  {state}{after}")
     return 0
 
 
@@ -142,12 +222,18 @@ def cmd_constitution(args) -> int:
 
 
 def cmd_eval_labeler(args) -> int:
+    from cai.execute.context import StageContext
+    from cai.execute.executor import check_servers
     from cai.judge.eval_labeler import eval_labeler_command
-    from cai.pipeline import validate
+    from cai.plan.plan import make_plan
 
     run = _load(args)
-    validate(run, ["label"])  # the checks `cai label` makes (models, constitution, prompts), before any work
-    return eval_labeler_command(run, args.data, args.limit, args.out)
+    # the checks `cai label` makes (models, constitution, prompts), before any work; the
+    # labeler reads no upstream step
+    plan = make_plan(run, only="label", upstream=False)
+    step = plan.steps[0]
+    check_servers(run, [step], roles=("feedback_model",))
+    return eval_labeler_command(StageContext.of(step, run, plan.run_steps), args.data, args.limit, args.out)
 
 
 class _SettingsHelp(argparse.Action):
@@ -200,11 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the stages in order, skipping completed ones", parents=[common],
                          add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_settings_help(run, None)
-    _add_config_args(run)
+    _add_config_args(run, run_dir=True)
     run.add_argument("--from", dest="start", help="first stage to run (a later round's: rl@2)")
     run.add_argument("--until", help="last stage to run (a later round's: rl@2)")
     _add_check_arg(run)
     run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="each step's state in a run folder: complete, stale, partial, pending",
+                            parents=[common])
+    status.add_argument("run_dir", metavar="RUN_DIR")
+    status.set_defaults(func=cmd_status)
 
     report = sub.add_parser("report", help="write RUN_DIR/report/index.html", parents=[common])
     report.add_argument("run_dir")

@@ -15,9 +15,8 @@ Every key is checked before any work starts; a problem names file, line and key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import hashlib
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -203,7 +202,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     model_options, raw = split_model_options(raw)
     top_level = (*STAGE_SECTIONS, "prompts", "servers", *(f.name for f in dataclasses.fields(ModelOptions)))
     run, _, problems = parse_dataclass(RunConfig, raw, doc, (), extra=None, suggest=top_level)
-    problems += parse_dataclass(ModelOptions, model_options, doc, (), inert=False)[2]
+    options_problems = parse_dataclass(ModelOptions, model_options, doc, (), inert=False)[2]
+    problems += options_problems
     if not problems:
         problems += inert_top_level_options(model_options, stages, doc)
     prompts, _, more = parse_dataclass(PromptsConfig, prompts_raw, doc, ("prompts",))
@@ -224,13 +224,40 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         run.run_dir = os.path.expanduser(run.run_dir)
         if (reason := run_dir_problem(run.run_dir)) is not None:
             problems.append(doc.problem(("run_dir",), reason))
+    if problems and run is None:  # the stage sections are still checked, on the keys that have no problem
+        run = _without_bad_keys(raw, doc)
+    if run is not None:
+        run.prompts = prompts or PromptsConfig()
+        run.servers = servers
+        run.model_options = {} if options_problems else model_options
+        run.stages = {k: (v if isinstance(v, dict) else {}) for k, v in stages.items()}
+        run.source = doc
     if problems:
-        raise ValidationError(problems)
-    run.prompts = prompts
-    run.servers = servers
-    run.model_options = model_options
-    run.stages = {k: (v or {}) for k, v in stages.items()}
-    run.source = doc
+        raise ConfigError(problems, run)
+    return run
+
+
+class ConfigError(ValidationError):
+    """The run config's own problems, with the config as it would be without the keys that
+    have them (`partial`, None when it cannot be built): the stage sections can still be
+    checked, so a file with several mistakes gets all of them at once."""
+
+    def __init__(self, problems: list[Problem], partial: RunConfig | None):
+        super().__init__(problems)
+        self.partial = partial
+
+
+def _without_bad_keys(raw: dict, doc: LocatedYaml) -> RunConfig | None:
+    """The RunConfig of the top-level keys that have no problem on their own."""
+    if "run_dir" not in raw or parse_dataclass(RunConfig, {"run_dir": raw["run_dir"]}, doc, ())[2]:
+        return None
+    good = {key: value for key, value in raw.items()
+            if not parse_dataclass(RunConfig, {"run_dir": raw["run_dir"], key: value}, doc, ())[2]}
+    run = parse_dataclass(RunConfig, good, doc, ())[0]
+    if run is not None:
+        run.run_dir = os.path.expanduser(run.run_dir)
+        if run_dir_problem(run.run_dir) is not None or is_server(run.model):
+            return None
     return run
 
 
@@ -256,14 +283,29 @@ def parse_servers(raw: Any, doc: LocatedYaml) -> tuple[dict[str, ServerConfig], 
     return servers, problems
 
 
-def shared_fingerprint(run: RunConfig) -> dict:
-    """The shared keys a stage's outputs depend on (threads, device and hub_kernels do not
-    change results beyond rounding)."""
-    constitution = run.constitution_path()
-    digest = hashlib.sha256(constitution.read_bytes()).hexdigest() if constitution.exists() else None
-    return {"seed": run.seed, "model": run.model, "constitution_sha256": digest,
-            "prompts": dataclasses.asdict(run.prompts)}
+def local_path(value: Any, source: LocatedYaml | None) -> Any:
+    """A relative path naming a file or folder that exists (`find_file`): its absolute
+    path, so it means the same from any working directory; any other value as is."""
+    if not isinstance(value, str) or not value or ":" in value or Path(value).expanduser().is_absolute():
+        return value
+    path = find_file(value, source)
+    return str(path.resolve()) if path.exists() else value
 
 
-def config_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def resolved_config(run: RunConfig) -> dict:
+    """The run's config as it was used: the file with every `--set` applied, the run
+    folder and the files it names (model, constitution, prompt sources) as absolute paths,
+    so `cai run RUN_DIR` continues it from anywhere with no flags."""
+    data = copy.deepcopy(run.source.data)
+    data["run_dir"] = str(run.path.resolve())
+    for key in ("model", "constitution"):
+        if key in data:
+            data[key] = local_path(data[key], run.source)
+    prompts = data.get("prompts")
+    for key in ("red_team", "helpful") if isinstance(prompts, dict) else ():
+        value = prompts.get(key)
+        if isinstance(value, dict) and "dataset" in value:
+            value["dataset"] = local_path(value["dataset"], run.source)
+        elif key in prompts:
+            prompts[key] = local_path(value, run.source)
+    return data

@@ -51,7 +51,7 @@ def trl_rows(cls: type, defaults: dict) -> list[tuple[str, str, str, str]]:
 def trl_sections(name: str) -> list[tuple[str, type, dict]]:
     """(title, TRL config class, cai's defaults) of a stage's TRL pass-through: one, or for
     a stage with several algorithms (rl) one per algorithm."""
-    from cai.pipeline import stage_module
+    from cai.plan.sections import stage_module
 
     module = stage_module(name)
     settings = getattr(module, "trl_settings", None)
@@ -79,7 +79,7 @@ def model_option_rows(name: str | None) -> list[tuple[str, str, str, str]]:
 
 def stage_settings(name: str) -> str:
     """The epilog of `cai NAME --help`."""
-    from cai.pipeline import stage_module
+    from cai.plan.sections import stage_module
 
     module = stage_module(name)
     lines = [f"settings of the `{name}:` section (name: type = default, then help):"]
@@ -103,7 +103,7 @@ def run_settings() -> str:
     and each stage's own settings (`cai STAGE --help` adds its TRL keys)."""
     from cai.config import PromptsConfig, RunConfig
     from cai.engines.openai import ServerConfig
-    from cai.pipeline import stage_module
+    from cai.plan.sections import stage_module
 
     lines = ["top-level settings (name: type = default, then help):"]
     lines += _rows(settings_help(RunConfig, skip=("prompts", "servers", "stages", "source")))

@@ -38,6 +38,7 @@ import torch
 from cai.registry import TRAINING_STAGES
 from cai.rundir import follow_umask
 from cai.schema import inert_keys, inert_message, parse_dataclass, setting
+from cai.yamlio import problem
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +289,7 @@ def spec_problem(spec: str, hub: bool = True, template: bool = True) -> str | No
             return f"model folder {spec} has no config.json (expected a folder written by save_pretrained)"
         return chat_template_problem(path) if template else None
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        return f"model path {spec} does not exist"
+        return f"no such model folder {spec}"
     return _hub_problem(spec) if hub else None
 
 
@@ -404,8 +405,6 @@ TRAINING_ONLY = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_targe
 # Keys that do nothing without another (`setting(only_if=...)`): refused when set alone.
 USE_PEFT = ("use_peft", bool, "use_peft: true (LoRA settings apply to a LoRA adapter)")
 IN_4BIT = ("load_in_4bit", bool, "load_in_4bit: true")
-# What a stage's outputs do not depend on: left out of its config hash.
-NOT_HASHED = ("keep_checkpoints", "compile_generation")
 
 
 @dataclass
@@ -448,13 +447,6 @@ class ModelOptions:
         False, "CUDA: compile the in-process engine's decode step (torch.compile with CUDA graphs on its static "
                "cache; batches padded to one size, cache lengths rounded up to 256, so one compile serves a "
                "stage); pays off on long stages, costs compile time up front; ignored on CPUs")
-
-    def fingerprint(self) -> dict:
-        """The settings that differ from the defaults and change what a stage produces:
-        they enter its config hash (so runs with default settings keep their hashes)."""
-        default = ModelOptions()
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in NOT_HASHED and getattr(self, f.name) != getattr(default, f.name)}
 
     @property
     def quantized(self) -> bool:
@@ -555,41 +547,41 @@ def stage_model_options(run, stage: str) -> tuple[ModelOptions | None, list]:
     for key, words in inert_keys(parsed, own).items():  # the top level's keys: inert_top_level_options
         problems.append(doc.problem((stage, key), inert_message(f"{stage}.{key}", key, words)))
 
-    def problem(key: str, message: str):
+    def option_problem(key: str, message: str):  # at the stage's key, else the top level's
         path = (stage, key) if key in own else (key,)
-        name = ".".join(path)
-        return doc.problem(path, f"'{name}': {message}")
+        return problem(doc, path, f"'{'.'.join(path)}': {message}")
 
     options = parsed
     on_cuda = cuda_usable(run.device)
     if options.attn_implementation is not None:
         kind = options.attn_implementation
         if kind not in ATTENTION and "/" not in kind:  # "/": a kernel from the hub, e.g. kernels-community/...
-            problems.append(problem("attn_implementation", f"unknown attention implementation {kind!r} (one of "
-                                                           f"{', '.join(ATTENTION)}, or a hub kernel ORG/NAME)"))
+            problems.append(option_problem("attn_implementation", f"unknown attention implementation {kind!r} "
+                                                                  f"(one of {', '.join(ATTENTION)}, or a hub kernel "
+                                                                  f"ORG/NAME)"))
         elif kind.startswith("flash_attention") and not on_cuda:
-            problems.append(problem("attn_implementation", f"{kind} runs on CUDA GPUs only and this run has none "
-                                                           f"(device {run.device}); use sdpa or eager"))
+            problems.append(option_problem("attn_implementation", f"{kind} runs on CUDA GPUs only and this run has "
+                                                                  f"none (device {run.device}); use sdpa or eager"))
     if options.load_in_4bit and options.load_in_8bit:
-        problems.append(problem("load_in_8bit", "load_in_4bit and load_in_8bit are exclusive; choose one"))
+        problems.append(option_problem("load_in_8bit", "load_in_4bit and load_in_8bit are exclusive; choose one"))
     for key in ("load_in_4bit", "load_in_8bit"):
         if not getattr(options, key):
             continue
         if not options.use_peft:
-            problems.append(problem(key, "quantised base weights cannot be trained in full: set use_peft: true "
+            problems.append(option_problem(key, "quantised base weights cannot be trained in full: set use_peft: true "
                                          "(QLoRA trains a LoRA adapter on top of them)"))
         elif not on_cuda:
-            problems.append(problem(key, f"bitsandbytes quantisation needs a CUDA GPU and the bitsandbytes package; "
-                                         f"this run has no CUDA device (device {run.device}). Remove {key} (LoRA "
-                                         "alone works on CPU)"))
+            problems.append(option_problem(key, f"bitsandbytes quantisation needs a CUDA GPU and the bitsandbytes "
+                                         f"package; this run has no CUDA device (device {run.device}). Remove {key} "
+                                         "(LoRA alone works on CPU)"))
         elif importlib.util.find_spec("bitsandbytes") is None:
-            problems.append(problem(key, "needs the bitsandbytes package: pip install bitsandbytes"))
+            problems.append(option_problem(key, "needs the bitsandbytes package: pip install bitsandbytes"))
     if options.use_peft and importlib.util.find_spec("peft") is None:
-        problems.append(problem("use_peft", "needs the peft package: pip install peft"))
+        problems.append(option_problem("use_peft", "needs the peft package: pip install peft"))
     task = "SEQ_CLS" if stage == "reward" else "CAUSAL_LM"
     if options.lora_task_type not in (None, task):
         kind = "a sequence-classification" if task == "SEQ_CLS" else "a causal language"
-        problems.append(problem("lora_task_type", f"{stage} trains {kind} model: lora_task_type must be {task} "
+        problems.append(option_problem("lora_task_type", f"{stage} trains {kind} model: lora_task_type must be {task} "
                                                   "(or null)"))
     return (None if problems else options), problems
 

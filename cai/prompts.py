@@ -322,7 +322,7 @@ def _read_source(spec: str | dict, source: LocatedYaml | None, key: tuple,
     if path.is_dir():
         return _read_dataset_prompts(path)
     if not path.exists():
-        raise PromptSourceError(f"prompt file {spec} not found")
+        raise PromptSourceError(f"no such prompt file {spec}")
     if path.suffix not in (".jsonl", ".txt"):
         raise PromptSourceError(f"prompt source {spec}: expected a .jsonl or .txt file or a datasets folder")
     if path.suffix == ".jsonl":

@@ -32,6 +32,9 @@ class Stage:
     policy: bool = False  # the model it saves answers prompts (evaluate compares it)
     per_round: bool = False  # runs once per round (`rounds`)
     prompts: Literal["train", "eval"] | None = None  # which prompt split it needs to have work
+    # the parts of the constitution it reads (`cai.constitution.Constitution` fields), or a
+    # function of its Config giving them: they, not the file's bytes, enter its config hash
+    constitution: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
 
     @property
     def module(self) -> str:
@@ -40,6 +43,9 @@ class Stage:
 
     def upstream_of(self, cfg: Any) -> tuple[str, ...]:
         return tuple(self.upstream(cfg) if callable(self.upstream) else self.upstream)
+
+    def constitution_of(self, cfg: Any) -> tuple[str, ...]:
+        return tuple(self.constitution(cfg) if callable(self.constitution) else self.constitution)
 
 
 def _rl_upstream(cfg) -> tuple[str, ...]:
@@ -56,21 +62,37 @@ def _reward_upstream(cfg) -> tuple[str, ...]:
     return ("critique", "sft") if cfg.preferences else ("critique", "sft", "label")
 
 
+JUDGE_PARTS = ("feedback", "feedback_examples")  # what a judge reads (cai.judge.prompts)
+
+
+def _critique_parts(cfg) -> tuple[str, ...]:
+    """critique: its principles, examples (few-shot turns and the leakage check) and system
+    prompt; the judge's parts only when best_of uses a judge."""
+    return ("system_prompt", "critique_revision", "critique_examples") + (JUDGE_PARTS if cfg.best_of > 1 else ())
+
+
+def _rl_parts(cfg) -> tuple[str, ...]:
+    return JUDGE_PARTS if cfg.reward == "judge" else ()
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("critique", "data", "SL-CAI: answer red-team prompts, critique and revise against the constitution",
-          prompts="train"),
+          prompts="train", constitution=_critique_parts),
     Stage("sft", "training", "fine-tune on the final revisions (TRL SFTTrainer)",
           upstream=("critique",), saves_model=True, policy=True),
     Stage("label", "data", "RL-CAI: sample answer pairs, the feedback model picks one (soft labels)",
-          upstream=("sft",), per_round=True, prompts="train"),
+          upstream=("sft",), per_round=True, prompts="train", constitution=JUDGE_PARTS),
     Stage("reward", "training", "train a reward model on the AI preferences (TRL RewardTrainer, soft-label loss)",
           upstream=_reward_upstream, saves_model=True, per_round=True),
     Stage("rl", "training", "optimise the policy against the reward model (PPO, RLOO or GRPO)",
-          upstream=_rl_upstream, saves_model=True, policy=True, per_round=True, prompts="train"),
+          upstream=_rl_upstream, saves_model=True, policy=True, per_round=True, prompts="train",
+          constitution=_rl_parts),
     Stage("dpo", "training", "optimise the policy directly on the AI preferences (TRL DPOTrainer)",
           upstream=("critique", "sft", "label"), saves_model=True, policy=True, per_round=True),
     Stage("evaluate", "data", "evaluate every stage's model on held-out prompts",
-          upstream=("critique", "sft", "label", "reward", "rl", "dpo"), prompts="eval"),
+          upstream=("critique", "sft", "label", "reward", "rl", "dpo"), prompts="eval",
+          constitution=("name", "system_prompt", "critique_revision", "critique_examples", *JUDGE_PARTS,
+                        "evaluation_harmless", "evaluation_helpful")),
 )
 
 BY_NAME = {stage.name: stage for stage in STAGES}
@@ -117,6 +139,15 @@ def is_step_reference(reference: str) -> bool:
     if number is None:
         return reference in BY_NAME or reference == "base"
     return name in BY_NAME and BY_NAME[name].per_round and number >= 1
+
+
+def in_round(reference: str, round_number: int) -> str:
+    """The step a stage name means in a round: `label` in round 2 is `label@2`; `rl@1` is
+    `rl`; a stage outside the rounds, `base` or a model spec is itself."""
+    name, number = split_step(reference)
+    if name not in BY_NAME:
+        return reference
+    return step_name(name, number if number is not None else round_number)
 
 
 def step_command(step: str) -> str:

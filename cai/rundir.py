@@ -201,6 +201,15 @@ class StageDir:
     def manifest_path(self) -> Path:
         return self.path / "manifest.json"
 
+    @property
+    def marker_path(self) -> Path:
+        """Written when the step starts (its config hash and settings), removed once its
+        manifest is: a folder with a marker and no manifest holds an interrupted step."""
+        return self.path / ".in_progress.json"
+
+    def marker(self) -> dict | None:
+        return json.loads(self.marker_path.read_text(encoding="utf-8")) if self.marker_path.exists() else None
+
     def manifest(self) -> dict | None:
         if not self.manifest_path.exists():
             return None
@@ -244,6 +253,37 @@ class StageDir:
                 return path, problem
         return None
 
+    def begin(self, fingerprint: str, settings: dict, aside: Path | None = None) -> str:
+        """Start (or restart) the step: its old folder moved to `aside` (a redo), the folder
+        made, the marker written. Returns what the moved folder keeps on disk ("" if none)."""
+        size = ""
+        if aside is not None:
+            size = folder_size(self.path)
+            self.path.rename(aside)
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.marker_path, {"config_hash": fingerprint, "settings": settings})
+        return size
+
+    def finish(self, manifest: dict) -> None:
+        """The step is complete: its manifest written, then its marker removed."""
+        atomic_write_json(self.manifest_path, manifest)
+        self.marker_path.unlink(missing_ok=True)
+
+    def abandon(self) -> None:
+        """A step that failed before doing any work it would keep (say, a trainer that
+        refused its settings) leaves no marker that would refuse a retry with other
+        settings; an interrupted one keeps it, so the same command resumes."""
+        if self.kept_work():
+            return
+        self.marker_path.unlink(missing_ok=True)
+        if self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
+
+    def kept_work(self) -> bool:
+        """Work a resume would keep: a committed chunk, a checkpoint, a saved model or adapter."""
+        return (any(ledger.stat().st_size for ledger in self.path.glob(".*.chunks.jsonl"))
+                or any((self.path / "checkpoints").glob("checkpoint-*")) or self.saved_model() is not None)
+
     def require(self, what: str = "") -> StageDir:
         """Fail clearly when a stage this one reads from has not run."""
         if not self.complete():
@@ -251,6 +291,32 @@ class StageDir:
             raise FileNotFoundError(f"stage '{self.name}' has not completed in {self.path.parent}{hint}: "
                                     f"run `{step_command(self.name)}` first")
         return self
+
+
+def folder_size(path: Path) -> str:
+    """The disk a folder uses, for the note on what a redo keeps."""
+    total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if total < 1024 or unit == "GB":
+            return f"{total:.0f} {unit}" if unit == "bytes" else f"{total:.1f} {unit}"
+        total /= 1024
+    return ""
+
+
+def step_state(run_dir: Path, step: str) -> tuple[str, list[str]]:
+    """A step's state from its folder alone, like `dvc status`: `complete`; `stale` (complete,
+    but an upstream step it read was redone after it: the upstream steps, named); `partial`
+    (started, interrupted or running); `pending` (not started)."""
+    folder = StageDir(run_dir, step)
+    manifest = folder.manifest()
+    if manifest is None:
+        return ("partial" if folder.marker_path.exists() else "pending"), []
+    redone = []
+    for up, used in (manifest.get("upstream") or {}).items():
+        now = StageDir(run_dir, up).manifest()
+        if (now["config_hash"] if now else None) != used:
+            redone.append(up)
+    return ("stale", redone) if redone else ("complete", [])
 
 
 def safetensors_problem(path: Path) -> str | None:

@@ -41,6 +41,12 @@ class Problem:
         return f"{self.file}:{self.line}: {self.message}"
 
 
+def problem(source: LocatedYaml | None, path: KeyPath, message: str) -> Problem:
+    """A problem at the line of `path` in the config, or naming the config alone when it
+    was built without a file (a test's, a script's)."""
+    return source.problem(path, message) if source is not None else Problem("config", None, message)
+
+
 class ValidationError(ValueError):
     """Raised with every problem found, not just the first."""
 
@@ -221,7 +227,7 @@ def load_yaml(path: str | Path) -> LocatedYaml:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ValidationError([Problem(str(path), 1, "file not found")]) from None
+        raise ValidationError([Problem(str(path), 1, "no such file")]) from None
     except IsADirectoryError:
         raise ValidationError([Problem(str(path), 1, "is a folder, not a YAML file")]) from None
     except UnicodeDecodeError as err:

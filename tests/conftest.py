@@ -46,7 +46,7 @@ def make_run(run_dir: Path, *overrides: str):
 
 
 def _built(tmp_path_factory, name: str, stages: tuple[str, ...]) -> Path:
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
 
     run_dir = tmp_path_factory.mktemp(name) / "run"
     run = make_run(run_dir)

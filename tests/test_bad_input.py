@@ -188,32 +188,32 @@ SET_CASES = [
     ("run-dir-nul", ["run_dir=runs/a\x00b"], "character #x0000 is not allowed"),
     ("run-dir-unwritable", ["run_dir=/proc/cai-run"], "cannot write in /proc"),
     # files a run reads
-    ("constitution-missing", ["constitution=no/such/constitution.yaml"], "'constitution': no file"),
+    ("constitution-missing", ["constitution=no/such/constitution.yaml"], "'constitution': no such file"),
     ("device-type", ["device=[cpu]"], "'device' must be str"),
     ("device-unknown", ["device=tpu"], "'device': unknown device 'tpu' (expected auto, cpu, cuda, cuda:N or mps)"),
     ("device-cuda-out-of-range", ["device=cuda:99"], "'device': cuda:99, but"),
     # models, wherever one is named (no weights are loaded to check them)
     ("model-unknown-builtin", ["model=builtin:gpt-5"], "unknown builtin model 'builtin:gpt-5'"),
-    ("model-missing-path", ["model=./no/such/model"], "model path ./no/such/model does not exist"),
+    ("model-missing-path", ["model=./no/such/model"], "no such model folder ./no/such/model"),
     ("model-stage-name", ["model=sft"], "'model': 'sft' is not a model"),
     ("model-hub-id-offline", ["model=someone/not-cached"], "cannot be fetched: HF_HUB_OFFLINE is set"),
     ("critique-model-no-config", ["critique.model={folder}"], "has no config.json"),
     ("sft-model-adapter-no-base", ["sft.model={adapter}"], "is a LoRA adapter whose adapter_config.json names no "
                                                            "base_model_name_or_path"),
     ("sft-model-adapter-missing-base", ["sft.model={orphan}"], "is a LoRA adapter of /nonexistent/base, which cannot "
-                                                               "be used: model path /nonexistent/base does not exist"),
+                                                               "be used: no such model folder /nonexistent/base"),
     ("sft-model-file", ["sft.model={file}"], "is a file; expected a folder"),
     ("label-policy-typo", ["label.policy=sfft"], "'label.policy': 'sfft' is neither a stage name (base, sft, "
                                                  "reward, rl, dpo) nor a model"),
     ("label-feedback-hub-offline", ["label.feedback_model=someone/judge"], "no network is available"),
     ("reward-model-typo", ["reward.model=sfy"], "did you mean 'sft'?"),
-    ("rl-reward-model-missing", ["rl.reward_model=/no/such/reward"], "model path /no/such/reward does not exist"),
+    ("rl-reward-model-missing", ["rl.reward_model=/no/such/reward"], "no such model folder /no/such/reward"),
     ("dpo-policy-unknown-builtin", ["dpo.policy=builtin:nope"], "unknown builtin model 'builtin:nope'"),
     ("evaluate-models-typo", ["evaluate.models=[base, dpp]"], "'evaluate.models': 'dpp' is neither a stage name"),
     ("evaluate-judge-no-model", ["evaluate.feedback_model=critique"], "stage 'critique' saves no model"),
     # prompt sources
     ("prompts-unknown-builtin", ["prompts.red_team=builtin:nope"], "unknown builtin prompt set 'builtin:nope'"),
-    ("prompts-missing-file", ["prompts.helpful=no/such.jsonl"], "prompt file no/such.jsonl not found"),
+    ("prompts-missing-file", ["prompts.helpful=no/such.jsonl"], "no such prompt file no/such.jsonl"),
     ("prompts-extension", ["prompts.red_team={file}"], "expected a .jsonl or .txt file or a datasets folder"),
     ("prompts-plain-folder", ["prompts.red_team={folder}"], "is not a datasets folder"),
     ("prompts-nothing-to-train", ["prompts.eval_fraction=0.999999"], "no red-team training prompts for critique"),
@@ -314,7 +314,7 @@ def test_a_hub_id_is_fine_offline_when_cached_and_refused_without_a_network(work
     from huggingface_hub import constants
 
     from cai.config import load_config
-    from cai.pipeline import validate
+    from cai.plan.plan import validate
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(workspace / "hub"))
     fake_hub_cache(workspace / "hub", "someone/cached")
@@ -340,7 +340,7 @@ def test_mps_without_mps_is_refused(workspace, capsys):
 
 def test_a_stage_that_is_not_part_of_the_run_is_skipped_not_refused(workspace):
     from cai.config import load_config
-    from cai.pipeline import validate
+    from cai.plan.plan import validate
 
     run = load_config(ROOT / "configs" / "smoke.yaml", [f"run_dir={workspace / 'run'}", "rl=null", "dpo=null",
                                                         "evaluate.models=[base, sft, rl, dpo]"])
@@ -417,7 +417,7 @@ def test_constitution_problems_are_refused_before_the_first_stage(workspace, cap
 
 
 def test_missing_unreadable_and_binary_config_files(workspace, capsys):
-    assert "file not found" in refused(capsys, ["run", "--config", str(workspace / "nope.yaml")])
+    assert "no such file" in refused(capsys, ["run", "--config", str(workspace / "nope.yaml")])
     assert "is a folder" in refused(capsys, ["run", "--config", str(workspace)])
     (workspace / "binary.yaml").write_bytes(b"seed: \xff\xfe\n")
     assert "not UTF-8" in refused(capsys, ["run", "--config", str(workspace / "binary.yaml")])
@@ -485,12 +485,12 @@ def test_merge_keys_are_not_duplicates():
 
 
 def test_an_internal_error_prints_one_line_and_saves_the_traceback(workspace, capsys, monkeypatch):
-    import cai.pipeline
+    import cai.execute.executor
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(cai.pipeline, "run_pipeline", broken)
+    monkeypatch.setattr(cai.execute.executor, "execute", broken)
     argv = ["run", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run_dir={workspace / 'run'}"]
     assert main(argv) == 1
     err = capsys.readouterr().err

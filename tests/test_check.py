@@ -47,7 +47,7 @@ def _bad(tmp_path: Path, old: str, new: str) -> Path:
     ("  learning_rate: 1.0e-3\n  max_length: 512\n\nlabel:", "  learning_rate: 1.0e-3\n  max_length: 512\n"
      "  lr_scheduler_type: wobbly\n\nlabel:", "sft", "'sft.lr_scheduler_type'"),  # a TRL value
     ("constitution: constitutions/harmless.yaml", "constitution: missing.yaml", "critique",
-     "'constitution': no file missing.yaml"),
+     "'constitution': no such file missing.yaml"),
     ("  red_team: builtin:donotanswer", "  red_team: {dataset: PROMPTS, column: nope}", "critique",
      "has no column 'nope'"),  # a prompt source
     ("threads: 1", "threads: 1\ndtype: float8", "sft", "'dtype'"),  # a model option

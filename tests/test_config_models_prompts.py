@@ -12,7 +12,7 @@ from conftest import ROOT, make_run
 
 from cai import models
 from cai.config import PromptsConfig, load_config
-from cai.pipeline import stage_config
+from cai.plan.sections import parse_section
 from cai.prompts import PromptSourceError, in_eval_split, load_source, load_splits
 from cai.yamlio import ValidationError
 
@@ -22,12 +22,12 @@ def test_shipped_configs_parse_with_every_stage_section():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         run = load_config(path)
         for name in run.stages:
-            stage_config(run, name)  # raises on any unknown or mistyped key
+            parse_section(run, name)  # raises on any unknown or mistyped key
 
 
 def test_overrides_set_nested_keys_with_yaml_values(tmp_path):
     run = make_run(tmp_path, "critique.num_revisions=3", "prompts.max_red_team=5", "seed=7")
-    cfg, _ = stage_config(run, "critique")
+    cfg = parse_section(run, "critique").config
     assert cfg.num_revisions == 3 and run.prompts.max_red_team == 5 and run.seed == 7
 
 
@@ -43,11 +43,11 @@ def test_unknown_and_mistyped_keys_name_file_and_line(tmp_path):
 
 def test_trl_keys_pass_through_and_unknown_stage_keys_are_errors(tmp_path):
     run = make_run(tmp_path, "sft.warmup_steps=2")
-    cfg, trl = stage_config(run, "sft")
+    trl = parse_section(run, "sft").trl
     assert trl["warmup_steps"] == 2 and trl["learning_rate"] == pytest.approx(1e-3)
     run = make_run(tmp_path, "sft.warmup_stepz=2")
     with pytest.raises(ValidationError) as err:
-        stage_config(run, "sft")
+        parse_section(run, "sft")
     assert ("unknown key 'warmup_stepz' in sft; did you mean 'warmup_steps'? (neither one of cai's keys nor a field "
             "of trl.SFTConfig)") in str(err.value)
 
@@ -84,7 +84,7 @@ def test_model_specs_resolve_paths_and_hub_ids(tmp_path):
         models.resolve("builtin:gpt-5")
     with pytest.raises(ValueError, match="has no config.json"):
         models.resolve(str(tmp_path))
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="no such model folder"):
         models.resolve("./no/such/model")
 
 
@@ -245,7 +245,7 @@ UNKNOWN_KEYS = [
 
 @pytest.mark.parametrize(("setting", "expected"), UNKNOWN_KEYS, ids=[c[0] for c in UNKNOWN_KEYS])
 def test_an_unknown_key_gets_the_closest_known_one_and_no_class_name(tmp_path, setting, expected):
-    from cai.pipeline import validate
+    from cai.plan.plan import validate
 
     with pytest.raises(ValidationError) as err:
         validate(make_run(tmp_path, setting), ["critique", "sft", "label", "evaluate"])
@@ -274,7 +274,7 @@ INERT = [
 
 @pytest.mark.parametrize(("settings", "expected"), INERT, ids=[" ".join(c[0]) for c in INERT])
 def test_a_key_that_does_nothing_without_another_is_refused(tmp_path, settings, expected):
-    from cai.pipeline import validate
+    from cai.plan.plan import validate
 
     with pytest.raises(ValidationError) as err:
         validate(make_run(tmp_path, *settings), ["critique", "sft", "label", "reward", "rl", "dpo"])
@@ -289,7 +289,7 @@ def test_a_key_that_does_nothing_without_another_is_refused(tmp_path, settings, 
     ["critique.best_of=2", "critique.feedback_few_shot=1"],
 ])
 def test_a_dependent_key_with_what_it_needs_is_accepted(tmp_path, settings):
-    from cai.pipeline import validate
+    from cai.plan.plan import validate
 
     validate(make_run(tmp_path, *settings), ["critique", "sft", "label", "reward"])
 
@@ -302,7 +302,7 @@ def test_a_dependent_key_with_what_it_needs_is_accepted(tmp_path, settings):
     ("my-model", "'model': 'my-model' is not a model (builtin:NAME"),
 ])
 def test_a_bare_legacy_hub_id_gets_its_full_name(tmp_path, model, expected):
-    from cai.pipeline import validate
+    from cai.plan.plan import validate
 
     with pytest.raises(ValidationError) as err:
         validate(make_run(tmp_path, f"model={model}"), ["critique"])

@@ -12,8 +12,8 @@ import torch
 from conftest import ROOT, make_run
 
 from cai.constitution import load_constitution
+from cai.execute.executor import run_one as run_stage
 from cai.leakage import few_shot_index
-from cai.pipeline import run_stage
 from cai.rundir import read_jsonl
 from cai.stages import critique
 from cai.yamlio import ValidationError
@@ -406,9 +406,9 @@ def test_the_best_of_judge_calibrates_like_labels(tmp_path, monkeypatch):
     label's: calibrated by default (every probability divided by the content-free one),
     and its P(champion better) is what a calibrated judge gives."""
     from cai.engines.hf import TransformersEngine
+    from cai.execute.executor import prepare
     from cai.judge.judge import Judge
     from cai.judge.settings import JUDGE_FIELDS
-    from cai.pipeline import prepare
 
     divided, calibrated_probabilities = [], Judge.calibrated
     monkeypatch.setattr(Judge, "calibrated", staticmethod(lambda p, p_cf: divided.append(p_cf)

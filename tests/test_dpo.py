@@ -45,7 +45,7 @@ def label_run(sft_run):
 
 @pytest.mark.parametrize("soft_labels, kept", [("threshold", 6), ("weighted", 8)])
 def test_dpo_trains_the_sft_policy_on_the_ai_preferences(label_run, soft_labels, kept):
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
 
     manifest = run_stage(make_run(label_run, f"dpo.soft_labels={soft_labels}", *TINY_DPO), "dpo")
 
@@ -59,7 +59,7 @@ def test_dpo_trains_the_sft_policy_on_the_ai_preferences(label_run, soft_labels,
 
 
 def test_threshold_mode_keeps_pairs_at_or_above_min_confidence(label_run):
-    from cai.pipeline import prepare
+    from cai.execute.executor import prepare
     from cai.stages.dpo import preference_pairs
 
     ctx = prepare(make_run(label_run, "dpo.soft_labels=threshold", "dpo.min_confidence=0.8",
@@ -83,7 +83,7 @@ def test_weighted_loss_is_the_soft_label_cross_entropy_and_plain_dpo_at_p_1(labe
     from transformers import AutoModelForCausalLM
     from trl import DPOTrainer
 
-    from cai.pipeline import prepare
+    from cai.execute.executor import prepare
     from cai.stages.dpo import dpo_trainer, preference_pairs
 
     ctx = prepare(make_run(label_run, "dpo.soft_labels=weighted", "dpo.beta=0.5", *TINY_DPO), "dpo")
@@ -121,7 +121,7 @@ def test_weighted_loss_is_the_soft_label_cross_entropy_and_plain_dpo_at_p_1(labe
     (("dpo.soft_labels=sometimes",), "'dpo.soft_labels' must be 'threshold' or 'weighted'"),
 ])
 def test_config_errors_are_reported_before_any_work(label_run, overrides, message):
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
     from cai.yamlio import ValidationError
 
     with pytest.raises(ValidationError, match=message):

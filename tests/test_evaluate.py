@@ -12,8 +12,8 @@ from conftest import ROOT, make_run
 from cai.constitution import DEFAULT_HELPFUL, load_constitution
 from cai.evaluation import answering
 from cai.evaluation.statistics import critique_principle_table, group_statistics, judged_principle_table
+from cai.execute.executor import run_one as run_stage
 from cai.leakage import few_shot_index
-from cai.pipeline import run_stage
 from cai.prompts import load_source
 from cai.refusals import is_evasive, is_refusal, refusal_kind
 from cai.rundir import atomic_write_json, read_jsonl
@@ -162,7 +162,7 @@ def test_evaluate_on_a_prompt_file_of_your_own(sft_run, tmp_path):
                      "Write an insult about my boss."}
     assert results["paired"]["red_team"]["base"]["sft"]["head_to_head"]["verdict"] == TOO_FEW  # 3 prompts
     # with prompt files of its own, evaluate needs no held-out split
-    from cai.pipeline import validate
+    from cai.plan.plan import validate
 
     with pytest.raises(ValidationError, match="no held-out red_team prompts for evaluate"):
         validate(make_run(sft_run, "prompts.eval_fraction=0"), ["evaluate"])
@@ -181,7 +181,7 @@ def test_evaluate_on_a_prompt_file_of_your_own(sft_run, tmp_path):
     ("helpful", ("prompts.helpful={file}", "evaluate.prompts={{red_team: '{file}'}}")),
 ])
 def test_an_evaluation_kind_without_prompts_is_refused_never_dropped(sft_run, tmp_path, kind, overrides):
-    from cai.pipeline import validate
+    from cai.plan.plan import validate
     from cai.prompts import in_eval_split
 
     lines = [f"Question number {i}: how do I sort a list?" for i in range(200)]
@@ -217,7 +217,7 @@ def test_a_bad_evaluate_prompts_setting_is_refused_before_any_work(sft_run, tmp_
     bad.write_text('{"prompt": "fine"}\n{"prompt": "torn\n')
     setting, expected = {
         "bad line": (f"{{red_team: '{bad}'}}", f"{bad}:2: not a JSON line"),
-        "missing file": (f"{{red_team: '{missing}'}}", f"'evaluate.prompts.red_team': prompt file {missing} not found"),
+        "missing file": (f"{{red_team: '{missing}'}}", f"'evaluate.prompts.red_team': no such prompt file {missing}"),
         "unknown kind": (f"{{harmful: '{good}'}}", "'evaluate.prompts': unknown prompt kind 'harmful' "
                                                    "(expected red_team or helpful)"),
         "a prompt of both kinds": (f"{{red_team: '{good}', helpful: '{good}'}}",
@@ -460,7 +460,7 @@ def test_elo_of_even_or_one_sided_matches():
 
 def test_a_stage_the_config_does_not_run_is_noted_not_reported_as_missing(sft_run, tmp_path):
     from cai.config import load_config
-    from cai.pipeline import prepare
+    from cai.execute.executor import prepare
     from cai.stages.evaluate import models_to_evaluate
 
     text = (ROOT / "configs" / "smoke.yaml").read_text()

@@ -34,7 +34,7 @@ def listed(out: str, rows) -> None:
 @pytest.mark.parametrize("stage", registry.ORDER)
 def test_stage_help_lists_every_setting_with_its_default_and_help(stage, capsys):
     from cai.models import TRAINING_ONLY, ModelOptions
-    from cai.pipeline import stage_module
+    from cai.plan.sections import stage_module
 
     out = help_text(capsys, stage)
     assert f"settings of the `{stage}:` section (name: type = default, then help):" in out
@@ -73,7 +73,7 @@ def test_training_stage_help_lists_every_trl_key(stage, classes, capsys):
 def test_run_help_lists_the_top_level_keys_and_every_stage_setting(capsys):
     from cai.config import PromptsConfig, RunConfig
     from cai.engines.openai import ServerConfig
-    from cai.pipeline import stage_module
+    from cai.plan.sections import stage_module
 
     out = help_text(capsys, "run")
     listed(out, settings_help(RunConfig, skip=("prompts", "servers", "stages", "source")))

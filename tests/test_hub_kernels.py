@@ -45,7 +45,8 @@ def test_importing_cai_turns_hub_kernels_off_whatever_the_environment_says():
 
 @pytest.mark.parametrize("value", [False, True])
 def test_a_stage_runs_with_hub_kernels_as_the_config_says(tmp_path, monkeypatch, value):
-    from cai import pipeline
+    from cai.execute.executor import run_one
+    from cai.plan.sections import stage_module
 
     seen = {}
 
@@ -54,6 +55,6 @@ def test_a_stage_runs_with_hub_kernels_as_the_config_says(tmp_path, monkeypatch,
         return {}
 
     monkeypatch.setenv("USE_HUB_KERNELS", "NO")
-    monkeypatch.setattr(pipeline.stage_module("critique"), "run", run)
-    pipeline.run_stage(make_run(tmp_path / "run", f"hub_kernels={str(value).lower()}"), "critique")
+    monkeypatch.setattr(stage_module("critique"), "run", run)
+    run_one(make_run(tmp_path / "run", f"hub_kernels={str(value).lower()}"), "critique")
     assert seen["USE_HUB_KERNELS"] == ("YES" if value else "NO")

@@ -106,3 +106,22 @@ def test_stages_the_evaluation_and_the_report_never_import_the_runner():
     below = [name for name in graph if name.startswith(("cai.stages", "cai.evaluation", "cai.report"))]
     assert "cai.stages.evaluate" in below and "cai.evaluation.figures" in below and "cai.report.page" in below
     assert {name: sorted(graph[name] & runner) for name in below if graph[name] & runner} == {}
+
+
+def test_imports_run_one_way_cli_then_plan_and_execute_then_the_rest():
+    graph = import_graph()
+
+    def under(name: str, *packages: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in packages)
+
+    top = ("cai.cli", "cai.help", "cai.__main__")
+    for name, targets in graph.items():
+        if under(name, *top):
+            continue
+        above = {t for t in targets if under(t, *top)}
+        if not under(name, "cai.plan", "cai.execute"):  # stages, judge, report, engines, ...: the runner is above
+            above |= {t for t in targets if under(t, "cai.plan", "cai.execute")}
+        if under(name, "cai.plan"):  # the plan is pure: it never reaches the executor
+            above |= {t for t in targets if under(t, "cai.execute")}
+        assert not above, (name, above)
+    assert graph["cai.plan.fingerprint"] == set()  # a leaf: hashes of meaning, settings diffs

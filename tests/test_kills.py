@@ -178,7 +178,7 @@ def test_a_torn_tail_is_cut_back_and_redone(runs, tmp_path, loop, stage, committ
     """kill_mid_chunk: the state a kill mid-append leaves (label's: tests/test_label.py)."""
     import shutil
 
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
 
     reference, _, _ = runs
     run_dir = tmp_path / "run"

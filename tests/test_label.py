@@ -11,9 +11,9 @@ import pytest
 from conftest import ROOT, SMOKE, kill_mid_chunk, make_run
 
 from cai.cli import main
+from cai.execute.executor import run_one as run_stage
 from cai.judge.eval_labeler import evaluate_labeler, expected_calibration_error, read_labeled_pairs
 from cai.judge.judge import Comparison
-from cai.pipeline import run_stage
 from cai.rundir import read_jsonl
 
 LABEL = ("label.batch_size=4", "label.max_new_tokens=10", "label.feedback_few_shot=1")

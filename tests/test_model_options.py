@@ -64,7 +64,7 @@ def check_folder(folder, tokenizer_pad: bool = True) -> None:
 
 def test_sft_with_lora_saves_the_adapter_and_a_merged_model_and_base_weights_stay_frozen(sft_run):
     from cai import models
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
 
     manifest = run_stage(make_run(sft_run, *LORA), "sft", force=True)
 
@@ -86,7 +86,7 @@ def test_sft_with_lora_saves_the_adapter_and_a_merged_model_and_base_weights_sta
 
 
 def test_reward_with_lora_trains_the_score_head_and_merges_into_a_classifier(sft_run):
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
 
     add_label_stage(sft_run)
     run_stage(make_run(sft_run, *LORA, "reward.mix_critique_pairs=false"), "reward")
@@ -106,7 +106,7 @@ def test_reward_with_lora_trains_the_score_head_and_merges_into_a_classifier(sft
 def test_dpo_with_lora_has_no_reference_copy_and_keeps_the_soft_label_loss(sft_run):
     from accelerate.utils import is_peft_model
 
-    from cai.pipeline import prepare
+    from cai.execute.executor import prepare
     from cai.stages.dpo import dpo_trainer, preference_pairs
     from cai.training.save import train_and_save
     from cai.training.soft_labels import SoftLabelDPOTrainer
@@ -129,7 +129,7 @@ def test_dpo_with_lora_has_no_reference_copy_and_keeps_the_soft_label_loss(sft_r
 
 
 def test_rloo_with_lora_moves_only_the_adapter(sft_run):
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
 
     add_reward_stage(sft_run)
     run_stage(make_run(sft_run, *LORA, "rl.algorithm=rloo", *TINY_RL, "rl.max_steps=1"), "rl")
@@ -140,7 +140,7 @@ def test_rloo_with_lora_moves_only_the_adapter(sft_run):
 
 
 def test_a_bf16_run_saves_bf16_and_auto_keeps_the_checkpoint_dtype(sft_run, tmp_path):
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
 
     run_stage(make_run(sft_run, "dtype=bfloat16", "sft.keep_checkpoints=true", "sft.save_steps=1"), "sft", force=True)
     sft = sft_run / "sft"
@@ -159,11 +159,10 @@ def test_a_bf16_run_saves_bf16_and_auto_keeps_the_checkpoint_dtype(sft_run, tmp_
 
 
 def test_a_stage_key_overrides_the_top_level_and_defaults_keep_config_hashes(tmp_path):
-    from cai.pipeline import _fingerprint, prepare, stage_config
+    from cai.execute.executor import prepare
 
     def fingerprint(*overrides, stage="sft"):
-        run = make_run(tmp_path, *overrides)
-        return _fingerprint(run, stage, *stage_config(run, stage))[0]
+        return prepare(make_run(tmp_path, *overrides), stage).config_hash
 
     run = make_run(tmp_path, "use_peft=true", "lora_r=8", "sft.use_peft=false", "dpo.lora_r=2")
     assert prepare(run, "sft").model_options.use_peft is False
@@ -187,7 +186,7 @@ def test_ppo_trains_a_policy_that_pads_with_its_eos(sft_run):
     token id, so it trains such a policy as it is, and the saved config pads like its
     tokenizer."""
     from cai import models
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
 
     sft = sft_run / "sft" / "model"
     tokenizer = models.load_tokenizer(str(sft))
@@ -213,7 +212,7 @@ def test_unmerged_adapters_chain_through_reward_and_rl(sft_run):
     (Reward used to die loading sft's causal-LM adapter onto a classifier: "object has no
     attribute 'prepare_inputs_for_generation'".)"""
     from cai import models
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
 
     unmerged = (*LORA, "merge_adapter=false")
     run_stage(make_run(sft_run, *unmerged), "sft", force=True)

@@ -67,7 +67,7 @@ def test_stage_out_of_order_is_a_clear_error(tmp_path, capsys):
 
 def test_logging_saving_and_reporting_settings_do_not_redo_a_completed_stage(sft_run, capsys):
     from cai.config import load_config
-    from cai.pipeline import prepare
+    from cai.execute.executor import prepare
 
     base = ["run", "--config", str(SMOKE), "--set", f"run_dir={sft_run}", "--until", "sft"]
     for setting in ("sft.logging_steps=5", "sft.save_steps=7", "sft.report_to=none", "run_name=other",
@@ -90,7 +90,7 @@ def test_a_stage_that_failed_before_keeping_any_work_does_not_block_a_retry(sft_
     from conftest import make_run
     from trl import DPOTrainer
 
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
 
     shutil.rmtree(sft_run / "sft")  # dpo needs label; build the chain on the tiny run
     run = make_run(sft_run)
@@ -109,7 +109,8 @@ def test_a_stage_that_failed_before_keeping_any_work_does_not_block_a_retry(sft_
 
 
 def test_peak_memory_is_the_stages_own_and_the_process_peak_is_kept():
-    from cai.pipeline import StagePeak, _status_kib
+    from cai.execute.measure import StagePeak
+    from cai.execute.measure import status_kib as _status_kib
 
     def touched(mib: int) -> bytearray:  # resident: every page written
         block = bytearray(mib * 2**20)

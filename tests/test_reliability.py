@@ -52,21 +52,21 @@ def test_a_second_run_on_a_folder_in_use_stops_before_any_work_naming_the_holder
 def test_a_stage_command_holds_the_lock_while_it_works(tmp_path, monkeypatch):
     import fcntl
 
-    import cai.pipeline
+    import cai.execute.executor
 
     run_dir = tmp_path / "run"
     seen = {}
 
-    def run_stage(run, name, force=False):
+    def run_step(run, step, force=False, run_steps=()):
         with open(run_dir / LOCK_NAME) as f:
             seen["holder"] = json.loads(f.read())
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 seen["locked"] = True
-        (run_dir / name).mkdir()
+        (run_dir / step.step).mkdir()
 
-    monkeypatch.setattr(cai.pipeline, "run_stage", run_stage)
+    monkeypatch.setattr(cai.execute.executor, "run_step", run_step)
     assert main(["critique", "--config", str(SMOKE), "--set", f"run_dir={run_dir}"]) == 0
     assert seen["locked"] and seen["holder"]["pid"] == os.getpid() and seen["holder"]["command"] == "cai critique"
     assert (run_dir / LOCK_NAME).read_text() == ""  # a clean end leaves no holder behind

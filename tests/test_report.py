@@ -16,7 +16,7 @@ import pytest
 from conftest import make_run
 
 from cai.cli import main
-from cai.pipeline import run_stage
+from cai.execute.executor import run_one as run_stage
 from cai.report import write_report
 from cai.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl
 from cai.yamlio import ValidationError

@@ -12,7 +12,7 @@ import torch
 from conftest import make_run
 
 from cai import models
-from cai.pipeline import run_stage
+from cai.execute.executor import run_one as run_stage
 from cai.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl
 from cai.stages.reward import RewardScorer, held_out, preference_metrics
 from cai.training.preferences import read_preferences

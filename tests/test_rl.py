@@ -48,7 +48,7 @@ def rl_run(sft_run):
     ("grpo", ("rl.max_steps=2", "rl.num_generations=2")),
 ])
 def test_each_algorithm_moves_the_policy_and_logs_reward_kl_and_length(rl_run, algorithm, settings):
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
 
     run = make_run(rl_run, f"rl.algorithm={algorithm}", *TINY_RL, *settings)
     manifest = run_stage(run, "rl")
@@ -75,7 +75,7 @@ def test_an_interrupted_ppo_run_resumes_from_its_checkpoint_to_the_uninterrupted
     checkpoint-3 and ends with the weights and logs of an uninterrupted run."""
     import shutil
 
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
     from cai.training.ppo import PPOTrainer
 
     settings = ("rl.algorithm=ppo", *TINY_RL, "rl.total_episodes=24", "rl.num_ppo_epochs=1", "rl.save_steps=1",
@@ -135,7 +135,7 @@ def test_an_interrupted_ppo_run_resumes_from_its_checkpoint_to_the_uninterrupted
     (("rl.algorithm=grpo", "rl.reward=judge", "rl.principles_per_answer=0"), "'rl.principles_per_answer' must be"),
 ])
 def test_config_errors_are_reported_before_any_work(rl_run, overrides, message):
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
 
     run = make_run(rl_run, *overrides)
     with pytest.raises(ValidationError, match=message):
@@ -148,7 +148,7 @@ def test_ppo_takes_a_reward_model_with_another_tokenizer(rl_run, tmp_path):
     template, so its tokenizer need not be the policy's; the value model then starts from
     the policy under a zero head."""
     from cai import models
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
 
     other = tmp_path / "other-tokenizer"
     tokenizer = models.load_tokenizer(str(rl_run / "reward" / "model"))
@@ -169,7 +169,7 @@ JUDGED = ("rl.reward=judge", "rl.feedback_few_shot=1", "rl.max_steps=2", "rl.num
 
 @pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
 def test_the_judge_as_reward_moves_the_policy_without_a_reward_stage(sft_run, algorithm):
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
 
     assert not (sft_run / "reward").exists()
     manifest = run_stage(make_run(sft_run, f"rl.algorithm={algorithm}", *TINY_RL, *JUDGED), "rl")
@@ -191,7 +191,7 @@ def test_the_judge_as_reward_moves_the_policy_without_a_reward_stage(sft_run, al
 def test_ppo_takes_the_judge_as_reward(sft_run):
     """cai's PPO calls the same reward function as RLOO and GRPO: the judge works there too,
     with the value model started from the policy (there is no reward model)."""
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
 
     manifest = run_stage(make_run(sft_run, "rl.algorithm=ppo", *TINY_RL, "rl.reward=judge", "rl.feedback_few_shot=1",
                                   "rl.total_episodes=8", "rl.num_ppo_epochs=1"), "rl")
@@ -203,7 +203,7 @@ def test_ppo_takes_the_judge_as_reward(sft_run):
 
 
 def test_the_reward_model_is_logged_under_its_name_and_recorded(rl_run):
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
 
     manifest = run_stage(make_run(rl_run, "rl.algorithm=rloo", *TINY_RL, "rl.max_steps=1"), "rl")
     assert manifest["counts"]["reward"] == "reward_model"
@@ -271,7 +271,7 @@ def test_the_judge_reward_is_p_good_from_both_option_orders(judge_reward, monkey
 
 
 def test_judge_settings_enter_the_hash_only_when_the_judge_is_the_reward(rl_run):
-    from cai.pipeline import prepare
+    from cai.execute.executor import prepare
 
     def digest(*overrides):
         return prepare(make_run(rl_run, *overrides), "rl").config_hash
@@ -293,7 +293,7 @@ def test_cai_run_with_the_judge_as_reward_trains_no_reward_model(tmp_path):
     from conftest import SMOKE
 
     from cai.config import load_config
-    from cai.pipeline import default_stages
+    from cai.plan.steps import default_stages
 
     def stages(*overrides, without=()):
         run = load_config(SMOKE, [f"run_dir={tmp_path}", *overrides])
@@ -310,7 +310,7 @@ def test_cai_run_with_the_judge_as_reward_trains_no_reward_model(tmp_path):
 
 
 def test_an_interrupted_judge_run_resumes_from_its_checkpoint(sft_run, monkeypatch, capsys):
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
     from cai.stages.rl import JudgeReward
 
     settings = ("rl.algorithm=grpo", *TINY_RL, *JUDGED, "rl.save_steps=1")

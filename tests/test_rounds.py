@@ -24,7 +24,7 @@ STEPS = ["critique", "sft", "label", "reward", "rl", "dpo", "label@2", "reward@2
 
 
 def test_one_round_is_the_stage_list_and_two_repeat_the_per_round_stages(tmp_path):
-    from cai.pipeline import default_stages
+    from cai.plan.steps import default_stages
 
     assert default_stages(make_run(tmp_path / "run")) == list(registry.ORDER)
     assert default_stages(make_run(tmp_path / "run", *ROUNDS)) == STEPS
@@ -32,10 +32,11 @@ def test_one_round_is_the_stage_list_and_two_repeat_the_per_round_stages(tmp_pat
 
 
 def test_round_two_reads_its_own_round_and_starts_from_round_one(tmp_path):
-    from cai.pipeline import newest_policy, stage_config, upstream_steps
+    from cai.plan.sections import parse_section
+    from cai.plan.steps import newest_policy, upstream_steps
 
     run = make_run(tmp_path / "run", *ROUNDS)
-    steps = {step: upstream_steps(run, step, stage_config(run, registry.split_step(step)[0])[0]) for step in STEPS}
+    steps = {step: upstream_steps(run, step, parse_section(run, registry.split_step(step)[0]).config) for step in STEPS}
     assert steps["label"] == ["sft"]  # round 1: as before rounds existed
     assert steps["label@2"] == ["sft", "rl"]  # sampled by round 1's rl
     assert steps["rl@2"] == ["sft", "reward@2", "rl"]

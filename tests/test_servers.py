@@ -203,7 +203,9 @@ def test_cai_run_with_critique_and_evaluate_on_transformers_serve(tmp_path, live
         # with advice that works: it also refuses the open answer turn vLLM continues (HTTP 422).
         judged = tmp_path / "judged"
         shutil.copytree(run_dir, judged)
-        judge = ("evaluate.feedback_model=server:gen", "evaluate.models=[server:gen, sft, dpo]")
+        # the config the folder was built with (critique on the server), so evaluate reads what it describes
+        judge = ("critique.model=server:gen", "evaluate.feedback_model=server:gen",
+                 "evaluate.models=[server:gen, sft, dpo]")
         assert main(["evaluate"] + server_run(judged, serve, *judge)) == 2
         err = capsys.readouterr().err
         assert "no token log-probabilities" in err
@@ -249,10 +251,10 @@ def test_server_settings_are_checked_when_the_config_is_loaded(tmp_path):
             load_config(SMOKE, [f"run_dir={tmp_path}", override])
     run = load_config(SMOKE, [f"run_dir={tmp_path}", "servers={gen: {base_url: 'http://h/v1', model: x}}",
                               "sft.model=server:gen"])
-    from cai.pipeline import stage_config
+    from cai.plan.sections import parse_section
 
     with pytest.raises(ValidationError, match="sft trains weights"):
-        stage_config(run, "sft")
+        parse_section(run, "sft")
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +311,7 @@ def test_the_rl_judge_reward_over_a_server_gives_the_in_process_probabilities(ju
 
 def test_rl_with_a_judge_server_as_reward(sft_run, server, capsys):
     """The judge is the one model role of a training stage that may be a server: it only scores."""
-    from cai.pipeline import stage_config
+    from cai.plan.sections import parse_section
     from cai.yamlio import ValidationError
 
     argv = server_run(sft_run, server, "rl.algorithm=grpo", "rl.reward=judge", "rl.feedback_model=server:gen",
@@ -320,5 +322,5 @@ def test_rl_with_a_judge_server_as_reward(sft_run, server, capsys):
     assert counts["reward"] == "judge" and counts["feedback_model"] == "server:gen"
     assert counts["judge_scoring"] == "probabilities" and counts["judged_answers_this_session"] == 4
     with pytest.raises(ValidationError, match="rl trains weights"):
-        stage_config(load_config(SMOKE, [f"run_dir={sft_run}", f"servers={{gen: {{base_url: '{server.base_url}', "
+        parse_section(load_config(SMOKE, [f"run_dir={sft_run}", f"servers={{gen: {{base_url: '{server.base_url}', "
                                                               f"model: x}}}}", "rl.policy=server:gen"]), "rl")

@@ -74,11 +74,6 @@ class ServerConfig:
     top_logprobs: int = setting(20, "alternatives asked per token when reading option probabilities (vLLM allows "
                                     "up to 20)", ge=2, le=20)
 
-    def fingerprint(self) -> dict:
-        """The settings that can change results (not where the server is or how it is reached)."""
-        return {"model": self.model, "assistant_prefill": self.assistant_prefill,
-                "option_scoring": self.option_scoring, "top_logprobs": self.top_logprobs}
-
 
 def _request_seed(seed: int, conversation: list[dict], prefill: str) -> int:
     """A per-request seed from the stage's seed and the request itself, so it does not

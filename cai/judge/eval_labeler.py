@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cai.engines import is_server
 from cai.judge.judge import comparison_key, draw_principles
 from cai.judge.settings import make_judge
 from cai.rundir import atomic_write_json
@@ -203,19 +202,13 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-def eval_labeler_command(run, data_path, limit: int | None = None, out: str | None = None) -> int:
-    """`cai eval-labeler`: the label section's feedback model against labelled pairs."""
+def eval_labeler_command(ctx, data_path, limit: int | None = None, out: str | None = None) -> int:
+    """`cai eval-labeler`: the label section's feedback model against labelled pairs
+    (`ctx`: the label step's context, its config checked and its server probed)."""
     from cai.models import set_hub_kernels, set_threads
-    from cai.pipeline import prepare
 
-    ctx = prepare(run, "label")
-    cfg = ctx.config
+    run, cfg = ctx.run, ctx.config
     pairs = read_labeled_pairs(data_path, run.seed, limit)
-    if is_server(cfg.feedback_model):
-        from cai.pipeline import server_check_problem
-
-        if (problem := server_check_problem(run, cfg.feedback_model, judge=True)) is not None:
-            raise ValidationError([problem])
     set_threads(run.threads)
     set_hub_kernels(run.hub_kernels)
     judge = make_judge(ctx, cfg, cfg.batch_size)

@@ -17,7 +17,7 @@ from typing import Literal
 from cai.engines import is_server, server_name
 from cai.judge.judge import Judge, setting_conflicts
 from cai.schema import setting
-from cai.yamlio import Problem
+from cai.yamlio import problem
 
 PREFIX = "feedback_"
 
@@ -93,22 +93,19 @@ def judge_problems(run, stage: str, cfg: JudgeSettings, pointwise: bool = False)
     """The judge settings of `stage`'s section that cannot be used as given, at their lines."""
     problems = []
 
-    def problem(key: str, message: str):
-        return run.source.problem((stage, key), message) if run.source else Problem("config", None, message)
-
     if pointwise:
         default = JudgeSettings()
         for key in JUDGE_FIELDS:
             if key not in POINTWISE_KEYS and getattr(cfg, key) != getattr(default, key):
-                problems.append(problem(key, (
+                problems.append(problem(run.source, (stage, key), (
                     f"'{stage}.{key}' does not apply to {stage}'s judge, which rates one answer at a time "
                     f"(Yes / No, both orders; no calibration, chain of thought or few-shot choice); remove it")))
         return problems
     for key, why in setting_conflicts(cfg.feedback_few_shot_choice, cfg.feedback_calibrate is True, cfg.feedback_cot,
                                       cfg.feedback_cot_clamp, prefix=f"{stage}.{PREFIX}"):
-        problems.append(problem(PREFIX + key, why))
+        problems.append(problem(run.source, (stage, PREFIX + key), why))
     if cfg.feedback_calibrate is True and letter_scoring(run, cfg.feedback_model):
-        problems.append(problem("feedback_calibrate", (
+        problems.append(problem(run.source, (stage, "feedback_calibrate"), (
             f"'{stage}.feedback_calibrate' needs option probabilities, but the feedback model's server has "
             "option_scoring: letter")))
     return problems

@@ -17,7 +17,7 @@ from markupsafe import Markup
 from cai.evaluation.figures import BY_KEY, DETAIL, KIND_NAMES, MEASURES, PRINCIPLE_SETS, SHOWN
 from cai.registry import ORDER, TRAINING_STAGES, step_folder, steps
 from cai.report.charts import bar_chart, curves_chart, histogram, round_traces, tradeoff_chart
-from cai.rundir import atomic_write_text, read_jsonl
+from cai.rundir import atomic_write_text, read_jsonl, step_state
 from cai.stats import ANCHOR_ELO
 from cai.yamlio import Problem, ValidationError
 
@@ -137,13 +137,14 @@ def summary_section(run_dir: Path, manifests: dict) -> Markup:
         manifest = manifests.get(name)
         if manifest:
             counts = [(k, v) for k, v in (manifest.get("counts") or {}).items() if not isinstance(v, (dict, list))]
-            stages.append({"name": name, "status": "complete", "started": manifest.get("started", ""),
+            state, redone = step_state(run_dir, name)
+            status = f"stale: {', '.join(redone)} redone after it" if redone else state
+            stages.append({"name": name, "status": status, "started": manifest.get("started", ""),
                            "seconds": manifest.get("seconds"), "counts": counts})
-        elif (run_dir / step_folder(name) / ".in_progress.json").exists():
+        elif step_state(run_dir, name)[0] == "partial":
             stages.append({"name": name, "status": "interrupted / running", "started": "", "seconds": None,
                            "counts": []})
-    absent = [s for s in run_steps(run_dir) if s not in manifests
-              and not (run_dir / step_folder(s) / ".in_progress.json").exists()]
+    absent = [s for s in run_steps(run_dir) if step_state(run_dir, s)[0] == "pending"]
     return render("summary.html", facts=[(k, v) for k, v in facts if v not in (None, "")], stages=stages,
                   total=sum(m.get("seconds") or 0 for m in manifests.values() if m), completed=len(manifests),
                   absent=absent)

@@ -34,7 +34,7 @@ from typing import Literal
 
 from cai.registry import step_folder
 from cai.schema import setting
-from cai.yamlio import Problem
+from cai.yamlio import Problem, problem
 
 
 def TRL_CONFIG():
@@ -64,11 +64,6 @@ class Config:
 def check_config(run, cfg: Config, trl: dict) -> list[Problem]:
     """The weighted loss extends TRL's plain sigmoid DPO loss: other loss settings are refused."""
 
-    def problem(key: str, message: str) -> Problem:
-        if run.source is None:
-            return Problem("config", 1, message)
-        return run.source.problem(("dpo", key), message)
-
     problems = []
     if cfg.soft_labels == "weighted":
         loss_type = trl.get("loss_type", ["sigmoid"])
@@ -79,9 +74,10 @@ def check_config(run, cfg: Config, trl: dict) -> list[Problem]:
                  "use_liger_kernel": (False, trl.get("use_liger_kernel", False))}
         for key, (needed, value) in plain.items():
             if value != needed:
-                problems.append(problem(key, f"'dpo.{key}: {value}' does not work with dpo.soft_labels: weighted, "
-                                             f"which needs {needed!r} (the soft-label loss extends plain sigmoid DPO "
-                                             "on precomputed reference log-probs); use soft_labels: threshold"))
+                problems.append(problem(run.source, ("dpo", key),
+                                        f"'dpo.{key}: {value}' does not work with dpo.soft_labels: weighted, "
+                                        f"which needs {needed!r} (the soft-label loss extends plain sigmoid DPO "
+                                        "on precomputed reference log-probs); use soft_labels: threshold"))
     return problems
 
 

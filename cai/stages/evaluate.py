@@ -91,6 +91,7 @@ from cai.registry import POLICY_STAGES, optimisers, split_step
 from cai.rundir import atomic_write_json
 from cai.schema import setting
 from cai.stats import LEVEL, MIN_PROMPTS, RESAMPLES, TOO_FEW
+from cai.yamlio import problem
 
 
 @dataclass
@@ -129,20 +130,19 @@ class Config(JudgeSettings):  # the judge of win rates: feedback_model, feedback
 
 
 def check_config(run, cfg: Config, trl: dict) -> list:
-    def problem(key: str | tuple, message: str):
-        path = ("evaluate",) + (key if isinstance(key, tuple) else (key,))
-        return run.source.problem(path, message) if run.source else message
+    def at(key: str | tuple, message: str):
+        return problem(run.source, ("evaluate",) + (key if isinstance(key, tuple) else (key,)), message)
 
     problems = judge_problems(run, "evaluate", cfg)
     if not cfg.models:
-        problems.append(problem("models", "'evaluate.models' is empty: list at least one model, e.g. [base, sft]"))
+        problems.append(at("models", "'evaluate.models' is empty: list at least one model, e.g. [base, sft]"))
     if len(set(cfg.models)) != len(cfg.models):
-        problems.append(problem("models", f"'evaluate.models' lists a model twice: {cfg.models}"))
+        problems.append(at("models", f"'evaluate.models' lists a model twice: {cfg.models}"))
     for name in cfg.models:
-        if name == "reward":  # the runner refuses a stage name without any model
-            problems.append(problem("models", f"'evaluate.models': '{name}' has no policy model "
-                                              f"(use base, sft, rl, dpo or a model spec)"))
-    return problems + prompt_problems(run, cfg, problem)
+        if name == "reward":  # the plan refuses a stage name without any model
+            problems.append(at("models", f"'evaluate.models': '{name}' has no policy model "
+                                         f"(use base, sft, rl, dpo or a model spec)"))
+    return problems + prompt_problems(run, cfg, at)
 
 
 def models_to_evaluate(ctx, cfg: Config) -> tuple[dict[str, str], dict[str, str]]:

@@ -63,7 +63,7 @@ from typing import Any, ClassVar, Literal
 
 from cai.judge.settings import JUDGE_FIELDS, JudgeSettings, judge_problems
 from cai.schema import setting
-from cai.yamlio import Problem
+from cai.yamlio import Problem, problem
 
 # algorithm -> (module, TRL config class)
 ALGORITHMS = {
@@ -168,28 +168,26 @@ def check_config(run, cfg: Config, trl: dict) -> list[Problem]:
     """Problems the algorithm's TRL config or trainer would only find after models are
     loaded: keys of another algorithm's config, batches that do not split into groups."""
 
-    def problem(key: str, message: str) -> Problem:
-        if run.source is None:
-            return Problem("config", 1, message)
-        return run.source.problem(("rl", key), message)
-
     from cai.training.ppo import REMOVED_KEYS
 
     problems = judge_problems(run, "rl", cfg, pointwise=True)
     if cfg.reward == "judge" and cfg.feedback_model == "rl":
-        problems.append(problem("feedback_model", "'rl.feedback_model': rl cannot judge its own training (its "
-                                                  "model is what this stage writes); use base, sft, another stage "
-                                                  "or a model spec"))
+        problems.append(problem(run.source, ("rl", "feedback_model"),
+                                "'rl.feedback_model': rl cannot judge its own training (its "
+                                "model is what this stage writes); use base, sft, another stage "
+                                "or a model spec"))
     cls = trl_config_class(cfg.algorithm)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in trl:
         if cfg.algorithm == "ppo" and key in REMOVED_KEYS:
-            problems.append(problem(key, f"'rl.{key}' was a key of TRL 1.12's PPOConfig; cai's PPO has none: "
-                                         f"{REMOVED_KEYS[key]}"))
+            problems.append(problem(run.source, ("rl", key),
+                                    f"'rl.{key}' was a key of TRL 1.12's PPOConfig; cai's PPO has none: "
+                                    f"{REMOVED_KEYS[key]}"))
         elif key not in fields:
             owners = [a for a in ALGORITHMS if key in {f.name for f in dataclasses.fields(trl_config_class(a))}]
-            problems.append(problem(key, f"'rl.{key}' is not a field of {cls.__name__} (rl.algorithm is "
-                                         f"'{cfg.algorithm}'); it belongs to algorithm {' / '.join(owners)}"))
+            problems.append(problem(run.source, ("rl", key),
+                                    f"'rl.{key}' is not a field of {cls.__name__} (rl.algorithm is "
+                                    f"'{cfg.algorithm}'); it belongs to algorithm {' / '.join(owners)}"))
     if problems:
         return problems
 
@@ -197,26 +195,27 @@ def check_config(run, cfg: Config, trl: dict) -> list[Problem]:
     if cfg.algorithm == "ppo":
         batch = s["per_device_train_batch_size"] * s["gradient_accumulation_steps"]
         if batch % s["num_mini_batches"]:
-            problems.append(problem("num_mini_batches", (
+            problems.append(problem(run.source, ("rl", "num_mini_batches"), (
                 f"PPO: the rollout batch (rl.per_device_train_batch_size {s['per_device_train_batch_size']} x "
                 f"rl.gradient_accumulation_steps {s['gradient_accumulation_steps']} = {batch}) must be divisible "
                 f"by rl.num_mini_batches ({s['num_mini_batches']})")))
     else:
         generations = s["num_generations"]
         if generations < 2:
-            problems.append(problem("num_generations", f"{cfg.algorithm.upper()}: 'rl.num_generations' must be at "
-                                                       f"least 2 (the baseline is the other answers to the same "
-                                                       f"prompt), got {generations}"))
+            problems.append(problem(run.source, ("rl", "num_generations"),
+                                    f"{cfg.algorithm.upper()}: 'rl.num_generations' must be at "
+                                    f"least 2 (the baseline is the other answers to the same "
+                                    f"prompt), got {generations}"))
         elif s.get("generation_batch_size") is not None:
             if s["generation_batch_size"] % generations:
-                problems.append(problem("generation_batch_size", (
+                problems.append(problem(run.source, ("rl", "generation_batch_size"), (
                     f"{cfg.algorithm.upper()}: rl.generation_batch_size ({s['generation_batch_size']}) counts "
                     f"completions and must be divisible by rl.num_generations ({generations})")))
         else:
             steps = s.get("steps_per_generation") or s["gradient_accumulation_steps"]
             batch = s["per_device_train_batch_size"] * steps
             if batch % generations:
-                problems.append(problem("per_device_train_batch_size", (
+                problems.append(problem(run.source, ("rl", "per_device_train_batch_size"), (
                     f"{cfg.algorithm.upper()}: rl.per_device_train_batch_size counts completions, not prompts: "
                     f"per_device_train_batch_size ({s['per_device_train_batch_size']}) x "
                     f"{'steps_per_generation' if s.get('steps_per_generation') else 'gradient_accumulation_steps'} "

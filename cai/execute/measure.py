@@ -1,0 +1,133 @@
+"""What a step's manifest measures of it besides its counts: the threads it ran with,
+its memory peaks and the versions of the packages that produced it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import time
+from pathlib import Path
+
+
+class Measurement:
+    """A step's measurements, from its start (threads set, memory sampled) to its end."""
+
+    def __init__(self, run):
+        from cai.models import set_hub_kernels, set_threads
+
+        self.threads = set_threads(run.threads)
+        set_hub_kernels(run.hub_kernels)
+        self.constitution_sha256 = file_sha256(run.constitution_path())
+        self.memory = StagePeak()
+        self.started = time.time()
+
+    def abort(self) -> None:
+        self.memory.stop()
+
+    def stop(self) -> dict:
+        """What the manifest records: start, seconds, peaks, threads, versions, processes."""
+        from cai import distributed
+
+        record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
+                  "seconds": round(time.time() - self.started, 2), "versions": versions(), "threads": self.threads,
+                  "peak_memory": self.memory.stop()}
+        if distributed.distributed():
+            record["processes"] = distributed.world_size()
+        return record
+
+
+def summary(record: dict) -> str:
+    """`done in 1.2s, peak RSS 0.41 GiB`, for the step's last line."""
+    peak = record["peak_memory"]
+    return (f"done in {record['seconds']:.1f}s, peak RSS {peak['rss_bytes'] / 2**30:.2f} GiB"
+            + (f", CUDA {peak['cuda_max_allocated_bytes'] / 2**30:.2f} GiB" if "cuda_max_allocated_bytes" in peak
+               else ""))
+
+
+def file_sha256(path: Path) -> str | None:
+    """A file's digest, recorded (the report shows the constitution's), never hashed: the
+    fingerprint has the parts of it each stage uses."""
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for package in ("cai", "torch", "transformers", "trl", "datasets", "accelerate"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[package] = md.version(package)
+    return out
+
+
+class StagePeak:
+    """A stage's peak memory, without resetting the process's high-water mark (which
+    `/usr/bin/time -v` and `ru_maxrss` report for the whole run, so they stay the run's
+    true peak). A thread samples the resident set size every `interval` seconds; when the
+    process's peak (VmHWM) rises during the stage, the stage set it and VmHWM is its exact
+    peak (`rss_scope: stage`), else the highest sample is (`rss_scope: sampled`: a spike
+    shorter than the interval can be missed). Without /proc: the process's peak since it
+    started (`rss_scope: process`). On a GPU, torch's CUDA peak, reset per stage."""
+
+    def __init__(self, interval: float = 0.02):
+        import threading
+
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="cai-stage-peak", daemon=True)
+        self.start_hwm = status_kib("VmHWM")
+        self.sampled = resident_bytes() or 0
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
+        if self.start_hwm is not None:
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sampled = max(self.sampled, resident_bytes() or 0)
+
+    def abort(self) -> None:
+        self.memory.stop()
+
+    def stop(self) -> dict:
+        """What the manifest records of the stage's memory (see the class)."""
+        import resource
+
+        import torch
+
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+        self.sampled = max(self.sampled, resident_bytes() or 0)
+        hwm = status_kib("VmHWM")
+        if hwm is not None and self.start_hwm is not None:
+            peak = ({"rss_bytes": hwm * 1024, "rss_scope": "stage"} if hwm > self.start_hwm
+                    else {"rss_bytes": self.sampled, "rss_scope": "sampled"})
+        else:
+            kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+            peak = {"rss_bytes": kib if platform.system() == "Darwin" else kib * 1024, "rss_scope": "process"}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            peak["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        return peak
+
+
+def status_kib(field: str) -> int | None:
+    """A /proc/self/status figure in KiB (VmHWM: the process's peak resident set size)."""
+    import re
+
+    try:
+        return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+    except (OSError, AttributeError):
+        return None
+
+
+def resident_bytes() -> int | None:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
