@@ -57,8 +57,8 @@ sys.path.insert(0, str(ROOT))
 from grid import COLUMNS, EVALUATE, link_reused, reusable, summarize, table  # noqa: E402
 
 from cai.config import load_config  # noqa: E402
+from cai.execute.executor import prepare  # noqa: E402
 from cai.judge.eval_labeler import read_labeled_pairs  # noqa: E402
-from cai.pipeline import prepare  # noqa: E402
 from cai.rundir import StageDir, atomic_write_json, atomic_write_jsonl  # noqa: E402
 from cai.stats import Resampler, verdict  # noqa: E402
 

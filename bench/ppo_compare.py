@@ -58,7 +58,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.grid import link_reused, reusable  # noqa: E402
 from cai.config import load_config  # noqa: E402
-from cai.pipeline import prepare, required_stages, validate  # noqa: E402
+from cai.execute.executor import prepare  # noqa: E402
+from cai.plan.plan import validate  # noqa: E402
+from cai.plan.steps import required_stages  # noqa: E402
 from cai.registry import ORDER  # noqa: E402
 from cai.rundir import StageDir  # noqa: E402
 from cai.yamlio import ValidationError  # noqa: E402

@@ -319,7 +319,7 @@ MARGIN = 0.25
 def train_on(run_dir, monkeypatch, algorithm: str, reward: UpperHalfShare) -> list[float]:
     """Run the rl stage with `reward` in place of the reward model; the measure per update."""
     import cai.stages.rl
-    from cai.pipeline import run_stage
+    from cai.execute.executor import run_one as run_stage
 
     monkeypatch.setattr(cai.stages.rl, "reward_function", lambda ctx, cfg, device: reward)
     manifest = run_stage(make_run(run_dir, f"rl.algorithm={algorithm}", *LEARNING, *UPDATES[algorithm]), "rl")

@@ -38,7 +38,7 @@ def test_weighted_dpo_gradient_is_the_soft_label_cross_entropys(label_run):
     equals it at p = 1."""
     from transformers import AutoModelForCausalLM
 
-    from cai.pipeline import prepare
+    from cai.execute.executor import prepare
     from cai.stages.dpo import dpo_trainer, preference_pairs
 
     ctx = prepare(make_run(label_run, "dpo.soft_labels=weighted", f"dpo.beta={BETA}", *TINY_DPO), "dpo")
@@ -95,7 +95,8 @@ def margins(policy_dir, reference_dir, batches) -> torch.Tensor:
 def trained_margins(label_run, soft_labels: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each pair's soft label p and its h before and after the dpo stage (3 epochs, 6
     optimizer steps at most), on the pairs `soft_labels` mode trains on."""
-    from cai.pipeline import prepare, run_stage
+    from cai.execute.executor import prepare
+    from cai.execute.executor import run_one as run_stage
     from cai.stages.dpo import dpo_trainer, preference_pairs
 
     settings = (f"dpo.soft_labels={soft_labels}", f"dpo.beta={BETA}", *TINY_DPO, "dpo.num_train_epochs=3")

@@ -294,11 +294,12 @@ def preference_file(path, n: int = 16):
 
 
 def test_the_stage_trains_on_a_preferences_file_without_a_label_stage(sft_run, tmp_path):
-    from cai.pipeline import prepare, upstream_problems
+    from cai.execute.executor import prepare
+    from cai.plan.plan import make_plan
 
     path = preference_file(tmp_path / "human.jsonl")
     run = make_run(sft_run, *TRAIN, f"reward.preferences={path}")
-    assert upstream_problems(run, ["reward"]) == []  # no label stage, and none needed
+    assert "label" not in make_plan(run, only="reward").steps[0].upstream  # no label stage, and none needed
     run_stage(run, "reward")
     assert not (sft_run / "label").exists()
     metrics = json.loads((sft_run / "reward" / "metrics.json").read_text())
@@ -326,12 +327,12 @@ def test_the_stage_trains_on_a_preferences_file_without_a_label_stage(sft_run, t
 
 def test_without_preferences_the_config_hash_is_what_it_was(tmp_path):
     """Runs made before the key existed keep their reward stage: `preferences: null` is not hashed."""
-    from cai.pipeline import hashed_settings, prepare
+    from cai.plan.plan import make_plan
 
     run = make_run(tmp_path)
-    ctx = prepare(run, "reward")
-    assert "preferences" not in hashed_settings(run, "reward", ctx.config, ctx.trl)["config"]
-    assert ctx.upstream.keys() == {"critique", "sft", "label"}
+    step = make_plan(run, only="reward", verify=False).steps[0]
+    assert "preferences" not in step.settings["config"]
+    assert step.upstream.keys() == {"critique", "sft", "label"}
 
 
 @pytest.mark.parametrize("content, message", [
@@ -357,7 +358,7 @@ def test_cai_run_with_a_preferences_file_runs_no_label_stage(tmp_path):
     from conftest import SMOKE
 
     from cai.config import load_config
-    from cai.pipeline import default_stages
+    from cai.plan.steps import default_stages
 
     path = preference_file(tmp_path / "human.jsonl")
     run = load_config(SMOKE, [f"run_dir={tmp_path / 'run'}", f"reward.preferences={path}"])
