@@ -203,19 +203,23 @@ def test_cai_run_with_critique_and_evaluate_on_transformers_serve(tmp_path, live
         # with advice that works: it also refuses the open answer turn vLLM continues (HTTP 422).
         judged = tmp_path / "judged"
         shutil.copytree(run_dir, judged)
-        # the config the folder was built with (critique on the server), so evaluate reads what it describes
-        judge = ("critique.model=server:gen", "evaluate.feedback_model=server:gen",
-                 "evaluate.models=[server:gen, sft, dpo]")
+        # the config the folder was built with (critique on the server, so evaluate reads what it
+        # describes); the judge is the same server under its own entry, whose judge settings
+        # change below (critique's server entry, part of critique's fingerprint, stays as built)
+        judge = ("critique.model=server:gen", "evaluate.feedback_model=server:judge",
+                 "evaluate.models=[server:gen, sft, dpo]",
+                 f"servers.judge={{base_url: '{serve.base_url}', model: '{serve.model}', retry_backoff: 0.01, "
+                 f"max_retries: 1}}")
         assert main(["evaluate"] + server_run(judged, serve, *judge)) == 2
         err = capsys.readouterr().err
         assert "no token log-probabilities" in err
         assert "set option_scoring: letter AND assistant_prefill: none on this server" in err
         # letter scoring alone is not enough: the open answer turn is still refused, and said so
-        assert main(["evaluate"] + server_run(judged, serve, *judge, "servers.gen.option_scoring=letter")) == 2
+        assert main(["evaluate"] + server_run(judged, serve, *judge, "servers.judge.option_scoring=letter")) == 2
         assert "set assistant_prefill: none on this server" in capsys.readouterr().err
         # following the advice, the judge works
-        assert main(["evaluate", "--force"] + server_run(judged, serve, *judge, "servers.gen.option_scoring=letter",
-                                                         "servers.gen.assistant_prefill=none")) == 0
+        assert main(["evaluate", "--force"] + server_run(judged, serve, *judge, "servers.judge.option_scoring=letter",
+                                                         "servers.judge.assistant_prefill=none")) == 0
         results = json.loads((judged / "evaluate" / "results.json").read_text())
         assert results["judge_scoring"].startswith("letter") and results["pairwise"]["all"]["pairs"]
 
