@@ -15,18 +15,13 @@ from cai.schema import applies
 from cai.yamlio import Problem, ValidationError, problem
 
 
-def optimisers(run) -> list[str]:
-    """The policy optimisers a run has: rl and dpo when their section is present, rl when neither is."""
-    return [s for s in ("rl", "dpo") if s in run.stages] or ["rl"]
-
-
 def default_stages(run) -> list[str]:
     """The steps `cai run` runs: all stages, but rl and dpo only when their section is
     present (rl is the default when neither is). rl with `reward: judge` needs no reward
     model: then reward runs only when its section is present (evaluate scores with it),
     and label only when reward (without `reward.preferences`) or dpo runs or its section
     is present. With `rounds: N` the per-round ones repeat N times (`cai.registry.steps`)."""
-    chosen = optimisers(run)
+    chosen = registry.optimisers(run.stages)
     wanted = {"critique", "sft", "evaluate", *chosen}
     judge_reward = "rl" in chosen and run.stages.get("rl", {}).get("reward") == "judge"
     if not judge_reward or "reward" in run.stages:
@@ -59,7 +54,8 @@ def newest_policy(run, name: str, round_number: int) -> str:
     that means round 1's rl in any round."""
     if round_number <= 1:
         return "sft"
-    source = name if name in optimisers(run) else optimisers(run)[0]
+    chosen = registry.optimisers(run.stages)
+    source = name if name in chosen else chosen[0]
     return f"{source}@{round_number - 1}"
 
 
