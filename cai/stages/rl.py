@@ -336,7 +336,7 @@ def ppo_trainer(ctx, args, policy: str, reward, prompts: list[dict]):
     loaded = load_training_model(ctx, policy, padding_side="left")
     reward_model = getattr(reward, "model", None)
     same_vocabulary = (reward_model is not None
-                       and models.load_tokenizer(reward.spec).get_vocab() == loaded.tokenizer.get_vocab())
+                       and reward.scorer.tokenizer.get_vocab() == loaded.tokenizer.get_vocab())
     conversations = [p["prompt"] for p in prompts]
     if options.use_peft:
         return PPOTrainer(args, loaded.model, loaded.tokenizer, conversations, reward, peft_config=loaded.peft_config,
