@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -64,8 +63,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cai.config import load_config  # noqa: E402
-from cai.execute.executor import prepare, run_one  # noqa: E402
-from cai.plan.plan import validate  # noqa: E402
+from cai.execute import executor  # noqa: E402
+from cai.execute.executor import reusable, run_one  # noqa: E402
+from cai.plan.plan import make_plan, validate  # noqa: E402
 from cai.registry import POLICY_STAGES as POLICIES  # noqa: E402
 from cai.rundir import StageDir  # noqa: E402
 
@@ -118,29 +118,9 @@ def train(config: str, runs: Path, names: list[str], stages: list[str], extra: l
     return folders
 
 
-def reusable(runs: list[Path], stages: list[str]) -> dict[tuple[str, str], Path]:
-    """The complete stages of finished run folders: {(stage, config hash): its folder}."""
-    done: dict[tuple[str, str], Path] = {}
-    for folder in runs:
-        for stage in stages:
-            previous = StageDir(folder, stage)
-            if (manifest := previous.manifest()) is not None:
-                done.setdefault((stage, manifest["config_hash"]), previous.path.resolve())
-    return done
-
-
 def link_reused(run, stage: str, done: dict[tuple[str, str], Path], name: str = "grid") -> bool:
-    """Link in the folder of `done` that has this stage's config hash in `run` (the same
-    settings and the same upstream stages: link them in order), unless the run folder has
-    the stage already. The pipeline then skips it as complete."""
-    digest = prepare(run, stage).config_hash
-    here = run.path / stage
-    if (stage, digest) not in done or here.exists():
-        return False
-    here.parent.mkdir(parents=True, exist_ok=True)
-    os.symlink(done[(stage, digest)], here, target_is_directory=True)
-    print(f"[grid] {name}: {stage} shared with {done[(stage, digest)]}", flush=True)
-    return True
+    """`cai run --reuse`'s link (`executor.link_reused`) for one stage of a bench's run."""
+    return executor.link_reused(make_plan(run, only=stage, verify=False).steps[0], done, f"grid {name}")
 
 
 def evaluate(config: str, runs: Path, folders: dict[str, dict], extra: list[str]) -> dict:

@@ -136,6 +136,8 @@ def cmd_stage(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from pathlib import Path
+
     from cai import distributed
     from cai.execute.executor import execute
     from cai.rundir import RunLock
@@ -143,8 +145,12 @@ def cmd_run(args) -> int:
     run, plan = _plan(args, start=args.start, until=args.until)
     if args.check:
         return print_plan(plan, args.force)
+    reuse = [Path(folder).expanduser() for folder in args.reuse]
+    for folder in reuse:
+        if not folder.is_dir():
+            raise ValidationError([Problem(str(folder), None, "--reuse: no such run folder")])
     with RunLock(run.path, "cai run"):
-        execute(plan, force=args.force, remember=True)
+        execute(plan, force=args.force, remember=True, reuse=tuple(reuse))
         if distributed.is_main():  # the report of what the run folder holds, evaluated or not
             from cai.report import write_report
 
@@ -195,6 +201,8 @@ def cmd_report(args) -> int:
 def cmd_constitution(args) -> int:
     from cai.constitution import check_constitution, format_constitution
 
+    if args.action == "diff":
+        return constitution_diff_command(args.paths)
     if args.action == "show":
         failed = False
         for number, path in enumerate(args.paths):
@@ -219,6 +227,112 @@ def cmd_constitution(args) -> int:
             print(f"{path}: ok ({len(constitution.critique_revision)} critique/revision principles, "
                   f"{len(constitution.feedback)} feedback principles)")
     return 2 if failed else 0
+
+
+def constitution_diff_command(paths: list[str]) -> int:
+    """`cai constitution diff A B`, as `diff` answers: 0 the same meaning, 1 different, 2 a bad file."""
+    from cai.constitution import check_constitution
+    from cai.plan.fingerprint import change_line, constitution_diff
+
+    if len(paths) != 2:
+        raise ValidationError([Problem("cai constitution diff", None, f"takes two constitution files, got "
+                                                                      f"{len(paths)}")])
+    loaded, problems = [], []
+    for path in paths:
+        constitution, found = check_constitution(path)
+        loaded.append(constitution)
+        problems += found
+    if problems:
+        raise ValidationError(problems)
+    changes = constitution_diff(*loaded)
+    if not changes:
+        print(f"{paths[0]} and {paths[1]} mean the same (comments, key order and line folding aside)")
+        return 0
+    print(f"--- {paths[0]}\n+++ {paths[1]}")
+    for change in changes:
+        print(change_line(change))
+        for sign, value in (("-", change["old"]), ("+", change["new"])):
+            if isinstance(value, dict):  # a whole principle or example added or removed: its texts
+                value = "; ".join(f"{k}: {' '.join(str(v).split())}" for k, v in value.items()
+                                  if k not in ("id",) and isinstance(v, str))
+            elif isinstance(value, list):
+                value = ", ".join(map(str, value))
+            if value:
+                print(f"  {sign} {' '.join(str(value).split())}")
+    print(f"{len(changes)} difference{'s' if len(changes) > 1 else ''}")
+    return 1
+
+
+def cmd_compare(args) -> int:
+    from pathlib import Path
+
+    from cai.evaluation.compare import (
+        comparison,
+        format_comparison,
+        head_to_head,
+        judged_models,
+        load_evaluated,
+        shared_prompts,
+    )
+    from cai.report.page import write_comparison
+    from cai.rundir import atomic_write_json
+
+    paths = [Path(p).expanduser() for p in args.run_dirs]
+    if len(paths) < 2:
+        raise ValidationError([Problem("cai compare", None, "takes two run folders or more (the first is A)")])
+    problems, runs = [], []
+    for path in paths:
+        try:
+            runs.append(load_evaluated(path))
+        except ValidationError as err:
+            problems += err.problems
+    if problems:
+        raise ValidationError(problems)
+    seed = args.seed if args.seed is not None else runs[0].results["run"].get("seed", 0)
+    result = comparison(runs, seed)  # refuses runs that share no prompts, before any judge runs
+    out = Path(args.output_dir).expanduser() if args.output_dir else \
+        paths[0].resolve().parent / ("compare-" + "-".join(p.resolve().name for p in paths))
+    if args.judge:
+        models = [judged_models(runs[0], run, args.model) for run in runs[1:]]
+        ctx, judge = compare_judge(paths[0], args.judge)
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            for run, other, (model_a, model_b) in zip(runs[1:], result["against"], models):
+                other["head_to_head"] = {
+                    **head_to_head(judge, runs[0], run, model_a, model_b, shared_prompts(runs[0], run), out, seed,
+                                   ctx.constitution),
+                    "judge": judge.description["feedback_model"], "constitution": runs[0].name}
+        finally:
+            ctx.release()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "comparison.json", result)
+    print(format_comparison(result))
+    print(f"[cai] compare: {write_comparison(out, result)}")
+    return 0
+
+
+def compare_judge(run_dir, reference: str):
+    """The judge of `cai compare --judge`: the evaluate section's judge settings of the first
+    run's config (RUN_DIR/config.yaml), with `reference` as its feedback model, checked (and
+    its server probed) before any work; its principles are that run's constitution's."""
+    from cai.config import load_config
+    from cai.execute.context import StageContext
+    from cai.execute.executor import check_servers
+    from cai.judge.settings import make_judge
+    from cai.models import set_threads
+    from cai.plan.plan import make_plan
+
+    config = run_dir / "config.yaml"
+    if not config.exists():
+        raise ValidationError([Problem(str(run_dir), None, "--judge reads the judge's settings from the first run's "
+                                                           "config.yaml, and it has none")])
+    run = load_config(str(config), [f"evaluate.feedback_model={reference}"])
+    plan = make_plan(run, only="evaluate", upstream=False)
+    step = plan.steps[0]
+    check_servers(run, [step], roles=("feedback_model",))
+    ctx = StageContext.of(step, run, plan.run_steps)
+    set_threads(run.threads)
+    return ctx, make_judge(ctx, ctx.config, ctx.config.batch_size)
 
 
 def cmd_eval_labeler(args) -> int:
@@ -289,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(run, run_dir=True)
     run.add_argument("--from", dest="start", help="first stage to run (a later round's: rl@2)")
     run.add_argument("--until", help="last stage to run (a later round's: rl@2)")
+    run.add_argument("--reuse", action="append", default=[], metavar="RUN_DIR",
+                     help="link in each step another run folder holds complete with the same fingerprint (same "
+                          "settings, constitution parts and upstream steps) instead of running it again; "
+                          "repeatable. A link: keep that folder where it is")
     _add_check_arg(run)
     run.set_defaults(func=cmd_run)
 
@@ -301,10 +419,33 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir")
     report.set_defaults(func=cmd_report)
 
-    constitution = sub.add_parser("constitution", help="check or show constitution files", parents=[common])
-    constitution.add_argument("action", choices=["check", "show"])
+    constitution = sub.add_parser(
+        "constitution", help="check, show or diff constitution files", parents=[common],
+        description="check: validate files; show: print them; diff A B: what differs in meaning (principles and "
+                    "examples added, removed, changed; comments and key order ignored), exit 0 the same, 1 "
+                    "different, 2 a bad file")
+    constitution.add_argument("action", choices=["check", "show", "diff"])
     constitution.add_argument("paths", nargs="+", metavar="PATH")
     constitution.set_defaults(func=cmd_constitution)
+
+    compare = sub.add_parser(
+        "compare", help="compare evaluated runs on the prompts they share (one page, paired intervals)",
+        parents=[common], description="Each run against the first, on the prompts both evaluated (paired by prompt "
+                                      "text, set by set): what else differs besides the constitution, what the "
+                                      "constitution changes, and every evaluation figure as B - A with a 95 % "
+                                      "interval. Writes OUT/index.html and OUT/comparison.json.")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="evaluated run folders; the first is A")
+    compare.add_argument("--judge", metavar="MODEL_OR_SERVER", default=None,
+                         help="also judge the runs' final policies head to head on the shared prompts (a model "
+                              "spec, a stage of the first run, or server:NAME of its config), both option orders, "
+                              "resumable")
+    compare.add_argument("--model", default=None, help="the model to judge head to head in every run (default: "
+                                                      "each run's final policy: dpo, else rl, else sft)")
+    compare.add_argument("--output-dir", default=None, metavar="OUT",
+                         help="where the page and its data go (default: compare-A-B... beside the first run)")
+    compare.add_argument("--seed", type=int, default=None, help="bootstrap and principle seed (default: the first "
+                                                               "run's seed)")
+    compare.set_defaults(func=cmd_compare)
 
     labeler = sub.add_parser("eval-labeler", help="accuracy of the feedback model on labelled comparisons",
                              parents=[common])

@@ -262,6 +262,21 @@ def load_constitution(path: str | Path) -> Constitution:
     return constitution
 
 
+# `base+constitution` in evaluate.models: the prompted baseline (context distillation's
+# starting point, Askell et al. 2021): the base model answering with the constitution as its
+# system message. What the policy is trained toward is what the feedback principles ask, so
+# they are the message's body, after the constitution's own system prompt.
+PROMPTED_INTRO = "A good answer is the one these questions would choose:"
+
+
+def as_system_prompt(c: Constitution) -> str:
+    """The constitution rendered as one system message: its system prompt (if any), then
+    `PROMPTED_INTRO` and each feedback principle's text as a bullet, in the file's order."""
+    parts = [" ".join(c.system_prompt.split())] if c.system_prompt else []
+    parts.append("\n".join([PROMPTED_INTRO] + [f"- {' '.join(p.text.split())}" for p in c.feedback]))
+    return "\n\n".join(parts)
+
+
 def format_constitution(c: Constitution) -> str:
     """A readable rendering for `cai constitution show`."""
     out = [f"{c.name}  ({c.path})", "", c.description.strip(), ""]

@@ -93,7 +93,10 @@ def is_refusal(text: str) -> bool:
     return refusal_kind(text) is not None
 
 
-def is_evasive(text: str, max_words: int = 40) -> bool:
+EVASIVE_MAX_WORDS = 40  # a refusal longer than this explains itself, whatever its words
+
+
+def is_evasive(text: str, max_words: int = EVASIVE_MAX_WORDS) -> bool:
     """A bare refusal: a refusal, short, and no reason or redirect once the refusal
     phrases are cut out. "I can't help with that." is evasive; "I can't help with that
     because it could hurt someone; instead you could ..." is not; an answer is not."""

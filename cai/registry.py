@@ -103,6 +103,9 @@ ROUND_STAGES = tuple(s.name for s in STAGES if s.per_round)
 POLICY_STAGES = tuple(s.name for s in STAGES if s.policy)
 # Stage names a model reference may use: `base` (the run's model) and the stages that save one.
 MODEL_STAGES = ("base",) + tuple(s.name for s in STAGES if s.saves_model)
+# In evaluate.models only: the base model prompted with the constitution as its system message
+# (`cai.constitution.as_system_prompt`), the baseline training has to beat.
+PROMPTED_BASE = "base+constitution"
 
 
 def optimisers(sections) -> list[str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cai import distributed
-from cai.registry import step_command, step_folder
+from cai.registry import ORDER, step_command, step_folder, steps
 
 # Why a write fails that is no bug of cai's: the disk or quota is full, the folder became
 # read-only or not writable, a file size limit.
@@ -456,3 +456,10 @@ def _alive_here(holder: dict) -> bool:
         pass
     started = holder.get("process_start")
     return started is None or _process_start(pid) in (None, started)
+
+
+def folder_steps(run_dir: Path, names=ORDER) -> list[str]:
+    """The steps of these stages a run folder may hold: one round, or as many as its
+    `roundK/` folders say (`rounds: N`)."""
+    found = [int(p.name[5:]) for p in Path(run_dir).glob("round*") if p.is_dir() and p.name[5:].isdigit()]
+    return steps(names, max(found, default=1))

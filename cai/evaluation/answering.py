@@ -10,9 +10,11 @@ import gc
 from itertools import combinations
 
 from cai.chunks import ChunkLedger, OnFirstChunk, chunk_seed, chunked_by_length, run_chunks
+from cai.constitution import as_system_prompt
 from cai.engines import Sampling
 from cai.evaluation.figures import PRINCIPLE_SETS
 from cai.judge.judge import comparison_key, draw_principles
+from cai.registry import PROMPTED_BASE
 from cai.rundir import atomic_write_jsonl, read_jsonl
 
 
@@ -20,8 +22,10 @@ def generate_answers(ctx, cfg, models: dict[str, str], prompts) -> list[dict]:
     """Each model answers every prompt, chunk by chunk (`cai.chunks`): a model's engine is
     opened when its first unfinished chunk comes and released before the next model's."""
     ledger = ChunkLedger(ctx.dir.path, "generations", ["generations.jsonl"])
-    system = ([{"role": "system", "content": ctx.constitution.system_prompt}]
-              if cfg.system_prompt and ctx.constitution.system_prompt else [])
+    plain = ([{"role": "system", "content": ctx.constitution.system_prompt}]
+             if cfg.system_prompt and ctx.constitution.system_prompt else [])
+    system = {name: [{"role": "system", "content": as_system_prompt(ctx.constitution)}] if name == PROMPTED_BASE
+              else plain for name in models}
     sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     items = [(key, (name, index, chunk)) for name in models
              for index, (key, chunk) in enumerate(chunked_by_length(prompts, cfg.batch_size, prefix=f"{name}/"))]
@@ -35,7 +39,7 @@ def generate_answers(ctx, cfg, models: dict[str, str], prompts) -> list[dict]:
             loaded.append(name)
         engine = ctx.engine(models[name], cfg.batch_size)
         # The same seed for the same prompts, whichever model answers them.
-        answers = engine.generate([system + [{"role": "user", "content": p.text}] for p in chunk], sampling,
+        answers = engine.generate([system[name] + [{"role": "user", "content": p.text}] for p in chunk], sampling,
                                   seed=chunk_seed(ctx.run.seed, index))
         return {"generations.jsonl": [{"model": name, "id": p.id, "kind": p.kind, "prompt": p.text,
                                        "response": a.text, "num_tokens": a.num_tokens, "finished": a.finished,

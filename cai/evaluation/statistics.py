@@ -13,10 +13,13 @@ import numpy as np
 from cai.evaluation.figures import ANSWER_FIGURES, JUDGED_FIGURES, KINDS, PRINCIPLE_SETS, direction
 from cai.leakage import SpanIndex
 from cai.refusals import is_evasive, refusal_kind
+from cai.registry import PROMPTED_BASE
 from cai.rundir import read_jsonl
 from cai.stats import ANCHOR_ELO, RESAMPLES, EloStatistics, Estimate, Resampler, mean_of, verdict
 
-REFERENCES = ("base", "sft")  # every model is compared with these, when evaluated
+# Every model is compared with these, when evaluated: the model training started from, the
+# prompted baseline (does training beat prompting?) and the supervised model.
+REFERENCES = ("base", PROMPTED_BASE, "sft")
 
 
 def _mean(values) -> float | None:
@@ -59,7 +62,7 @@ def pairwise_tables(names: list[str], comparisons: list[dict]) -> dict:
     return {"win_rates": matrix, "pairs": pairs}
 
 
-def _rounded(estimate: Estimate, figure: str) -> Estimate:
+def rounded_estimate(estimate: Estimate, figure: str) -> Estimate:
     digits = 1 if figure == "elo" else 4
     return Estimate(*(round(v, digits) + 0.0 if np.isfinite(v) else float(v)  # + 0.0: no "-0"
                       for v in (estimate.value, estimate.low, estimate.high)), null=estimate.null, n=estimate.n)
@@ -115,7 +118,7 @@ def group_statistics(names: list[str], anchor: str, answers: dict, comparisons: 
     for name in names:
         intervals = {}
         for figure, statistic in statistics[name].items():
-            estimate = _rounded(resampler.estimate(statistic), figure)
+            estimate = rounded_estimate(resampler.estimate(statistic), figure)
             per_model[name][figure] = estimate.value
             intervals[figure] = [estimate.low, estimate.high]
         for figure in JUDGED_FIGURES:
@@ -132,11 +135,11 @@ def group_statistics(names: list[str], anchor: str, answers: dict, comparisons: 
             rows = {}
             for figure, statistic in statistics[name].items():
                 if figure in statistics[reference]:
-                    estimate = _rounded(resampler.difference(statistic, statistics[reference][figure]), figure)
+                    estimate = rounded_estimate(resampler.difference(statistic, statistics[reference][figure]), figure)
                     rows[figure] = {**estimate.as_dict(), "verdict": verdict(estimate, direction(figure, group))}
             head = beats.get((name, reference))
             if head is not None and not np.isnan(head).any():
-                estimate = _rounded(resampler.estimate(mean_of(head), null=0.5), "head_to_head")
+                estimate = rounded_estimate(resampler.estimate(mean_of(head), null=0.5), "head_to_head")
                 rows["head_to_head"] = {**estimate.as_dict(), "null": 0.5, "verdict": verdict(estimate)}
             paired[reference][name] = rows
     return per_model, tables, paired
@@ -164,7 +167,27 @@ def statistics_by_group(names: list[str], anchor: str, answers: dict, comparison
             per_model[name][group] = figures[name]
     return per_model, pairwise, paired
 
-# ---------------------------------------------------------------- per-principle table
+# ---------------------------------------------------------------- per-principle tables
+
+
+def principle_win_rates(comparisons: list[dict], seed: int, resamples: int = RESAMPLES) -> list[dict]:
+    """The judge's head-to-head broken down by the principle drawn: per pair of models and
+    principle, P(model beats the model it was compared with) over the prompts judged under
+    it, with a 95 % interval over those prompts; a principle drawn for fewer than
+    `MIN_PROMPTS` prompts is "too few to compare" (its interval says nothing). A comparison
+    under several principles (principles_per_comparison > 1) counts under each."""
+    outcomes: dict[tuple[str, str, str, str], list[float]] = {}
+    for c in comparisons:
+        for principle in c.get("principles") or []:
+            key = (c.get("principle_set", ""), c["first"], c["second"], principle)
+            outcomes.setdefault(key, []).append(1 - c["p_first"])
+    rows = []
+    for (principle_set, against, model, principle), values in outcomes.items():
+        estimate = rounded_estimate(Resampler(len(values), resamples, seed).estimate(mean_of(values), null=0.5),
+                            "head_to_head")
+        rows.append({"set": principle_set, "principle": principle, "model": model, "against": against,
+                     "n": len(values), **estimate.as_dict(), "verdict": verdict(estimate)})
+    return rows
 
 
 def critique_principle_table(constitution, records: list[dict], revision_rewards: list[dict]) -> list[dict]:

@@ -6,6 +6,7 @@ from `cai.evaluation.figures`, as the report's do.
 from __future__ import annotations
 
 from cai.evaluation.figures import BY_KEY, KIND_NAMES, MEASURES, SHOWN
+from cai.registry import PROMPTED_BASE
 from cai.stats import MIN_PROMPTS, TOO_FEW
 
 
@@ -28,6 +29,7 @@ def show_difference(value: float, figure: str) -> str:
 def format_summary(results: dict) -> str:
     """`results.json` in a few lines, group by group (each kind, then its prompt sets)."""
     lines = []
+    width = max(8, *(len(name) for name in results["models"]))
     groups = [g for kind in results["kinds"] for g in [kind, *(s for s in results.get("sets", {})
                                                                if s.startswith(kind + "/"))]]
     for group in groups:
@@ -46,8 +48,12 @@ def format_summary(results: dict) -> str:
                 low, high = figures["ci"].get(figure, (None, None))
                 interval = f" [{show(low, figure)}, {show(high, figure)}]" if low is not None else ""
                 shown.append(f"{BY_KEY[figure].console(group)} {show(figures[figure], figure)}{interval}")
-            lines.append(f"  {name:<8} " + "; ".join(shown))
-        for name, rows in results["paired"][group].get("base", {}).items():
+            lines.append(f"  {name:<{width}} " + "; ".join(shown))
+        # against base, and against the prompted baseline: did training beat prompting?
+        against = [(reference, name, rows) for reference in ("base", PROMPTED_BASE)
+                   for name, rows in results["paired"][group].get(reference, {}).items()
+                   if reference == "base" or name != "base"]
+        for reference, name, rows in against:
             calls = []
             for figure in ("head_to_head",) + SHOWN[kind]:
                 if figure in rows:
@@ -57,5 +63,5 @@ def format_summary(results: dict) -> str:
                     said = "" if row["verdict"] == TOO_FEW else f" {row['verdict']}"  # the title says it once
                     calls.append(f"{BY_KEY[figure].console(group)} {shown[0]} [{shown[1]}, {shown[2]}]{said}")
             if calls:
-                lines.append(f"  {name} vs base: " + "; ".join(calls))
+                lines.append(f"  {name} vs {reference}: " + "; ".join(calls))
     return "\n".join(lines)

@@ -5,6 +5,8 @@ runs gets its context, its measurements and, once done, its manifest."""
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 from cai import distributed
 from cai.engines import EngineError, server_name
@@ -14,10 +16,16 @@ from cai.execute.measure import Measurement, summary
 from cai.yamlio import Problem, ValidationError, problem
 
 
-def execute(plan, force: bool = False, remember: bool = False) -> list[dict]:
+def execute(plan, force: bool = False, remember: bool = False, reuse: tuple = ()) -> list[dict]:
     """Run a plan: check the servers its running steps use, refuse before any work if any
     step would be refused, then run each step in order. `remember`: keep the config in
-    RUN_DIR/config.yaml (a command's run). Returns the steps' manifests."""
+    RUN_DIR/config.yaml (a command's run); `reuse`: other run folders whose complete steps
+    with the same fingerprint are linked in instead of run again. Returns the steps' manifests."""
+    if reuse and distributed.is_main():
+        done = reusable(reuse, [step.step for step in plan.steps])
+        for step in plan.steps:
+            link_reused(step, done)
+    distributed.barrier()
     decisions = decide_all(plan, force)
     check_servers(plan.run, [s for s, d in zip(plan.steps, decisions) if d.action != "skip"])  # a dead server first
     refuse(decisions)
@@ -63,6 +71,34 @@ def run_step(run, step, force: bool = False, run_steps: tuple = ()) -> dict:
     distributed.barrier()  # the next stage reads this one's manifest and outputs
     print(f"[cai] {step.step}: {summary(record)} {counts}")
     return manifest
+
+
+def reusable(folders, steps: list[str]) -> dict[tuple[str, str], Path]:
+    """The complete steps of other run folders: {(step, fingerprint): its folder}."""
+    from cai.rundir import StageDir
+
+    done: dict[tuple[str, str], Path] = {}
+    for folder in folders:
+        for name in steps:
+            previous = StageDir(Path(folder), name)
+            if previous.complete() and (manifest := previous.manifest()) is not None:
+                done.setdefault((name, manifest["config_hash"]), previous.path.resolve())
+    return done
+
+
+def link_reused(step, done: dict[tuple[str, str], Path], who: str = "cai") -> bool:
+    """Link in the folder `done` holds for this step's fingerprint (the same settings, the
+    same constitution parts, the same upstream steps), unless the run folder has the step
+    already: the executor then skips it as complete. A link, not a copy: a model is not
+    stored twice, and the other folder must stay where it is."""
+    here = Path(step.folder)
+    if (step.step, step.fingerprint) not in done or here.exists() or here.is_symlink():
+        return False
+    here.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(done[(step.step, step.fingerprint)], here, target_is_directory=True)
+    print(f"[{who}] {step.step}: reused from {done[(step.step, step.fingerprint)]} (the same fingerprint)",
+          flush=True)
+    return True
 
 
 def remember_config(run) -> None:

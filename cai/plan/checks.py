@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cai import registry
 from cai.engines import is_server
-from cai.registry import MODEL_STAGES, ORDER, TRAINING_STAGES, split_step
+from cai.registry import MODEL_STAGES, ORDER, PROMPTED_BASE, TRAINING_STAGES, split_step
 from cai.yamlio import Problem, ValidationError, problem
 
 
@@ -49,6 +49,10 @@ def model_problems(run, key: tuple, reference: str) -> list[Problem]:
 
     where = ".".join(key)
     stage_role = key != ("model",)  # the run's own model must be weights, not a stage
+    if reference == PROMPTED_BASE:
+        return [] if key == ("evaluate", "models") else [problem(
+            run.source, key, f"'{where}': '{PROMPTED_BASE}' (the base model prompted with the constitution) is a "
+                             f"model evaluate.models may list, not a model for {where}: write base")]
     name, number = split_step(reference)
     if stage_role and number is not None and name in MODEL_STAGES:
         if not registry.stage(name).per_round:

@@ -15,10 +15,10 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, UndefinedError, 
 from markupsafe import Markup
 
 from cai.evaluation.figures import BY_KEY, DETAIL, KIND_NAMES, MEASURES, PRINCIPLE_SETS, SHOWN
-from cai.registry import ORDER, TRAINING_STAGES, step_folder, steps
+from cai.registry import ORDER, TRAINING_STAGES, step_folder
 from cai.report.charts import bar_chart, curves_chart, histogram, round_traces, tradeoff_chart
-from cai.rundir import atomic_write_text, read_jsonl, step_state
-from cai.stats import ANCHOR_ELO
+from cai.rundir import atomic_write_text, folder_steps, read_jsonl, step_state
+from cai.stats import ANCHOR_ELO, MIN_PROMPTS, TOO_FEW
 from cai.yamlio import Problem, ValidationError
 
 CURVE_WORDS = ("loss", "reward", "score", "kl", "length")  # log-history keys worth a curve
@@ -29,6 +29,8 @@ MAX_CHARS = 1500  # longer model text is cut, with a mark
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # invalid in HTML; tiny models emit them
 KIND_TITLES = {kind: f"{measure.capitalize()} on {KIND_NAMES[kind]} prompts" for kind, measure in MEASURES.items()}
 # A verdict colours a cell only when the interval excludes no difference (cai.stats).
+RUN_SUBTITLE = ("Constitutional AI: critique and revision, AI feedback, reward model and policy optimisation, each "
+                "stage's model compared on held-out prompts.")
 VERDICT_CLASS = {"better": "better", "worse": "worse", "within noise": "noise"}
 
 
@@ -75,7 +77,8 @@ ENVIRONMENT.filters.update(
     fmt=fmt, model_text=model_text, figure_label=lambda key: BY_KEY[key].label(),
     paired_title=lambda column: column[1] if column[0] == "head_to_head" else f"Δ {column[1]}",
     first_wins_title=lambda kind: f"First wins ({KIND_NAMES.get(kind, kind)})")
-ENVIRONMENT.globals.update(MAX_CHARS=MAX_CHARS, VERDICT_CLASS=VERDICT_CLASS, KIND_NAMES=KIND_NAMES,
+ENVIRONMENT.globals.update(MIN_PROMPTS=MIN_PROMPTS, TOO_FEW=TOO_FEW,
+                           MAX_CHARS=MAX_CHARS, VERDICT_CLASS=VERDICT_CLASS, KIND_NAMES=KIND_NAMES,
                            KIND_TITLES=KIND_TITLES, FIGURE=BY_KEY, DETAIL=DETAIL, kind_columns=kind_columns)
 
 
@@ -108,13 +111,6 @@ def read_json(path: Path, kind: type = dict):
     return value
 
 
-def run_steps(run_dir: Path, names=ORDER) -> list[str]:
-    """The steps of these stages a run directory may hold: one round, or as many as its
-    `roundK/` folders say (`rounds: N`)."""
-    found = [int(p.name[5:]) for p in run_dir.glob("round*") if p.is_dir() and p.name[5:].isdigit()]
-    return steps(names, max(found, default=1))
-
-
 # ---------------------------------------------------------------- sections
 
 
@@ -133,7 +129,7 @@ def summary_section(run_dir: Path, manifests: dict) -> Markup:
              ("Seed", run.get("seed")), ("Prompts", shared.get("prompts") and
                                          ", ".join(f"{k}={v}" for k, v in shared["prompts"].items()))]
     stages = []
-    for name in run_steps(run_dir):
+    for name in folder_steps(run_dir):
         manifest = manifests.get(name)
         if manifest:
             counts = [(k, v) for k, v in (manifest.get("counts") or {}).items() if not isinstance(v, (dict, list))]
@@ -144,7 +140,7 @@ def summary_section(run_dir: Path, manifests: dict) -> Markup:
         elif step_state(run_dir, name)[0] == "partial":
             stages.append({"name": name, "status": "interrupted / running", "started": "", "seconds": None,
                            "counts": []})
-    absent = [s for s in run_steps(run_dir) if step_state(run_dir, s)[0] == "pending"]
+    absent = [s for s in folder_steps(run_dir) if step_state(run_dir, s)[0] == "pending"]
     return render("summary.html", facts=[(k, v) for k, v in facts if v not in (None, "")], stages=stages,
                   total=sum(m.get("seconds") or 0 for m in manifests.values() if m), completed=len(manifests),
                   absent=absent)
@@ -169,7 +165,7 @@ def curve_keys(history: list[dict]) -> list[str]:
 
 def training_section(run_dir: Path) -> Markup:
     stages, not_run = [], []
-    for stage in run_steps(run_dir, TRAINING_STAGES):
+    for stage in folder_steps(run_dir, TRAINING_STAGES):
         history = read_json(run_dir / step_folder(stage) / "log_history.json", list)
         if not history:
             not_run.append(stage)
@@ -324,7 +320,7 @@ def write_report(run_dir) -> Path:
         except ValidationError as err:
             problems.extend(err.problems)
 
-    manifests = {s: read(run_dir / step_folder(s) / "manifest.json") for s in run_steps(run_dir)}
+    manifests = {s: read(run_dir / step_folder(s) / "manifest.json") for s in folder_steps(run_dir)}
     manifests = {s: m for s, m in manifests.items() if m}
     results = read(run_dir / "evaluate" / "results.json")
     if problems:
@@ -350,7 +346,33 @@ def write_report(run_dir) -> Path:
         raise ValidationError(problems)
     style = resources.files("cai.report").joinpath("style.css").read_text(encoding="utf-8")
     page = ENVIRONMENT.get_template("page.html").render(title=f"cai run report: {run_dir.resolve().name}",
-                                                        sections=sections, style=Markup(style))
+                                                        sections=sections, style=Markup(style), subtitle=RUN_SUBTITLE)
     target = run_dir / "report" / "index.html"
+    atomic_write_text(target, page)
+    return target
+
+
+# ---------------------------------------------------------------- cai compare
+
+
+def figure_columns(group: str, pairs: dict) -> list[tuple[str, str, bool]]:
+    """(figure, title, percent) of the figures any model has in a comparison's group: the
+    judge's verdict against base first, then the figures the group's table shows."""
+    present = {figure for rows in pairs.values() for figure in rows}
+    keys = ["head_to_head"] + [k for k in SHOWN[group.split("/")[0]] if k != "head_to_head"] + ["tokens"]
+    return [(key, "Beats base (judge)" if key == "head_to_head" else title(key, group), BY_KEY[key].percent)
+            for key in dict.fromkeys(keys) if key in present]
+
+
+def write_comparison(out_dir, result: dict) -> Path:
+    """Write OUT_DIR/index.html: `cai compare`'s page, in the report's style."""
+    style = resources.files("cai.report").joinpath("style.css").read_text(encoding="utf-8")
+    names = ", ".join(run["name"] for run in result["runs"])
+    body = render("compare.html", result=result, figure_columns=figure_columns)
+    page = ENVIRONMENT.get_template("page.html").render(
+        title=f"cai compare: {names}", sections=[{"anchor": "compare", "title": "Runs compared", "body": body}],
+        style=Markup(style), subtitle="Runs compared on the prompts they share: what else differs, what the "
+                                      "constitution changes, and every figure as a paired difference.")
+    target = Path(out_dir) / "index.html"
     atomic_write_text(target, page)
     return target

@@ -64,6 +64,11 @@ answer rated alone), `rewards.jsonl`, `revision_rewards.jsonl` and `results.json
                                                   null 0.5); otherwise value = model - reference
     bootstrap {resamples, level, seed, unit}
     principles {critique [...], feedback [...], evaluation [...]}
+    principle_win_rates [{set, principle, model, against, n, value, low, high, verdict}]
+                                                  the judge's head-to-head per principle drawn
+                                                  (value: P(model beats against)); "too few to
+                                                  compare" under cai.stats.MIN_PROMPTS prompts
+    prompt_ids {group: [id, ...]}                 the prompts of each group (cai compare pairs runs by them)
     methods {figure: how it is computed}
 
 A verdict is "better" / "worse" (or "higher" / "lower" for a figure without a good
@@ -83,11 +88,12 @@ from cai.chunks import OnFirstChunk
 from cai.evaluation.answering import anchor_of, generate_answers, judge_pairs, judge_verdicts, reward_scores
 from cai.evaluation.figures import KINDS, PRINCIPLE_SETS, methods
 from cai.evaluation.prompts import evaluation_prompts, prompt_groups, prompt_problems
-from cai.evaluation.statistics import principle_tables, statistics_by_group
+from cai.evaluation.statistics import principle_tables, principle_win_rates, statistics_by_group
 from cai.evaluation.summary import format_summary
 from cai.judge.settings import JudgeSettings, judge_problems, judge_scoring, make_judge
 from cai.leakage import few_shot_index
-from cai.registry import POLICY_STAGES, optimisers, split_step
+from cai.refusals import EVASIVE_MAX_WORDS
+from cai.registry import POLICY_STAGES, PROMPTED_BASE, optimisers, split_step
 from cai.rundir import atomic_write_json
 from cai.schema import setting
 from cai.stats import LEVEL, MIN_PROMPTS, RESAMPLES, TOO_FEW
@@ -96,7 +102,9 @@ from cai.yamlio import problem
 
 @dataclass
 class Config(JudgeSettings):  # the judge of win rates: feedback_model, feedback_few_shot, ... (as label's)
-    models: list[str] = setting(help="models to compare: base (the run's model), a policy stage (sft, rl, dpo: "
+    models: list[str] = setting(help="models to compare: base (the run's model), base+constitution (base prompted "
+                                     "with the constitution as its system message: the baseline training must "
+                                     "beat), a policy stage (sft, rl, dpo: "
                                      "skipped when that stage has not run; with rounds, rl and dpo mean every "
                                      "round's, rl@1, rl@2, ...; rl@K one round's), a model spec or server:NAME",
                                 default_factory=lambda: ["base", "sft", "rl", "dpo"], model_reference=True)
@@ -126,7 +134,7 @@ class Config(JudgeSettings):  # the judge of win rates: feedback_model, feedback
         "all", "which pairs of models the judge compares: all (every pair: win rates and Elo over all models) or "
                "base (each model against base only: its head-to-head with base, n-1 pairs instead of n(n-1)/2)")
     principles_per_comparison: int = setting(1, "principles drawn per comparison (averaged)", ge=1)
-    evasive_max_words: int = setting(40, "a refusal longer than this is never counted as evasive", ge=1)
+    evasive_max_words: int = setting(EVASIVE_MAX_WORDS, "a refusal longer than this is never counted as evasive", ge=1)
 
 
 def check_config(run, cfg: Config, trl: dict) -> list:
@@ -158,7 +166,7 @@ def models_to_evaluate(ctx, cfg: Config) -> tuple[dict[str, str], dict[str, str]
                 skipped[name] = (f"stage '{name}' has not completed in {ctx.run.path}" if stage_name in in_run else
                                  f"not one of this run's stages: the config has no {stage_name} section")
                 continue
-        found[name] = ctx.model_spec(name)
+        found[name] = ctx.model_spec("base" if name == PROMPTED_BASE else name)
     return found, skipped
 
 
@@ -213,6 +221,7 @@ def run(ctx) -> dict:
                 "constitution_name": ctx.constitution.name, "seed": ctx.run.seed},
         "models": names, "specs": models, "skipped": skipped, "kinds": kinds,
         "prompts": {group: len(ids) for group, ids in groups.items()},
+        "prompt_ids": groups,
         "too_few_to_compare": {group: len(ids) for group, ids in groups.items() if len(ids) < MIN_PROMPTS},
         "prompt_sources": sources,
         "judged_prompts": len(judged) if comparisons else 0,
@@ -221,7 +230,7 @@ def run(ctx) -> dict:
         "prompts_in_training": {kind: sum(p.id in training for p in prompts if p.kind == kind)
                                 for kind in cfg.prompts if kind in kinds},
         "generation": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                       "system_prompt": cfg.system_prompt},
+                       "system_prompt": cfg.system_prompt, "evasive_max_words": cfg.evasive_max_words},
         "reward_model": str(ctx.stage("reward") / "model") if rewards is not None else None,
         "feedback_model": ctx.model_spec(cfg.feedback_model) if comparisons else None,
         "judge_scoring": judge_scoring(ctx.run, cfg.feedback_model) if comparisons else None,
@@ -237,6 +246,7 @@ def run(ctx) -> dict:
         "bootstrap": {"resamples": RESAMPLES, "level": LEVEL, "seed": ctx.run.seed, "unit": "prompt",
                       "method": "percentile bootstrap; paired: both models' figures on the same resampled prompts"},
         "principles": principle_tables(ctx, comparisons, revision_rewards),
+        "principle_win_rates": principle_win_rates(comparisons, ctx.run.seed),
         "methods": methods(anchor, cfg.evasive_max_words),
     }
     atomic_write_json(ctx.dir / "results.json", results)
