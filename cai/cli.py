@@ -231,8 +231,7 @@ def cmd_constitution(args) -> int:
 
 def constitution_diff_command(paths: list[str]) -> int:
     """`cai constitution diff A B`, as `diff` answers: 0 the same meaning, 1 different, 2 a bad file."""
-    from cai.constitution import check_constitution
-    from cai.plan.fingerprint import change_line, constitution_diff
+    from cai.constitution import change_line, check_constitution, constitution_diff
 
     if len(paths) != 2:
         raise ValidationError([Problem("cai constitution diff", None, f"takes two constitution files, got "

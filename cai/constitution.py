@@ -7,7 +7,7 @@ everything and reports every problem as `FILE:LINE: message`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -298,3 +298,96 @@ def format_constitution(c: Constitution) -> str:
     for ex in c.critique_examples:
         out.append(f"  - ({ex.principle or 'no principle'}) {ex.messages[0]['content'][:70]!r}")
     return "\n".join(out)
+
+
+# The parts of a constitution, as `cai.constitution.Constitution` names them: principles
+# (by id, each field apart) and examples (by position: a few-shot set is a list of positions).
+PRINCIPLE_PARTS = {"critique_revision": ("critique", "revision"), "feedback": ("text",),
+                   "evaluation_harmless": ("text",), "evaluation_helpful": ("text",)}
+EXAMPLE_PARTS = ("critique_examples", "feedback_examples")
+PART_WORDS = {"name": "name", "description": "description", "system_prompt": "system prompt",
+              "critique_revision": "principle", "feedback": "feedback principle",
+              "evaluation_harmless": "evaluation principle (harmless)",
+              "evaluation_helpful": "evaluation principle (helpful)",
+              "critique_examples": "critique example", "feedback_examples": "feedback example"}
+
+
+# ---------------------------------------------------------------- two constitutions, in words
+
+# The parts a reviewer reads, in the file's order: what the policy is told, the principles of
+# each stage, the evaluation's questions, then the few-shot examples.
+DIFF_PARTS = ("name", "description", "system_prompt", "critique_revision", "feedback", "evaluation_harmless",
+              "evaluation_helpful", "critique_examples", "feedback_examples")
+
+
+def _example_title(example: Any) -> str:
+    """An example as a reviewer finds it: its principle and the start of its request."""
+    first = example.messages[0]["content"] if hasattr(example, "messages") else example.conversation
+    first = " ".join(first.split())
+    return f"({example.principle or 'no principle'}) {first[:60]!r}"
+
+
+def constitution_diff(old: Any, new: Any) -> list[dict]:
+    """What differs in meaning between two constitutions (`cai.constitution.Constitution`),
+    part by part in `DIFF_PARTS` order: a principle added, removed, or changed in a field
+    (with both texts), the principles' order, an example added, removed or changed. Comments
+    and key order never reach a Constitution, so they never differ. Each change: {part,
+    what, item, change, old, new}; [] when the two mean the same."""
+    changes: list[dict] = []
+
+    def add(part: str, item: str | None, change: str, before: Any = None, after: Any = None) -> None:
+        changes.append({"part": part, "what": PART_WORDS.get(part, part.replace("_", " ")), "item": item,
+                        "change": change, "old": before, "new": after})
+
+    for part in DIFF_PARTS:
+        a, b = getattr(old, part), getattr(new, part)
+        if part in PRINCIPLE_PARTS:
+            if part.startswith("evaluation_"):  # the defaults a file does not list are not its text
+                given = part.removeprefix("evaluation_")
+                if given not in old.evaluation_given and given not in new.evaluation_given:
+                    continue
+            before, after = {p.id: p for p in a}, {p.id: p for p in b}
+            for principle in b:
+                if principle.id not in before:
+                    add(part, principle.id, "added", after=asdict(principle))
+                    continue
+                for key in PRINCIPLE_PARTS[part]:
+                    if getattr(before[principle.id], key) != getattr(principle, key):
+                        add(part, principle.id, f"{key} changed", getattr(before[principle.id], key),
+                            getattr(principle, key))
+            for principle in a:
+                if principle.id not in after:
+                    add(part, principle.id, "removed", before=asdict(principle))
+            kept_a = [p.id for p in a if p.id in after]
+            kept_b = [p.id for p in b if p.id in before]
+            if kept_a != kept_b:
+                add(part, None, "order changed", kept_a, kept_b)
+        elif part in EXAMPLE_PARTS:
+            # An example has no id: matched by content, so one inserted at the top is one
+            # added, not every later one changed; a removed and an added one at the same
+            # position are one changed.
+            left = [asdict(e) for e in a]
+            right = [asdict(e) for e in b]
+            removed = [n for n, e in enumerate(left) if e not in right]
+            added = [n for n, e in enumerate(right) if e not in left]
+            for n in sorted(set(removed) & set(added)):
+                add(part, f"{n + 1} {_example_title(b[n])}", "changed", left[n], right[n])
+            for n in added:
+                if n not in removed:
+                    add(part, f"{n + 1} {_example_title(b[n])}", "added", after=right[n])
+            for n in removed:
+                if n not in added:
+                    add(part, f"{n + 1} {_example_title(a[n])}", "removed", before=left[n])
+        elif a != b:
+            add(part, None, "changed" if a and b else "added" if b else "removed", a, b)
+    return changes
+
+
+def change_line(change: dict) -> str:
+    """`feedback principle 'less-dangerous': text changed`."""
+    what, item = change["what"], change["item"]
+    if item is None:
+        plural = f"{what}s" if change["part"] in PRINCIPLE_PARTS else what
+        return f"{plural}: {change['change']}"
+    shown = f"{what} {item}" if change["part"] in EXAMPLE_PARTS else f"{what} '{item}'"
+    return f"{shown}: {change['change']}"

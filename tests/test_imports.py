@@ -124,4 +124,7 @@ def test_imports_run_one_way_cli_then_plan_and_execute_then_the_rest():
         if under(name, "cai.plan"):  # the plan is pure: it never reaches the executor
             above |= {t for t in targets if under(t, "cai.execute")}
         assert not above, (name, above)
-    assert graph["cai.plan.fingerprint"] == set()  # a leaf: hashes of meaning, settings diffs
+    # hashes of meaning, settings diffs: nothing but the names of a constitution's parts, whose
+    # module is itself near the leaves (the schema and the YAML reader)
+    assert graph["cai.plan.fingerprint"] == {"cai.constitution"}
+    assert graph["cai.constitution"] == {"cai.schema", "cai.yamlio"}

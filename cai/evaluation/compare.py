@@ -19,17 +19,18 @@ then what differs in their constitutions (`cai.plan.fingerprint.constitution_dif
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import yaml
 
 from cai.chunks import ChunkLedger, chunk_seed, run_chunks
-from cai.constitution import check_constitution
+from cai.constitution import change_line, check_constitution, constitution_diff
 from cai.evaluation.figures import ANSWER_FIGURES, BY_KEY, PRINCIPLE_SETS, direction
 from cai.evaluation.statistics import answer_figures, principle_win_rates, rounded_estimate
 from cai.judge.judge import comparison_key, draw_principles
 from cai.leakage import few_shot_index
-from cai.plan.fingerprint import change_line, constitution_diff, digest
 from cai.refusals import EVASIVE_MAX_WORDS
 from cai.registry import POLICY_STAGES, PROMPTED_BASE, split_step
 from cai.rundir import StageDir, folder_steps, read_jsonl
@@ -71,8 +72,6 @@ def load_evaluated(path: Path) -> EvaluatedRun:
     if not results_path.exists():
         raise ValidationError([Problem(str(path), None, "no evaluation to compare (evaluate/results.json): run "
                                                         "`cai evaluate` or `cai run` in it first")])
-    import json
-
     results = json.loads(results_path.read_text(encoding="utf-8"))
     config_path = path / "config.yaml"
     config = (yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}) if config_path.exists() else {}
@@ -230,6 +229,11 @@ def comparison(runs: list[EvaluatedRun], seed: int = 0) -> dict:
             "against": against,
             "bootstrap": {"resamples": RESAMPLES, "level": LEVEL, "seed": seed, "unit": "shared prompt",
                           "method": "percentile bootstrap; both runs' answers to the same resampled prompts"}}
+
+
+def digest(prompts: list) -> str:
+    """A chunk's key: its prompts, so the same out folder never mixes two prompt lists."""
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:12]
 
 
 def head_to_head(judge, a: EvaluatedRun, b: EvaluatedRun, model_a: str, model_b: str, shared: dict,
