@@ -20,7 +20,8 @@ from cai.rundir import atomic_write_json, read_jsonl
 from cai.stats import TOO_FEW, elo
 from cai.yamlio import ValidationError
 
-EVAL = ("prompts.max_eval=2", "evaluate.max_new_tokens=8", "evaluate.batch_size=4", "evaluate.feedback_few_shot=1",
+# the models of evaluate's default without the prompted baseline (tests/test_compare.py has it)
+EVAL = ("evaluate.models=[base, sft, rl, dpo]", "prompts.max_eval=2", "evaluate.max_new_tokens=8", "evaluate.batch_size=4", "evaluate.feedback_few_shot=1",
         "evaluate.temperature=1.0")  # sampled: the tiny model's greedy answers are empty
 
 
@@ -468,7 +469,7 @@ def test_a_stage_the_config_does_not_run_is_noted_not_reported_as_missing(sft_ru
     config.write_text(text[:text.index("\ndpo:")] + "\n")  # the smoke config without its dpo section
     ctx = prepare(load_config(config, [f"run_dir={sft_run}"]), "evaluate")
     found, skipped = models_to_evaluate(ctx, ctx.config)
-    assert list(found) == ["base", "sft"]
+    assert list(found) == ["base", "base+constitution", "sft"]
     assert skipped == {"rl": f"stage 'rl' has not completed in {sft_run}",
                        "dpo": "not one of this run's stages: the config has no dpo section"}
 

@@ -173,7 +173,7 @@ def test_evaluate_and_the_report_cover_both_rounds(rounds):
 
     reference, _, _ = rounds
     results = json.loads((reference / "evaluate" / "results.json").read_text())
-    assert results["models"] == ["base", "sft", "rl@1", "rl@2", "dpo@1", "dpo@2"]
+    assert results["models"] == ["base", "base+constitution", "sft", "rl@1", "rl@2", "dpo@1", "dpo@2"]
     assert round_traces(results["models"]) == [["sft", "rl@1", "rl@2"], ["sft", "dpo@1", "dpo@2"]]
     page = (reference / "report" / "index.html").read_text()
     for step in ("label@2", "reward@2", "rl@2", "dpo@2"):

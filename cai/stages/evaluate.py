@@ -107,7 +107,8 @@ class Config(JudgeSettings):  # the judge of win rates: feedback_model, feedback
                                      "beat), a policy stage (sft, rl, dpo: "
                                      "skipped when that stage has not run; with rounds, rl and dpo mean every "
                                      "round's, rl@1, rl@2, ...; rl@K one round's), a model spec or server:NAME",
-                                default_factory=lambda: ["base", "sft", "rl", "dpo"], model_reference=True)
+                                default_factory=lambda: ["base", PROMPTED_BASE, "sft", "rl", "dpo"],
+                                model_reference=True)
     prompts: dict[str, Any] = setting(
         help="prompt sources to evaluate on instead of the held-out split, by kind: {red_team: SOURCE, helpful: "
              "SOURCE} (a .jsonl/.txt file, a datasets folder, builtin:NAME or a {dataset: ...} mapping as in "
@@ -149,7 +150,7 @@ def check_config(run, cfg: Config, trl: dict) -> list:
     for name in cfg.models:
         if name == "reward":  # the plan refuses a stage name without any model
             problems.append(at("models", f"'evaluate.models': '{name}' has no policy model "
-                                         f"(use base, sft, rl, dpo or a model spec)"))
+                                         f"(use base, {PROMPTED_BASE}, sft, rl, dpo or a model spec)"))
     return problems + prompt_problems(run, cfg, at)
 
 
