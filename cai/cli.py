@@ -236,6 +236,19 @@ def cmd_eval_labeler(args) -> int:
     return eval_labeler_command(StageContext.of(step, run, plan.run_steps), args.data, args.limit, args.out)
 
 
+class _Version(argparse.Action):
+    """--version, built only when asked for: it imports torch to name the device."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):  # noqa: A002
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from cai.execute.measure import version_text
+
+        print(version_text())
+        parser.exit()
+
+
 class _SettingsHelp(argparse.Action):
     """-h / --help that also lists every setting (`cai.help`), built only when asked for:
     it imports the stage recipes and TRL, which a plain command does not need at start."""
@@ -267,6 +280,8 @@ def _round(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cai", description="Constitutional AI / RLAIF training with TRL")
     _verbose_flag(parser, False)
+    parser.add_argument("--version", action=_Version, help="print the versions of cai, torch, transformers, trl "
+                                                             "and accelerate, and the device, then exit")
     # -v after the command too (`cai run -v ...`): SUPPRESS keeps a missing one from
     # overwriting the flag given before the command.
     common = argparse.ArgumentParser(add_help=False)

@@ -80,3 +80,23 @@ def test_output_cut_short_by_the_reader_is_not_an_error():
     done = subprocess.run(f"{sys.executable} -m cai constitution show constitutions/harmless.yaml | head -1",
                           shell=True, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.stdout.strip() and "internal error" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_version_prints_the_libraries_and_the_device_and_exits_0(capsys):
+    import importlib.metadata as md
+    import os
+
+    import torch
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    first, device = capsys.readouterr().out.splitlines()
+    assert first.startswith(f"cai {md.version('cai')} ")
+    for package in ("torch", "transformers", "trl", "accelerate"):
+        assert f"{package} {md.version(package)}" in first
+    if torch.cuda.is_available():
+        assert device == f"device: cuda: {torch.cuda.get_device_name(0)}" or device.startswith(
+            f"device: cuda: {torch.cuda.get_device_name(0)} (and ")
+    elif not torch.backends.mps.is_available():
+        assert device == f"device: cpu, {os.cpu_count()} cores"

@@ -54,6 +54,7 @@ def file_sha256(path: Path) -> str | None:
 
 
 def versions() -> dict:
+    """The versions a manifest records and `cai --version` prints."""
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
@@ -61,6 +62,26 @@ def versions() -> dict:
         with contextlib.suppress(md.PackageNotFoundError):
             out[package] = md.version(package)
     return out
+
+
+def device_text() -> str:
+    """The device `device: auto` picks here, in words, for `cai --version`."""
+    import torch
+
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        return f"cuda: {torch.cuda.get_device_name(0)}" + (f" (and {count - 1} more)" if count > 1 else "")
+    if torch.backends.mps.is_available():
+        return "mps"
+    return f"cpu, {os.cpu_count()} cores"
+
+
+def version_text() -> str:
+    """`cai --version`: cai's version, the libraries it runs on, and the device."""
+    found = versions()
+    libraries = ", ".join(f"{name} {found[name]}" for name in ("torch", "transformers", "trl", "accelerate")
+                          if name in found)
+    return f"cai {found.get('cai', '?')} (python {found['python']}; {libraries})\ndevice: {device_text()}"
 
 
 class StagePeak:
