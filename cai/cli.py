@@ -33,6 +33,7 @@ def _load(args):
     from pathlib import Path
 
     from cai.config import load_config
+    from cai.plan.sections import misplaced_key_hint
 
     run_dir = getattr(args, "run_dir", None)
     if run_dir is not None and args.config is not None:
@@ -47,7 +48,7 @@ def _load(args):
         if not config.is_file():
             raise ValidationError([Problem(str(config), None, f"no such file: {run_dir} holds no config.yaml "
                                                               f"(a run folder keeps the config its first run used)")])
-    return load_config(config, args.overrides)
+    return load_config(config, args.overrides, elsewhere=misplaced_key_hint)
 
 
 def _plan(args, **kwargs):
@@ -87,7 +88,7 @@ def print_plan(plan, force: bool = False) -> int:
     from cai.rundir import step_state
 
     for problem in plan.warnings:
-        print(f"{problem.file}:{problem.line}: warning: {problem.message}", file=sys.stderr)
+        print(Problem(problem.file, problem.line, f"warning: {problem.message}"), file=sys.stderr)
     note = f" ({len(plan.warnings)} warning{'s' * (len(plan.warnings) != 1)})" if plan.warnings else ""
     print(f"[cai] {plan.run.source.file}: ok for {', '.join(s.step for s in plan.steps)}{note}")
     print(f"[cai] run folder: {plan.folder}")
