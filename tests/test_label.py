@@ -149,7 +149,8 @@ def test_labeler_accuracy_has_an_interval_a_verdict_and_says_when_there_are_too_
     assert metrics["accuracy_averaged_vs_chance"] == "too few to compare"
     text = format_metrics(metrics)
     assert f"0.667 [{expected.low:.3f}, {expected.high:.3f}]" in text
-    assert f"too few to compare: 3 comparisons cannot judge a labeler; its accuracy needs at least {MIN_PROMPTS}" in text
+    assert (f"too few to compare: 3 comparisons cannot judge a labeler; its accuracy needs at least {MIN_PROMPTS}"
+            in text)
 
     many = read_labeled_pairs(write_jsonl(tmp_path / "many.jsonl", HHH_ROWS * 4))  # 12 pairs, all judged right
     metrics = evaluate_labeler(FixedJudge([(0.9, 0.8)] * 12), None, many)
