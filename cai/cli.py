@@ -133,11 +133,12 @@ def cmd_stage(args) -> int:
         return print_plan(plan, args.force)
     with RunLock(run.path, f"cai {step}"):
         execute(plan, force=args.force, remember=True)
+        if args.command == "evaluate":
+            refresh_report(run)
     return 0
 
 
 def cmd_run(args) -> int:
-    from cai import distributed
     from cai.execute.executor import execute
     from cai.rundir import RunLock
 
@@ -146,13 +147,20 @@ def cmd_run(args) -> int:
         return print_plan(plan, args.force)
     with RunLock(run.path, "cai run"):
         execute(plan, force=args.force, remember=True)
-        if distributed.is_main():  # the report of what the run folder holds, evaluated or not
-            from cai.report import write_report
-
-            evaluated = (run.path / "evaluate" / "manifest.json").exists()
-            note = "" if evaluated else " (no evaluation yet: evaluate has not run, so the page shows training only)"
-            print(f"[cai] report: {write_report(run.path)}{note}")
+        refresh_report(run)
     return 0
+
+
+def refresh_report(run) -> None:
+    """RUN_DIR/report/index.html, rewritten from what the run folder holds, evaluated or
+    not: after `cai run` and after `cai evaluate`, whose results it shows."""
+    from cai import distributed
+    from cai.report import write_report
+
+    if distributed.is_main():
+        evaluated = (run.path / "evaluate" / "manifest.json").exists()
+        note = "" if evaluated else " (no evaluation yet: evaluate has not run, so the page shows training only)"
+        print(f"[cai] report: {write_report(run.path)}{note}")
 
 
 def cmd_status(args) -> int:

@@ -446,6 +446,11 @@ def test_missing_unreadable_and_binary_config_files(workspace, capsys):
     (["--from", "rl", "--until", "label"], "--from: 'rl' comes after --until 'label'"),
     (["--from", "nonsense"], "--from: 'nonsense' is not one of this run's stages"),
     (["--until", "critiqe"], "--until: 'critiqe' is not one of this run's stages"),
+    (["--from", "rl@2"], ": the config has rounds: 1, so rl runs in round 1 (raise rounds to run round 2)"),
+    (["--from", "rl@3", "--set", "rounds=2"], ": the config has rounds: 2, so rl runs in rounds 1 to 2 (raise rounds "
+                                              "to run round 3)"),
+    (["--until", "sft@2"], "--until: 'sft@2' is not one of this run's stages (critique, sft, label, reward, rl, dpo, "
+                           "evaluate): sft runs once, not per round"),
 ])
 def test_stage_range_flags(workspace, capsys, flags, expected):
     run_dir = workspace / "run"
