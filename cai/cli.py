@@ -13,9 +13,13 @@ from cai.registry import STAGES
 from cai.yamlio import Problem, ValidationError
 
 
-def _verbose_flag(parser: argparse.ArgumentParser, default) -> None:
+def _verbosity_flags(parser: argparse.ArgumentParser, default) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", default=default,
-                        help="debug logging, and the traceback of an internal error")
+                        help="everything the libraries say (their progress bars and the warnings cai hides: "
+                             "cai.console.NOISE), debug logging, and the traceback of an internal error")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="no progress bars and no line when a step starts: each step's summary line, "
+                             "warnings and errors")
 
 
 def _add_config_args(parser: argparse.ArgumentParser, run_dir: bool = False) -> None:
@@ -288,13 +292,13 @@ def _round(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cai", description="Constitutional AI / RLAIF training with TRL")
-    _verbose_flag(parser, False)
+    _verbosity_flags(parser, False)
     parser.add_argument("--version", action=_Version, help="print the versions of cai, torch, transformers, trl "
                                                              "and accelerate, and the device, then exit")
     # -v after the command too (`cai run -v ...`): SUPPRESS keeps a missing one from
     # overwriting the flag given before the command.
     common = argparse.ArgumentParser(add_help=False)
-    _verbose_flag(common, argparse.SUPPRESS)
+    _verbosity_flags(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     for entry in STAGES:
         stage = sub.add_parser(entry.name, help=entry.help, description=entry.help, parents=[common],
@@ -343,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # before --help, which imports the stages
     args = build_parser().parse_args(argv)
+    from cai import console
+
+    if args.verbose and args.quiet:
+        print("cai: error: -q and -v exclude each other", file=sys.stderr)
+        return 2
+    console.setup(console.VERBOSE if args.verbose else console.QUIET if args.quiet else console.DEFAULT)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_unless_main()
