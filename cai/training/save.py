@@ -47,8 +47,8 @@ def train_and_save(trainer, ctx, model_dir: str = "model", base: str = "", data:
 def use_training_bar(trainer, desc: str) -> None:
     """The trainer's progress bar named after the step, with the latest loss on it, in
     place of transformers' bar, which prints a dict at every logging step (the log
-    history, saved next to the model, keeps every one). A trainer the user gave
-    `disable_tqdm: true` keeps its plain printout."""
+    history, saved next to the model, keeps every one; -v prints them too). A trainer the
+    user gave `disable_tqdm: true` keeps its plain printout."""
     from transformers.trainer_callback import ProgressCallback
 
     class TrainingBar(ProgressCallback):
@@ -58,6 +58,8 @@ def use_training_bar(trainer, desc: str) -> None:
             self.current_step = 0
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if console.verbosity == console.VERBOSE:  # -v: every logged dict, as transformers prints them
+                super().on_log(args, state, control, logs=logs, **kwargs)
             loss = next((logs[k] for k in ("loss", "loss/policy_avg") if k in (logs or {})), None)
             if self.training_bar is not None and isinstance(loss, (int, float)):
                 self.training_bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
