@@ -22,9 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from cai import distributed
+from cai import console, distributed
 from cai.rundir import append_jsonl, read_jsonl
 
 
@@ -125,8 +123,8 @@ def run_chunks(ledger: ChunkLedger, chunks: Iterable[tuple[str, object]], work: 
         ledger.cut_bytes = 0
     waiting = set(pending)
     initial = sum(size(chunk) for i, (_, chunk) in enumerate(chunks) if i not in waiting)
-    bar = tqdm(total=total if total is not None else sum(size(c) for _, c in chunks), initial=initial, desc=desc,
-               disable=not distributed.is_main())
+    bar = console.bar(total=total if total is not None else sum(size(c) for _, c in chunks), initial=initial,
+                      desc=desc, disable=not distributed.is_main())
     processes, me = distributed.world_size(), distributed.rank()
     try:
         for start in range(0, len(pending), processes):

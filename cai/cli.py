@@ -13,9 +13,13 @@ from cai.registry import STAGES
 from cai.yamlio import Problem, ValidationError
 
 
-def _verbose_flag(parser: argparse.ArgumentParser, default) -> None:
+def _verbosity_flags(parser: argparse.ArgumentParser, default) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", default=default,
-                        help="debug logging, and the traceback of an internal error")
+                        help="everything the libraries say (their progress bars and the warnings cai hides: "
+                             "cai.console.NOISE), debug logging, and the traceback of an internal error")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="no progress bars and no line when a step starts: each step's summary line, "
+                             "warnings and errors")
 
 
 def _add_config_args(parser: argparse.ArgumentParser, run_dir: bool = False) -> None:
@@ -33,6 +37,7 @@ def _load(args):
     from pathlib import Path
 
     from cai.config import load_config
+    from cai.plan.sections import misplaced_key_hint
 
     run_dir = getattr(args, "run_dir", None)
     if run_dir is not None and args.config is not None:
@@ -47,7 +52,7 @@ def _load(args):
         if not config.is_file():
             raise ValidationError([Problem(str(config), None, f"no such file: {run_dir} holds no config.yaml "
                                                               f"(a run folder keeps the config its first run used)")])
-    return load_config(config, args.overrides)
+    return load_config(config, args.overrides, elsewhere=misplaced_key_hint)
 
 
 def _plan(args, **kwargs):
@@ -87,7 +92,7 @@ def print_plan(plan, force: bool = False) -> int:
     from cai.rundir import step_state
 
     for problem in plan.warnings:
-        print(f"{problem.file}:{problem.line}: warning: {problem.message}", file=sys.stderr)
+        print(Problem(problem.file, problem.line, f"warning: {problem.message}"), file=sys.stderr)
     note = f" ({len(plan.warnings)} warning{'s' * (len(plan.warnings) != 1)})" if plan.warnings else ""
     print(f"[cai] {plan.run.source.file}: ok for {', '.join(s.step for s in plan.steps)}{note}")
     print(f"[cai] run folder: {plan.folder}")
@@ -132,13 +137,14 @@ def cmd_stage(args) -> int:
         return print_plan(plan, args.force)
     with RunLock(run.path, f"cai {step}"):
         execute(plan, force=args.force, remember=True)
+        if args.command == "evaluate":
+            refresh_report(run)
     return 0
 
 
 def cmd_run(args) -> int:
     from pathlib import Path
 
-    from cai import distributed
     from cai.execute.executor import execute
     from cai.rundir import RunLock
 
@@ -151,13 +157,20 @@ def cmd_run(args) -> int:
             raise ValidationError([Problem(str(folder), None, "--reuse: no such run folder")])
     with RunLock(run.path, "cai run"):
         execute(plan, force=args.force, remember=True, reuse=tuple(reuse))
-        if distributed.is_main():  # the report of what the run folder holds, evaluated or not
-            from cai.report import write_report
-
-            evaluated = (run.path / "evaluate" / "manifest.json").exists()
-            note = "" if evaluated else " (no evaluation yet: evaluate has not run, so the page shows training only)"
-            print(f"[cai] report: {write_report(run.path)}{note}")
+        refresh_report(run)
     return 0
+
+
+def refresh_report(run) -> None:
+    """RUN_DIR/report/index.html, rewritten from what the run folder holds, evaluated or
+    not: after `cai run` and after `cai evaluate`, whose results it shows."""
+    from cai import distributed
+    from cai.report import write_report
+
+    if distributed.is_main():
+        evaluated = (run.path / "evaluate" / "manifest.json").exists()
+        note = "" if evaluated else " (no evaluation yet: evaluate has not run, so the page shows training only)"
+        print(f"[cai] report: {write_report(run.path)}{note}")
 
 
 def cmd_status(args) -> int:
@@ -349,6 +362,19 @@ def cmd_eval_labeler(args) -> int:
     return eval_labeler_command(StageContext.of(step, run, plan.run_steps), args.data, args.limit, args.out)
 
 
+class _Version(argparse.Action):
+    """--version, built only when asked for: it imports torch to name the device."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):  # noqa: A002
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from cai.execute.measure import version_text
+
+        print(version_text())
+        parser.exit()
+
+
 class _SettingsHelp(argparse.Action):
     """-h / --help that also lists every setting (`cai.help`), built only when asked for:
     it imports the stage recipes and TRL, which a plain command does not need at start."""
@@ -379,11 +405,13 @@ def _round(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cai", description="Constitutional AI / RLAIF training with TRL")
-    _verbose_flag(parser, False)
+    _verbosity_flags(parser, False)
+    parser.add_argument("--version", action=_Version, help="print the versions of cai, torch, transformers, trl "
+                                                             "and accelerate, and the device, then exit")
     # -v after the command too (`cai run -v ...`): SUPPRESS keeps a missing one from
     # overwriting the flag given before the command.
     common = argparse.ArgumentParser(add_help=False)
-    _verbose_flag(common, argparse.SUPPRESS)
+    _verbosity_flags(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     for entry in STAGES:
         stage = sub.add_parser(entry.name, help=entry.help, description=entry.help, parents=[common],
@@ -459,6 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # before --help, which imports the stages
     args = build_parser().parse_args(argv)
+    from cai import console
+
+    if args.verbose and args.quiet:
+        print("cai: error: -q and -v exclude each other", file=sys.stderr)
+        return 2
+    console.setup(console.VERBOSE if args.verbose else console.QUIET if args.quiet else console.DEFAULT)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_unless_main()

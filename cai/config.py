@@ -186,7 +186,10 @@ def run_dir_problem(run_dir: str) -> str | None:
     return None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None, elsewhere=None) -> RunConfig:
+    """The run config of `path`, every `--set` applied, checked. `elsewhere(key, value)`:
+    where an unknown top-level key belongs, added to its problem (the plan knows the
+    stages' keys: `cai.plan.sections.misplaced_key_hint`)."""
     doc = load_yaml(path)
     if doc.data is None:
         doc.data = {}
@@ -201,7 +204,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
     model_options, raw = split_model_options(raw)
     top_level = (*STAGE_SECTIONS, "prompts", "servers", *(f.name for f in dataclasses.fields(ModelOptions)))
-    run, _, problems = parse_dataclass(RunConfig, raw, doc, (), extra=None, suggest=top_level)
+    run, _, problems = parse_dataclass(RunConfig, raw, doc, (), extra=None, suggest=top_level, elsewhere=elsewhere)
     options_problems = parse_dataclass(ModelOptions, model_options, doc, (), inert=False)[2]
     problems += options_problems
     if not problems:

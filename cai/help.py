@@ -33,16 +33,24 @@ def _first_sentence(text: str) -> str:
 
 
 def trl_rows(cls: type, defaults: dict) -> list[tuple[str, str, str, str]]:
-    """(name, type, default, help) of every field of a TRL config class: cai's default where
-    the stage sets one, else TRL's; TRL's help, its first sentence. Keys cai sets itself
+    """(name, type, default, help) of every field of a TRL config class: the default the
+    stage uses, marked (cai's) where cai sets it (the stage's `defaults`, else
+    `cai.training.args.CAI_TRL_DEFAULTS`, its rule where it depends on the run or the
+    device), else TRL's; TRL's help, its first sentence. Keys cai sets itself
     (`output_dir`) are left out: a user value is refused."""
-    from cai.training.args import RESERVED_TRL_KEYS
+    from cai.training.args import CAI_TRL_DEFAULTS, RESERVED_TRL_KEYS
 
     rows = []
     for f in dataclasses.fields(cls):
         if not f.init or f.name.startswith("_") or f.name in RESERVED_TRL_KEYS:
             continue
-        default = (f"{yaml_text(defaults[f.name])} (cai's)" if f.name in defaults else default_text(f))
+        if f.name in defaults:
+            default = f"{yaml_text(defaults[f.name])} (cai's)"
+        elif f.name in CAI_TRL_DEFAULTS:
+            value, rule = CAI_TRL_DEFAULTS[f.name]
+            default = (rule.format(trl=f"TRL's {default_text(f)}") if rule else yaml_text(value)) + " (cai's)"
+        else:
+            default = default_text(f)
         kind = getattr(f.type, "__name__", None) or str(f.type).replace("typing.", "")
         rows.append((f.name, kind, default, _first_sentence(f.metadata.get("help", ""))))
     return rows
@@ -100,7 +108,7 @@ def stage_settings(name: str) -> str:
 
 def run_settings() -> str:
     """The epilog of `cai run --help`: the top-level keys, prompts, servers, model options,
-    and each stage's own settings (`cai STAGE --help` adds its TRL keys)."""
+    and each stage's own settings (`cai STAGE --help` adds a training stage's TRL keys)."""
     from cai.config import PromptsConfig, RunConfig
     from cai.engines.openai import ServerConfig
     from cai.plan.sections import stage_module
@@ -114,6 +122,7 @@ def run_settings() -> str:
     lines += ["", "model options (top level: every stage; in a stage's section: that stage):"]
     lines += _rows(model_option_rows(None))
     for entry in registry.STAGES:
-        lines += ["", f"{entry.name}: {entry.help} (`cai {entry.name} --help` adds its TRL keys)"]
+        more = f" (`cai {entry.name} --help` adds its TRL keys)" if trl_sections(entry.name) else ""
+        lines += ["", f"{entry.name}: {entry.help}{more}"]
         lines += _rows(settings_help(stage_module(entry.name).Config), prefix=f"{entry.name}.")
     return "\n".join(lines)

@@ -124,11 +124,13 @@ def out_of_range(value: Any, bounds: dict, hint: Any = None) -> str | None:
 
 
 def parse_dataclass(cls: type, raw: Any, doc: LocatedYaml, path: tuple, extra: set[str] | None = None,
-                    extra_name: str = "", suggest: tuple = (), inert: bool = True) -> tuple[Any, dict, list[Problem]]:
+                    extra_name: str = "", suggest: tuple = (), inert: bool = True,
+                    elsewhere=None) -> tuple[Any, dict, list[Problem]]:
     """Build `cls` from a mapping. Keys in `extra` (a TRL config's fields) are returned
     apart; any other unknown key (with the closest known one, from the fields, `extra`
-    and `suggest`), a wrong type, a missing required field or (with `inert`) a key that
-    does nothing without another (`inert_keys`) is a problem."""
+    and `suggest`, and `elsewhere(key, value)`: where the key belongs, when that is
+    known), a wrong type, a missing required field or (with `inert`) a key that does
+    nothing without another (`inert_keys`) is a problem."""
     where = ".".join(str(p) for p in path) or "the config"
     if raw is None:
         raw = {}
@@ -150,8 +152,8 @@ def parse_dataclass(cls: type, raw: Any, doc: LocatedYaml, path: tuple, extra: s
         elif extra is not None and key in extra:
             passthrough[key] = value
         else:
-            problems.append(doc.problem(path + (key,), unknown_key(key, where, [*fields, *(extra or ()), *suggest],
-                                                                   extra_name)))
+            message = unknown_key(key, where, [*fields, *(extra or ()), *suggest], extra_name)
+            problems.append(doc.problem(path + (key,), message + (elsewhere(key, value) if elsewhere else "")))
     for name, f in fields.items():
         if (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                 and name not in raw):

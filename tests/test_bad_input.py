@@ -331,6 +331,17 @@ def test_a_hub_id_is_fine_offline_when_cached_and_refused_without_a_network(work
     assert not (workspace / "run").exists()
 
 
+def test_a_warning_about_a_set_argument_names_the_argument_alone(workspace, capsys):
+    """`--check` with a hub id given by --set: the warning is located at the argument,
+    never at a line number it has not got."""
+    argument = "model=someone/not-cached"
+    assert main(["run", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run_dir={workspace / 'run'}",
+                 "--set", argument, "--check"]) == 0
+    err = capsys.readouterr().err
+    assert f"--set {argument}: warning: 'model': model someone/not-cached is not in the local" in err
+    assert ":None" not in err
+
+
 @pytest.mark.skipif(__import__("torch").backends.mps.is_available(), reason="this machine has MPS")
 def test_mps_without_mps_is_refused(workspace, capsys):
     argv = ["run", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run_dir={workspace / 'run'}",
@@ -373,6 +384,14 @@ FILE_CASES = [
      "'sft.learning_rate' must be float"),
     ("run-dir-nul-in-file", smoke("run_dir: runs/smoke", 'run_dir: "runs/a\\0b"'), "run_dir:", 1, "NUL"),
     ("unknown-section", smoke(append="\ncritiqe:\n  num_revisions: 1\n"), "critiqe:", 1, "unknown key 'critiqe'"),
+    # a key in the wrong place: the sections that take it
+    ("stage-key-at-top-level", smoke("threads: 1\n", "threads: 1\nlearning_rate: 0.1\n"), "learning_rate: 0.1", 1,
+     "unknown key 'learning_rate' in the config (not a top-level key); 'learning_rate' is a stage setting: write it "
+     "in the section of the stage it is for: sft.learning_rate, reward.learning_rate, rl.learning_rate or "
+     "dpo.learning_rate"),
+    ("section-that-is-no-stage", smoke(append="\nppo:\n  kl_coef: 0.1\n"), "\nppo:", 1,
+     "unknown key 'ppo' in the config (not a top-level key); 'ppo' is not a stage (critique, sft, label, reward, rl, "
+     "dpo, evaluate): its keys belong in a stage's section, e.g. rl.kl_coef"),
     ("top-level-dtype", smoke("threads: 1\n", "threads: 1\ndtype: float13\n"), "dtype: float13", 1,
      "'dtype' must be 'auto' or"),
     ("stage-lora-r", smoke("  helpful_prompts: 4\n", "  helpful_prompts: 4\n  lora_r: 0\n"), "  lora_r: 0", 1,
@@ -427,6 +446,11 @@ def test_missing_unreadable_and_binary_config_files(workspace, capsys):
     (["--from", "rl", "--until", "label"], "--from: 'rl' comes after --until 'label'"),
     (["--from", "nonsense"], "--from: 'nonsense' is not one of this run's stages"),
     (["--until", "critiqe"], "--until: 'critiqe' is not one of this run's stages"),
+    (["--from", "rl@2"], ": the config has rounds: 1, so rl runs in round 1 (raise rounds to run round 2)"),
+    (["--from", "rl@3", "--set", "rounds=2"], ": the config has rounds: 2, so rl runs in rounds 1 to 2 (raise rounds "
+                                              "to run round 3)"),
+    (["--until", "sft@2"], "--until: 'sft@2' is not one of this run's stages (critique, sft, label, reward, rl, dpo, "
+                           "evaluate): sft runs once, not per round"),
 ])
 def test_stage_range_flags(workspace, capsys, flags, expected):
     run_dir = workspace / "run"

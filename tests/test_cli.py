@@ -80,3 +80,61 @@ def test_output_cut_short_by_the_reader_is_not_an_error():
     done = subprocess.run(f"{sys.executable} -m cai constitution show constitutions/harmless.yaml | head -1",
                           shell=True, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.stdout.strip() and "internal error" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_version_prints_the_libraries_and_the_device_and_exits_0(capsys):
+    import importlib.metadata as md
+    import os
+
+    import torch
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    first, device = capsys.readouterr().out.splitlines()
+    assert first.startswith(f"cai {md.version('cai')} ")
+    for package in ("torch", "transformers", "trl", "accelerate"):
+        assert f"{package} {md.version(package)}" in first
+    if torch.cuda.is_available():
+        assert device == f"device: cuda: {torch.cuda.get_device_name(0)}" or device.startswith(
+            f"device: cuda: {torch.cuda.get_device_name(0)} (and ")
+    elif not torch.backends.mps.is_available():
+        assert device == f"device: cpu, {os.cpu_count()} cores"
+
+
+@pytest.mark.parametrize("argv, level", [(["-q"], "QUIET"), (["--quiet"], "QUIET"), ([], "DEFAULT"),
+                                         (["-v"], "VERBOSE")])
+def test_quiet_and_verbose_set_the_console(argv, level, monkeypatch):
+    import cai.cli
+    from cai import console
+
+    seen = []
+    monkeypatch.setattr(cai.cli, "cmd_constitution", lambda args: seen.append(console.verbosity) or 0)
+    try:
+        assert main([*argv, "constitution", "check", str(ROOT / "constitutions" / "harmless.yaml")]) == 0
+    finally:
+        console.setup(console.DEFAULT)
+    assert seen == [getattr(console, level)]
+
+
+def test_quiet_and_verbose_together_are_refused(capsys):
+    assert main(["-q", "-v", "constitution", "check", str(ROOT / "constitutions" / "harmless.yaml")]) == 2
+    assert "-q and -v exclude each other" in capsys.readouterr().err
+
+
+def test_quiet_leaves_out_the_lines_a_person_may_skip(sft_run, capsys):
+    """A step that is skipped says so at the default verbosity, not with -q."""
+    from conftest import make_run
+
+    from cai import console
+    from cai.execute.executor import run_one
+
+    run = make_run(sft_run)
+    run_one(run, "sft")
+    assert "[cai] sft: already complete" in capsys.readouterr().out
+    console.setup(console.QUIET)
+    try:
+        run_one(run, "sft")
+    finally:
+        console.setup(console.DEFAULT)
+    assert capsys.readouterr().out == ""

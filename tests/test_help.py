@@ -82,4 +82,52 @@ def test_run_help_lists_the_top_level_keys_and_every_stage_setting(capsys):
     listed(out, [(f"servers.NAME.{n}", k, d, t) for n, k, d, t in settings_help(ServerConfig)])
     for stage in registry.ORDER:
         listed(out, [(f"{stage}.{n}", k, d, t) for n, k, d, t in settings_help(stage_module(stage).Config)])
-        assert f"`cai {stage} --help` adds its TRL keys" in out
+        # a promise of TRL keys only where the stage has some
+        assert (f"`cai {stage} --help` adds its TRL keys" in out) == (registry.stage(stage).kind == "training")
+
+
+# How a rule `--help` states reads for a run on CPU with seed 7 (TRL lists report_to: none as []).
+ON_THIS_RUN = {"the run's seed": 7, "the run's report_to": [], "true unless a CUDA GPU is used": True,
+               "the run's run_name when set, else TRL's null": None}
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "rl"])
+def test_the_trl_defaults_help_shows_are_the_ones_the_stage_uses(stage, tmp_path, capsys):
+    """Every TRL key `cai STAGE --help` marks (cai's) has the value the stage builds its
+    TRL config with (on CPU, seed 7); every other key, TRL's own, is left as TRL has it."""
+    import enum
+    import warnings
+
+    from conftest import make_run
+
+    from cai.help import trl_sections
+    from cai.schema import yaml_text
+    from cai.training.args import build_trl_config
+
+    def text(value) -> str:  # transformers turns its string choices into enums
+        return yaml_text(value.value if isinstance(value, enum.Enum) else value)
+
+    out = help_text(capsys, stage)
+    run = make_run(tmp_path / "run", "device=cpu", "seed=7")
+    parts = re.split(r"(?:TRL|trainer) keys, passed to ", out)[1:]
+    for part, (_, cls, defaults) in zip(parts, trl_sections(stage), strict=True):
+        built = build_trl_config(run, {}, tmp_path / stage, cls, defaults)  # as the stage builds it, no user keys
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TRL's own gradient_checkpointing: true is deprecated
+            trl_only = cls(output_dir=str(tmp_path / "bare"), use_cpu=True)
+        shown = dict(re.findall(r"\n  (\w+): .*? = (.*)", part))
+        assert {"seed", "save_steps", "logging_steps", "activation_checkpointing"} <= set(shown)
+        for name, default in shown.items():
+            value = getattr(built, name)
+            if not default.endswith(" (cai's)"):
+                assert text(value) == text(getattr(trl_only, name)), (cls.__name__, name)
+                continue
+            default = default.removesuffix(" (cai's)")
+            if default in ON_THIS_RUN:
+                assert value == ON_THIS_RUN[default], (cls.__name__, name)
+            elif " on CPU" in default:
+                assert default.startswith(f"{text(value)} on CPU"), (cls.__name__, name)
+            else:
+                assert default == text(value), (cls.__name__, name)
+        assert (shown["seed"], shown["save_steps"], shown["logging_steps"]) == (
+            "the run's seed (cai's)", "50 (cai's)", "1 (cai's)")

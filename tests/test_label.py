@@ -138,6 +138,28 @@ def test_labeler_metrics_count_one_order_both_orders_and_slot_picking(tmp_path):
     assert expected_calibration_error([0.8, 0.55, 0.55], [1, 0, 1]) == pytest.approx((0.2 + 2 * 0.05) / 3)
 
 
+def test_labeler_accuracy_has_an_interval_a_verdict_and_says_when_there_are_too_few_pairs(tmp_path):
+    from cai.judge.eval_labeler import format_metrics
+    from cai.stats import MIN_PROMPTS, bootstrap_mean
+
+    few = read_labeled_pairs(write_jsonl(tmp_path / "few.jsonl", HHH_ROWS))
+    metrics = evaluate_labeler(FixedJudge([(0.9, 0.7), (0.6, 0.3), (0.4, 0.7)]), None, few)
+    expected = bootstrap_mean([1, 0, 1])  # evaluate's interval, on the pairs' hits
+    assert metrics["accuracy_averaged_interval"] == [round(expected.low, 4), round(expected.high, 4)]
+    assert metrics["accuracy_averaged_vs_chance"] == "too few to compare"
+    text = format_metrics(metrics)
+    assert f"0.667 [{expected.low:.3f}, {expected.high:.3f}]" in text
+    assert (f"too few to compare: 3 comparisons cannot judge a labeler; its accuracy needs at least {MIN_PROMPTS}"
+            in text)
+
+    many = read_labeled_pairs(write_jsonl(tmp_path / "many.jsonl", HHH_ROWS * 4))  # 12 pairs, all judged right
+    metrics = evaluate_labeler(FixedJudge([(0.9, 0.8)] * 12), None, many)
+    assert metrics["n"] == 12 and metrics["accuracy_averaged_interval"] == [1.0, 1.0]
+    assert metrics["accuracy_averaged_vs_chance"] == "better"
+    text = format_metrics(metrics)
+    assert "1.000 [1.000, 1.000], better than chance" in text and "too few" not in text
+
+
 def test_eval_labeler_command_reports_metrics_for_both_formats(tmp_path, capsys):
     for name, rows in (("hhh", HHH_ROWS), ("pairs", PREFERENCE_ROWS)):
         data, out = write_jsonl(tmp_path / f"{name}.jsonl", rows), tmp_path / f"{name}.json"

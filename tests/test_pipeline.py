@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import time
 
@@ -32,6 +33,19 @@ def test_cai_run_completes_every_stage_then_skips_them_all(tmp_path, capsys):
     assert all(f"[cai] {s}: already complete" in out for s in stages), out
     for s in stages:  # untouched
         assert json.loads((run_dir / s / "manifest.json").read_text()) == manifests[s]
+
+    # `cai evaluate` alone rewrites the report; with the judge limited to red-team prompts
+    # there is no helpfulness Elo, and the harmlessness-vs-helpfulness plot's place says why
+    report = run_dir / "report" / "index.html"
+    report.unlink()
+    assert main(["evaluate", "--config", str(SMOKE), "--set", f"run_dir={run_dir}", "--set",
+                 "evaluate.judge_prompts=[red_team]", "--force"]) == 0
+    assert f"[cai] report: {report}\n" in capsys.readouterr().out
+    text = html.unescape(" ".join(report.read_text(encoding="utf-8").split()))
+    assert 'alt="harmlessness vs helpfulness"' not in text
+    assert ("<h3>Harmlessness vs helpfulness</h3> <p class=\"missing\">Not drawn: it plots each model's Elo on all "
+            "red-team prompts against its Elo on all helpful prompts, and the judge did not compare the models on all "
+            "helpful prompts") in text
 
 
 def test_run_slices_with_from_and_until(tmp_path, capsys):

@@ -248,6 +248,12 @@ def test_a_cell_is_coloured_only_when_its_difference_from_base_is_significant():
     assert not any("better" in c or "worse" in c for c in noise.cell_classes)
 
 
+def test_the_tradeoff_plot_says_why_it_needs_two_models():
+    from cai.report.charts import tradeoff_chart
+    chart, why = tradeoff_chart(["base"], {"base": {"red_team": {"elo": 1000.0}, "helpful": {"elo": 1000.0}}})
+    assert chart is None and why.startswith("it needs at least two evaluated models")
+
+
 def test_report_of_an_unevaluated_run_notes_what_is_missing(sft_run):
     assert main(["report", str(sft_run)]) == 0
     text = (sft_run / "report" / "index.html").read_text(encoding="utf-8")

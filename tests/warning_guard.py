@@ -90,7 +90,15 @@ def main() -> int:
     warnings.showwarning = showwarning
     for name in LOGGERS:
         logging.getLogger(name).addHandler(Watch(logging.WARNING))
+    from cai import console
     from cai.cli import main as cai_main
+
+    cai_setup = console.setup
+
+    def setup(level: int = console.DEFAULT) -> None:  # the guard sees every warning: -v hides none of them
+        cai_setup(console.VERBOSE)
+
+    console.setup = setup
 
     try:
         return cai_main(argv)

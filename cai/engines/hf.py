@@ -14,10 +14,9 @@ import copy
 import time
 
 import torch
-from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StaticCache
 
-from cai import models
+from cai import console, models
 from cai.engines.base import Capabilities, Completion, Engine, Sampling
 
 MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is not worth a cache copy
@@ -253,7 +252,7 @@ class TransformersEngine(Engine):
         shared, prefix_ids, prefix_cache = self._shared_prefix(prompts)
         batches = self._batches_by_length(prompts, sampling.max_new_tokens)
         most = max(map(len, batches), default=0)
-        bar = tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch")
+        bar = console.bar(batches, desc=desc, disable=desc is None, unit="batch")
         for index, batch in enumerate(bar):
             torch.manual_seed(seed * 1_000_003 + index)
             rows = [prompts[i][shared:] for i in batch]
@@ -324,7 +323,7 @@ class TransformersEngine(Engine):
         shared, _, prefix = self._shared_prefix(rows)
         results: list[tuple[float, ...]] = [()] * len(rows)
         batches = self._batches_by_length(rows)  # a question's two orders have one length: they stay together
-        for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch"):
+        for batch in console.bar(batches, desc=desc, disable=desc is None, unit="batch"):
             input_ids, attention = self._pad_left([rows[i][shared:] for i in batch])
             positions = shared + (attention.cumsum(-1) - 1).clamp(min=0)  # as if each row were unpadded
             cache = self._batch_cache(prefix, len(batch))

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import requests
-from tqdm.auto import tqdm
 
+from cai import console
 from cai.engines.base import Capabilities, Completion, Engine, EngineError, Sampling
 from cai.schema import setting
 
@@ -199,7 +199,7 @@ class OpenAIEngine(Engine):
         results = [None] * len(items)
         with ThreadPoolExecutor(max_workers=min(self.server.max_concurrency, len(items))) as pool:
             futures = {pool.submit(function, item): i for i, item in enumerate(items)}
-            bar = tqdm(total=len(items), desc=desc, disable=desc is None, leave=False, unit="request")
+            bar = console.bar(total=len(items), desc=desc, disable=desc is None, unit="request")
             try:
                 for future in as_completed(futures):
                     results[futures[future]] = future.result()

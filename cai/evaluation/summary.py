@@ -1,6 +1,8 @@
 """The evaluation in a few console lines: each figure with its interval, then each model
-against base (what is better or worse, and what is within noise). Names and units come
-from `cai.evaluation.figures`, as the report's do.
+against base (what is better or worse, and what is within noise). A group of fewer than
+`MIN_PROMPTS` prompts gets its figures alone: with no verdict to give, its intervals and
+comparisons are left to the report. Names and units come from `cai.evaluation.figures`,
+as the report's do.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ def format_summary(results: dict) -> str:
         title = f"{MEASURES[kind]}, {KIND_NAMES[kind]} prompts"
         title = f"{title}: {group}" if group != kind else title
         n = results["prompts"][group]
-        few = f"; {TOO_FEW}: verdicts need at least {MIN_PROMPTS} prompts" if n < MIN_PROMPTS else ""
-        lines.append(f"{title} ({n}), 95% intervals{few}:")
+        few = n < MIN_PROMPTS
+        lines.append(f"{title} ({n}), {TOO_FEW}: verdicts need at least {MIN_PROMPTS} prompts (intervals and "
+                     f"comparisons: see the report):" if few else f"{title} ({n}), 95% intervals:")
         for name in results["models"]:
             figures = results["per_model"][name][group]
             shown = []
@@ -46,13 +49,13 @@ def format_summary(results: dict) -> str:
                 if figures.get(figure) is None:
                     continue
                 low, high = figures["ci"].get(figure, (None, None))
-                interval = f" [{show(low, figure)}, {show(high, figure)}]" if low is not None else ""
+                interval = f" [{show(low, figure)}, {show(high, figure)}]" if low is not None and not few else ""
                 shown.append(f"{BY_KEY[figure].console(group)} {show(figures[figure], figure)}{interval}")
             lines.append(f"  {name:<{width}} " + "; ".join(shown))
         # against base, and against the prompted baseline: did training beat prompting?
         against = [(reference, name, rows) for reference in ("base", PROMPTED_BASE)
                    for name, rows in results["paired"][group].get(reference, {}).items()
-                   if reference == "base" or name != "base"]
+                   if reference == "base" or name != "base"] if not few else []
         for reference, name, rows in against:
             calls = []
             for figure in ("head_to_head",) + SHOWN[kind]:
@@ -60,8 +63,8 @@ def format_summary(results: dict) -> str:
                     row = rows[figure]
                     shown = [show(row[key], figure) if figure == "head_to_head" else show_difference(row[key], figure)
                              for key in ("value", "low", "high")]
-                    said = "" if row["verdict"] == TOO_FEW else f" {row['verdict']}"  # the title says it once
-                    calls.append(f"{BY_KEY[figure].console(group)} {shown[0]} [{shown[1]}, {shown[2]}]{said}")
+                    calls.append(f"{BY_KEY[figure].console(group)} {shown[0]} [{shown[1]}, {shown[2]}] "
+                                 f"{row['verdict']}")
             if calls:
                 lines.append(f"  {name} vs {reference}: " + "; ".join(calls))
     return "\n".join(lines)

@@ -8,7 +8,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from cai import distributed
+from cai import console, distributed
 from cai.engines import EngineError, server_name
 from cai.execute.context import StageContext
 from cai.execute.decide import decide_all, decide_now, refuse
@@ -31,6 +31,8 @@ def execute(plan, force: bool = False, remember: bool = False, reuse: tuple = ()
     refuse(decisions)
     if remember and distributed.is_main():
         remember_config(plan.run)
+    if any(d.action != "skip" for d in decisions):
+        console.info(f"[cai] run folder: {plan.run.path.resolve()}")
     return [run_step(plan.run, step, force, plan.run_steps) for step in plan.steps]
 
 
@@ -40,7 +42,7 @@ def run_step(run, step, force: bool = False, run_steps: tuple = ()) -> dict:
     decision = decide_now(step, run.path, force)
     ctx = StageContext.of(step, run, run_steps)
     if decision.action == "skip":
-        print(f"[cai] {step.step}: already complete ({ctx.dir.path}), skipped")
+        console.info(f"[cai] {step.step}: already complete ({ctx.dir.path}), skipped")
         return decision.manifest
     if distributed.is_main():  # the main process sets the folder up; the others wait for it
         aside = decision.aside(ctx.dir.path) if decision.action == "redo" else None
@@ -51,7 +53,7 @@ def run_step(run, step, force: bool = False, run_steps: tuple = ()) -> dict:
     distributed.barrier()
     resumed = decision.action == "resume"
     measured = Measurement(run)
-    print(f"[cai] {step.step}: {'resuming' if resumed else 'running'} in {ctx.dir.path}")
+    console.info(f"[cai] {step.step}: {'resuming' if resumed else 'running'}")
     try:
         counts = ctx.run_stage()
     except BaseException as err:
@@ -69,7 +71,7 @@ def run_step(run, step, force: bool = False, run_steps: tuple = ()) -> dict:
     if distributed.is_main():
         ctx.dir.finish(manifest)
     distributed.barrier()  # the next stage reads this one's manifest and outputs
-    print(f"[cai] {step.step}: {summary(record)} {counts}")
+    print(f"[cai] {step.step}: {summary(record, counts)}")
     return manifest
 
 

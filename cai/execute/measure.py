@@ -37,12 +37,42 @@ class Measurement:
         return record
 
 
-def summary(record: dict) -> str:
-    """`done in 1.2s, peak RSS 0.41 GiB`, for the step's last line."""
+def summary(record: dict, counts: dict) -> str:
+    """A step's last console line: its time in words, its counts, its peak memory
+    (`done in 1 min 5 s: 8 prompts, 16 rounds, train loss 6.24; peak memory 0.41 GiB`).
+    The manifest keeps every count."""
     peak = record["peak_memory"]
-    return (f"done in {record['seconds']:.1f}s, peak RSS {peak['rss_bytes'] / 2**30:.2f} GiB"
-            + (f", CUDA {peak['cuda_max_allocated_bytes'] / 2**30:.2f} GiB" if "cuda_max_allocated_bytes" in peak
-               else ""))
+    memory = f"peak memory {peak['rss_bytes'] / 2**30:.2f} GiB" + (
+        f", CUDA {peak['cuda_max_allocated_bytes'] / 2**30:.2f} GiB" if "cuda_max_allocated_bytes" in peak else "")
+    shown = counts_text(counts)
+    return f"done in {duration_text(record['seconds'])}" + (f": {shown}" if shown else "") + f"; {memory}"
+
+
+def duration_text(seconds: float) -> str:
+    """`0.4 s`, `12 s`, `3 min 5 s`, `2 h 14 min`."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def counts_text(counts: dict) -> str:
+    """A step's counts in words: each non-zero count (`16 kept rounds`) and each figure
+    (`train loss 6.24`); timings, settings and nested records stay in the manifest."""
+    parts = []
+    for key, value in counts.items():
+        if isinstance(value, bool) or "second" in key or key.endswith("_this_session"):
+            continue
+        words = key.replace("_", " ")
+        if isinstance(value, int) and value:
+            parts.append(f"{value} {words}")
+        elif isinstance(value, float):
+            parts.append(f"{words} {value:.3g}")
+    return ", ".join(parts)
 
 
 def file_sha256(path: Path) -> str | None:
@@ -54,6 +84,7 @@ def file_sha256(path: Path) -> str | None:
 
 
 def versions() -> dict:
+    """The versions a manifest records and `cai --version` prints."""
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
@@ -61,6 +92,26 @@ def versions() -> dict:
         with contextlib.suppress(md.PackageNotFoundError):
             out[package] = md.version(package)
     return out
+
+
+def device_text() -> str:
+    """The device `device: auto` picks here, in words, for `cai --version`."""
+    import torch
+
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        return f"cuda: {torch.cuda.get_device_name(0)}" + (f" (and {count - 1} more)" if count > 1 else "")
+    if torch.backends.mps.is_available():
+        return "mps"
+    return f"cpu, {os.cpu_count()} cores"
+
+
+def version_text() -> str:
+    """`cai --version`: cai's version, the libraries it runs on, and the device."""
+    found = versions()
+    libraries = ", ".join(f"{name} {found[name]}" for name in ("torch", "transformers", "trl", "accelerate")
+                          if name in found)
+    return f"cai {found.get('cai', '?')} (python {found['python']}; {libraries})\ndevice: {device_text()}"
 
 
 class StagePeak:

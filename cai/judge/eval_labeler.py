@@ -3,8 +3,10 @@
 The label section's judge (its `feedback_*` settings, built by `make_judge`) answers
 human-labelled comparisons: the CAI paper's HHH evaluation rows (`prompt` question text,
 `corrects`, `incorrects`), or any prompt/chosen/rejected file. The figures: accuracy with
-one order and with both averaged, expected calibration error, and how often the model
-just picks the same slot.
+one order and with both averaged, each with its bootstrap interval over the pairs and
+its verdict against chance (evaluate's rule, `cai.stats`: under `MIN_PROMPTS` pairs, too
+few to judge a labeler), expected calibration error, and how often the model just picks
+the same slot.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from cai.judge.judge import comparison_key, draw_principles
 from cai.judge.settings import make_judge
 from cai.rundir import atomic_write_json
+from cai.stats import LEVEL, MIN_PROMPTS, TOO_FEW, Resampler, mean_of, verdict
 from cai.yamlio import Problem, ValidationError
 
 HHH_QUESTION = re.compile(  # the CAI paper's HHH evaluation prompt
@@ -167,18 +170,27 @@ def evaluate_labeler(judge, constitution, pairs: list[LabeledPair], seed: int = 
     """Accuracy and calibration of `judge` on human-labelled pairs, asked in both orders."""
     started = time.perf_counter()
     comparisons = judge_labeled_pairs(judge, constitution, pairs, seed, principles_per_comparison)
-    return labeler_metrics(pairs, comparisons, time.perf_counter() - started)
+    return labeler_metrics(pairs, comparisons, time.perf_counter() - started, seed)
 
 
-def labeler_metrics(pairs: list[LabeledPair], comparisons: list, seconds: float) -> dict:
-    """`evaluate_labeler`'s figures from the comparisons (correct answer first)."""
+def labeler_metrics(pairs: list[LabeledPair], comparisons: list, seconds: float, seed: int = 0) -> dict:
+    """`evaluate_labeler`'s figures from the comparisons (correct answer first). Each
+    accuracy has its 95 % bootstrap interval over the pairs and its verdict against
+    chance (0.5), as evaluate judges its figures."""
     one_order = [c.p_order_ab if p.correct_slot == "A" else c.p_order_ba for p, c in zip(pairs, comparisons)]
     averaged = [c.p_first for c in comparisons]
     n = len(pairs)
+    resampler = Resampler(n, seed=seed)
+    accuracies = {}
+    for name, probabilities in (("accuracy_one_order", one_order), ("accuracy_averaged", averaged)):
+        estimate = resampler.estimate(mean_of([_hit(p) for p in probabilities]), null=0.5)
+        accuracies[name] = estimate.value
+        accuracies[f"{name}_interval"] = [round(estimate.low, 4), round(estimate.high, 4)]
+        accuracies[f"{name}_vs_chance"] = verdict(estimate)
     return {
         "n": n,
-        "accuracy_one_order": sum(map(_hit, one_order)) / n,
-        "accuracy_averaged": sum(map(_hit, averaged)) / n,
+        **accuracies,
+        "interval_level": LEVEL,
         "ece": expected_calibration_error([max(p, 1 - p) for p in averaged], [_hit(p) for p in averaged]),
         "position_bias_rate": sum(c.orders_disagree for c in comparisons) / n,
         "mean_p_slot_a": 0.5 + sum(c.slot_bias for c in comparisons) / n,
@@ -190,16 +202,28 @@ def labeler_metrics(pairs: list[LabeledPair], comparisons: list, seconds: float)
 
 
 def format_metrics(metrics: dict) -> str:
+    def accuracy(name: str) -> str:
+        low, high = metrics[f"{name}_interval"]
+        said = metrics[f"{name}_vs_chance"]
+        against = "" if said == TOO_FEW else f", {said} than chance" if said in ("better", "worse") else f", {said}"
+        return f"{metrics[name]:.3f} [{low:.3f}, {high:.3f}]{against}"
+
     rows = [("comparisons (n)", f"{metrics['n']}"),
-            ("accuracy, one order", f"{metrics['accuracy_one_order']:.3f}"),
-            ("accuracy, both orders averaged", f"{metrics['accuracy_averaged']:.3f}"),
+            ("accuracy, one order", accuracy("accuracy_one_order")),
+            ("accuracy, both orders averaged", accuracy("accuracy_averaged")),
             ("expected calibration error", f"{metrics['ece']:.3f}"),
             ("same slot in both orders", f"{metrics['position_bias_rate']:.1%}"),
             ("mean P(slot A)", f"{metrics['mean_p_slot_a']:.3f}"),
             ("mean |P(slot A) - 0.5| per pair", f"{metrics['mean_abs_slot_bias']:.3f}"),
             ("comparisons / second", f"{metrics['comparisons_per_second'] or 0:.2f}")]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+    lines = [f"  {k:<{width}}  {v}" for k, v in rows]
+    lines.insert(1, f"  (accuracies: [{metrics['interval_level']:.0%} bootstrap interval over the comparisons], "
+                    f"verdict against chance, 0.5)")
+    if metrics["n"] < MIN_PROMPTS:
+        lines.append(f"  {TOO_FEW}: {metrics['n']} comparison{'s' * (metrics['n'] != 1)} cannot judge a labeler; "
+                     f"its accuracy needs at least {MIN_PROMPTS} (give --data more rows, or a larger --limit)")
+    return "\n".join(lines)
 
 
 def eval_labeler_command(ctx, data_path, limit: int | None = None, out: str | None = None) -> int:

@@ -45,6 +45,37 @@ def trl_fields(module) -> tuple[set[str] | None, str]:
     return {f.name for f in dataclasses.fields(cls) if f.init}, f"{cls.__module__.split('.')[0]}.{cls.__name__}"
 
 
+def key_homes(key: str) -> list[str]:
+    """The stages whose section takes `key` (their own settings or their TRL keys)."""
+    homes = []
+    for entry in registry.STAGES:
+        module = stage_module(entry.name)
+        trl, _ = trl_fields(module)
+        if key in {f.name for f in dataclasses.fields(module.Config)} | (trl or set()):
+            homes.append(entry.name)
+    return homes
+
+
+def misplaced_key_hint(key, value) -> str:
+    """Where an unknown top-level key belongs, for its problem: a stage key written at the
+    top level (`learning_rate`: `sft.learning_rate`, ...), or a section that is not a
+    stage (`ppo:`) whose keys are some stage's (`rl.kl_coef`)."""
+    def written(keys: list[str]) -> str:
+        return keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + " or " + keys[-1]
+
+    if isinstance(value, dict):
+        found = [f"{home}.{sub}" for sub in value for home in key_homes(str(sub))]
+        if not found:
+            return ""
+        stages = ", ".join(entry.name for entry in registry.STAGES)
+        return f"; '{key}' is not a stage ({stages}): its keys belong in a stage's section, e.g. {written(found)}"
+    homes = key_homes(str(key))
+    if not homes:
+        return ""
+    return f"; '{key}' is a stage setting: write it in the section of the stage it is for: " + written(
+        [f"{home}.{key}" for home in homes])
+
+
 def parse_section(run, name: str) -> Section:
     """The stage's section parsed and checked (errors name lines): its own keys and model
     options, its server roles, the stage's checks, and for a training stage the TRL config

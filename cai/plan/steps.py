@@ -35,7 +35,8 @@ def default_stages(run) -> list[str]:
 def select_stages(run, start: str | None, until: str | None) -> list[str]:
     """The stages `--from START --until UNTIL` selects (a usage error names the flag)."""
     stages = default_stages(run)
-    problems = [Problem(flag, None, f"'{bound}' is not one of this run's stages ({', '.join(stages)})")
+    problems = [Problem(flag, None, f"'{bound}' is not one of this run's stages ({', '.join(stages)})"
+                        + _rounds_note(run, bound))
                 for flag, bound in (("--from", start), ("--until", until)) if bound is not None and bound not in stages]
     if not problems and start and until and stages.index(start) > stages.index(until):
         problems.append(Problem("--from", None, f"'{start}' comes after --until '{until}' "
@@ -45,6 +46,17 @@ def select_stages(run, start: str | None, until: str | None) -> list[str]:
     begin = stages.index(start) if start else 0
     end = stages.index(until) + 1 if until else len(stages)
     return stages[begin:end]
+
+
+def _rounds_note(run, bound: str) -> str:
+    """Why a `STAGE@K` past the config's rounds is not a step: `rounds` says how many."""
+    name, number = split_step(bound)
+    if number is None or number <= run.rounds or name not in registry.BY_NAME:
+        return ""
+    if not registry.stage(name).per_round:
+        return f": {name} runs once, not per round"
+    rounds = "round 1" if run.rounds == 1 else f"rounds 1 to {run.rounds}"
+    return f": the config has rounds: {run.rounds}, so {name} runs in {rounds} (raise rounds to run round {number})"
 
 
 def newest_policy(run, name: str, round_number: int) -> str:

@@ -7,6 +7,7 @@ import base64
 import io
 import math
 
+from cai.evaluation.figures import KIND_NAMES
 from cai.registry import POLICY_STAGES, ROUND_STAGES, split_step
 from cai.stats import ANCHOR_ELO
 
@@ -100,19 +101,25 @@ def round_traces(names: list[str]) -> list[list[str]]:
     return traces
 
 
-def tradeoff_chart(names: list[str], per_model: dict) -> str | None:
+def tradeoff_chart(names: list[str], per_model: dict) -> tuple[str | None, str | None]:
     """The paper's picture (Bai et al. 2022, figures 2 and 8): harmlessness Elo on red-team
     prompts against helpfulness Elo on helpful prompts, with 95 % intervals on both axes;
     with rounds, a line traces each optimiser from sft through its rounds (the paper's
-    curves over training). None without both Elos for at least two models."""
+    curves over training). (the chart, None) or, when it cannot be drawn, (None, why):
+    it needs both Elos for at least two models."""
+    if len(names) < 2:
+        return None, "it needs at least two evaluated models (each model's Elo is measured against the others)"
+    without = [kind for kind in ("red_team", "helpful")
+               if any(not isinstance(per_model[n].get(kind, {}).get("elo"), (int, float)) for n in names)]
+    if without:
+        words = " and ".join(f"all {KIND_NAMES[kind]} prompts" for kind in without)
+        return None, (f"it plots each model's Elo on all red-team prompts against its Elo on all helpful prompts, and "
+                      f"the judge did not compare the models on {words} (evaluate.win_rates: false, or "
+                      f"evaluate.judge_prompts leaving some of them out; a judged set's Elo is in its table)")
     points = {}
     for name in names:
-        x, y = per_model[name].get("helpful", {}), per_model[name].get("red_team", {})
-        if not isinstance(x.get("elo"), (int, float)) or not isinstance(y.get("elo"), (int, float)):
-            return None
+        x, y = per_model[name]["helpful"], per_model[name]["red_team"]
         points[name] = (x["elo"], (x.get("ci") or {}).get("elo"), y["elo"], (y.get("ci") or {}).get("elo"))
-    if len(points) < 2:
-        return None
 
     def spread(value, interval):
         return [[max(value - interval[0], 0)], [max(interval[1] - value, 0)]] if interval else None
@@ -135,4 +142,4 @@ def tradeoff_chart(names: list[str], per_model: dict) -> str | None:
         axes.set_title("Harmlessness vs helpfulness, 95 % intervals", fontsize=11)
         axes.grid(alpha=.3)
         axes.margins(0.2)
-    return png(draw, width=5.6, height=4.4)
+    return png(draw, width=5.6, height=4.4), None

@@ -199,11 +199,12 @@ def evaluation_section(results: dict | None) -> Markup:
                                                            intervals=intervals["reward"])))
     pairwise = results["pairwise"]
     by_kind = {k: {(p["first"], p["second"]): p for p in pairwise[k]["pairs"]} for k in kinds}
+    tradeoff, tradeoff_missing = tradeoff_chart(names, per_model)
     return render("evaluation.html", results=results, names=names, per_model=per_model, kinds=kinds,
                   paired=results.get("paired") or {}, pairwise=pairwise, by_kind=by_kind,
                   groups=[g for kind in kinds for g in [kind, *(s for s in sets if s.startswith(kind + "/"))]],
                   overlap={k: n for k, n in (results.get("prompts_in_training") or {}).items() if n},
-                  tradeoff=tradeoff_chart(names, per_model), traces=round_traces(names),
+                  tradeoff=tradeoff, tradeoff_missing=tradeoff_missing, traces=round_traces(names),
                   charts=elo_charts + reward_charts)
 
 

@@ -184,12 +184,12 @@ def run(ctx) -> dict:
     print(f"[cai] evaluate: models {', '.join(models)}"
           + "".join(f"; {name} not evaluated ({why})" for name, why in skipped.items()))
     names = list(models)
-    for kind in KINDS:
-        n = sum(p.kind == kind for p in prompts)
-        if 0 < n < MIN_PROMPTS:
-            print(f"[cai] evaluate: only {n} {kind} prompt(s) ({sources[kind]}): their figures are computed, "
-                  f"but with fewer than {MIN_PROMPTS} every comparison is '{TOO_FEW}' (raise prompts.max_eval or "
-                  f"prompts.eval_fraction, or name a longer file in evaluate.prompts.{kind})")
+    few = {kind: n for kind in KINDS if 0 < (n := sum(p.kind == kind for p in prompts)) < MIN_PROMPTS}
+    if few:
+        print(f"[cai] evaluate: only {' and '.join(f'{n} {kind} prompt(s)' for kind, n in few.items())} "
+              f"({'; '.join(sources[kind] for kind in few)}): their figures are computed, but with fewer than "
+              f"{MIN_PROMPTS} every comparison is '{TOO_FEW}' (raise prompts.max_eval or prompts.eval_fraction, or "
+              f"name longer files in evaluate.prompts)")
 
     generations = generate_answers(ctx, cfg, models, prompts)
     answers = {name: {r["id"]: r for r in generations if r["model"] == name} for name in names}

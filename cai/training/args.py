@@ -9,30 +9,71 @@ from cai.models import cuda_usable
 
 
 def trl_config(ctx, cls, stage_defaults: dict | None = None):
-    """Build a TRL config: cai's defaults, then the stage's, then the user's `ctx.trl` keys.
-
-    On CPU, bf16 and gradient checkpointing are off (TRL defaults both on; checkpointing
-    costs about a third more time on small models). Checkpoints go to the stage folder so
-    a killed run resumes from the last one.
-    """
+    """Build a TRL config: cai's defaults (`CAI_TRL_DEFAULTS`), then the stage's, then the
+    user's `ctx.trl` keys. Checkpoints go to the stage folder so a killed run resumes from
+    the last one."""
     return build_trl_config(ctx.run, ctx.trl, ctx.dir.path, cls, stage_defaults or {})
+
+
+LEAVE = object()  # cai sets nothing: the TRL config's own default stands
+
+
+def _on_gpu(run) -> bool:
+    return cuda_usable(run.device)
+
+
+def _cpu_only(value):
+    return lambda run, trl: LEAVE if _on_gpu(run) else value
+
+
+def _no_checkpointing_on_cpu(run, trl: dict):
+    # transformers 5's name (gradient_checkpointing is its deprecated alias, which follows it);
+    # a user's value under either name stands
+    if _on_gpu(run) or {"gradient_checkpointing", "activation_checkpointing"} & set(trl):
+        return LEAVE
+    return False
+
+
+# cai's defaults for every training stage's TRL config, the one place both the stage
+# (`build_trl_config`) and `--help` (`cai.help`) read them: key -> (its value, or a
+# function of the run and the user's TRL keys giving it or LEAVE; how --help states it
+# when it depends on the run, `{trl}` standing for the TRL config's own default).
+CAI_TRL_DEFAULTS = {
+    "seed": (lambda run, trl: run.seed, "the run's seed"),
+    "data_seed": (lambda run, trl: run.seed, "the run's seed"),
+    "report_to": (lambda run, trl: run.report_to, "the run's report_to"),
+    "run_name": (lambda run, trl: run.run_name or LEAVE, "the run's run_name when set, else {trl}"),
+    "logging_steps": (1, None),  # every step: a tiny run has few
+    "save_strategy": ("steps", None),
+    "save_steps": (50, None),  # a killed run loses at most 50 steps
+    "save_total_limit": (1, None),
+    "dataloader_num_workers": (0, None),
+    "use_cpu": (lambda run, trl: not _on_gpu(run), "true unless a CUDA GPU is used"),
+    # TRL defaults both on; on CPU bf16 is slow or unsupported, and checkpointing costs
+    # about a third more time on small models
+    "bf16": (_cpu_only(False), "false on CPU, {trl} on a CUDA GPU"),
+    "fp16": (_cpu_only(False), "false on CPU, {trl} on a CUDA GPU"),
+    "activation_checkpointing": (_no_checkpointing_on_cpu, "false on CPU, gradient_checkpointing's value on a "
+                                                           "CUDA GPU"),
+    "gradient_checkpointing": (lambda run, trl: LEAVE, "false on CPU (it follows activation_checkpointing), {trl} "
+                                                       "on a CUDA GPU"),
+}
+
+
+def cai_trl_defaults(run, trl: dict) -> dict:
+    """`CAI_TRL_DEFAULTS`' values for a run."""
+    values = {}
+    for key, (value, _) in CAI_TRL_DEFAULTS.items():
+        value = value(run, trl) if callable(value) else value
+        if value is not LEAVE:
+            values[key] = value
+    return values
 
 
 def build_trl_config(run, trl: dict, stage_dir: Path, cls, stage_defaults: dict):
     """`trl_config` from its parts, so validation builds the same object without a stage
     context (building one writes nothing)."""
-    on_gpu = cuda_usable(run.device)
-    defaults = {
-        "output_dir": str(Path(stage_dir) / "checkpoints"), "seed": run.seed, "data_seed": run.seed,
-        "report_to": run.report_to, "logging_steps": 1, "save_strategy": "steps", "save_steps": 50,
-        "save_total_limit": 1, "dataloader_num_workers": 0, "use_cpu": not on_gpu,
-    }
-    if run.run_name:
-        defaults["run_name"] = run.run_name
-    if not on_gpu:
-        defaults.update(bf16=False, fp16=False)
-        if not {"gradient_checkpointing", "activation_checkpointing"} & set(trl):
-            defaults["activation_checkpointing"] = False  # transformers 5's name; the old one is deprecated
+    defaults = {"output_dir": str(Path(stage_dir) / "checkpoints"), **cai_trl_defaults(run, trl)}
     values = {**defaults, **stage_defaults, **trl}
     for key, value in values.items():
         if key.endswith("_strategy") and value is False:

@@ -9,7 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
-from cai import distributed
+from cai import console, distributed
 from cai.models import ModelOptions
 from cai.rundir import WriteError, atomic_write_json, atomic_write_text, follow_umask, writing
 
@@ -22,6 +22,7 @@ def train_and_save(trainer, ctx, model_dir: str = "model", base: str = "", data:
     main = distributed.is_main()
     output_dir = Path(trainer.args.output_dir)
     checkpoint = distributed.broadcast(resume_checkpoint(output_dir, ctx.name) if main else None)
+    use_training_bar(trainer, f"{ctx.step}: training")
     try:
         with writing(output_dir):  # a checkpoint save that fails (disk full) names the checkpoints folder
             result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -41,6 +42,30 @@ def train_and_save(trainer, ctx, model_dir: str = "model", base: str = "", data:
     distributed.barrier()
     return {"train_loss": round(result.training_loss, 6), "global_steps": trainer.state.global_step,
             "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2), **saved}
+
+
+def use_training_bar(trainer, desc: str) -> None:
+    """The trainer's progress bar named after the step, with the latest loss on it, in
+    place of transformers' bar, which prints a dict at every logging step (the log
+    history, saved next to the model, keeps every one; -v prints them too). A trainer the
+    user gave `disable_tqdm: true` keeps its plain printout."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class TrainingBar(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.training_bar = console.bar(total=state.max_steps, desc=desc, unit="step", dynamic_ncols=True)
+            self.current_step = 0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if console.verbosity == console.VERBOSE:  # -v: every logged dict, as transformers prints them
+                super().on_log(args, state, control, logs=logs, **kwargs)
+            loss = next((logs[k] for k in ("loss", "loss/policy_avg") if k in (logs or {})), None)
+            if self.training_bar is not None and isinstance(loss, (int, float)):
+                self.training_bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(TrainingBar())
 
 
 def trained_model(trainer):
