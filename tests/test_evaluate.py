@@ -20,9 +20,10 @@ from cai.rundir import atomic_write_json, read_jsonl
 from cai.stats import TOO_FEW, elo
 from cai.yamlio import ValidationError
 
-# the models of evaluate's default without the prompted baseline (tests/test_compare.py has it)
+# the models of evaluate's default without the prompted baseline (tests/test_compare.py has it);
+# sampled: the tiny model's greedy answers are empty
 EVAL = ("evaluate.models=[base, sft, rl, dpo]", "prompts.max_eval=2", "evaluate.max_new_tokens=8",
-        "evaluate.batch_size=4", "evaluate.feedback_few_shot=1", "evaluate.temperature=1.0")  # sampled: the tiny model's greedy answers are empty
+        "evaluate.batch_size=4", "evaluate.feedback_few_shot=1", "evaluate.temperature=1.0")
 
 
 def add_reward_model(run_dir):
