@@ -147,6 +147,14 @@ def cpu_busy(cpus: list[int], window: float) -> dict[int, float] | None:
     return busy or None
 
 
+def probe_counts() -> list[int]:
+    """The thread counts the probe times: 1, 2, 4, ... and the usable CPUs."""
+    cpus, counts = usable_cpus(), [1]
+    while counts[-1] * 2 <= cpus:
+        counts.append(counts[-1] * 2)
+    return counts if cpus in counts else [*counts, cpus]
+
+
 def probe_gflops(counts: list[int]) -> dict[int, float]:
     """The probe's matmul GFLOP/s at each thread count (the count set back after)."""
     before, gflops = torch.get_num_threads(), {}
@@ -217,11 +225,7 @@ def choose_threads(setting: int | str) -> dict:
         return {"threads": int(os.environ["OMP_NUM_THREADS"]), "chosen_by": "OMP_NUM_THREADS"}
     from cai import distributed
 
-    cpus, counts = usable_cpus(), [1]
-    while counts[-1] * 2 <= cpus:
-        counts.append(counts[-1] * 2)
-    if cpus not in counts:
-        counts.append(cpus)
+    cpus, counts = usable_cpus(), probe_counts()
     busy = cpu_busy(usable_cpu_ids(), LOAD_WINDOW)
     gflops = probe_gflops(counts)
     choice = {"threads": fastest_count(gflops), "chosen_by": "probe", "probe_gflops": gflops}
