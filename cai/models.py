@@ -239,6 +239,23 @@ def choose_threads(setting: int | str) -> dict:
     return choice
 
 
+GPU_PROBE_SHAPE = (4096, 4096, 4096)  # large enough to reach a GPU's bf16 matmul rate
+
+
+def matmul_peak(threads: dict, device: str) -> tuple[float, str]:
+    """(FLOP/s, what measured it): the machine's matmul peak that a stage's utilisation
+    is a share of. On a GPU, a bf16 matmul probe; on a CPU, the thread probe's rate at the
+    count chosen (the better of its two probes), else a probe at the current count now."""
+    if cuda_usable(device):
+        gflops = gemm_gflops(*GPU_PROBE_SHAPE, PROBE_SECONDS, torch.bfloat16, device if ":" in device else "cuda")
+        return gflops * 1e9, "bf16 matmul probe"
+    n = threads["threads"]
+    figures = [probe.get(n) for probe in (threads.get("probe_gflops") or {}, threads.get("second_probe_gflops") or {})]
+    figures = [f for f in figures if f]
+    gflops = max(figures) if figures else round(gemm_gflops(*PROBE_SHAPE, PROBE_SECONDS), 1)
+    return gflops * 1e9, f"fp32 matmul probe, {n} thread{'s' if n > 1 else ''}"
+
+
 def _atomic_build(target: Path, build) -> Path:
     """Build a model folder in a temp dir and rename it into place (safe if killed)."""
     if (target / "config.json").exists():

@@ -19,6 +19,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from cai import models
 from cai.engines.base import Capabilities, Completion, Engine, Sampling
+from cai.work import matmul_parameters
 
 MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is not worth a cache copy
 MAX_CACHE_BYTES = 4 * 2**30  # a batch's key/value cache stays under this (fewer rows if needed) on an accelerator,
@@ -135,6 +136,12 @@ class TransformersEngine(Engine):
         gen_eos = model.generation_config.eos_token_id
         self.eos_ids = sorted({eos, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None})
         self._option_ids: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        self.forward_flop = 2 * matmul_parameters(model)  # per token of a forward pass (cai.work)
+
+    def count(self, kind: str, tokens: int, positions: int) -> None:
+        """Forward work done on `tokens` real tokens of `positions` computed (cai.work)."""
+        if self.work is not None:
+            self.work.add(kind, tokens, positions, self.forward_flop)
 
     @classmethod
     def from_spec(cls, spec: str, device: str = "auto", batch_size: int = 8, name: str = "",
@@ -173,9 +180,9 @@ class TransformersEngine(Engine):
         shared = min(shared_prefix_length(rows), min(len(r) for r in rows) - 1)
         return shared if shared >= MIN_SHARED_PREFIX else 0
 
-    def _shared_prefix(self, rows: list[list[int]]):
+    def _shared_prefix(self, rows: list[list[int]], kind: str):
         """(length, ids, key/value cache) of the prefix all rows share; (0, None, None)
-        when it is too short to pay."""
+        when it is too short to pay. Its forward pass counts as `kind` work."""
         shared = self.shared_length(rows)
         if not shared:
             return 0, None, None
@@ -183,6 +190,7 @@ class TransformersEngine(Engine):
         ids = torch.tensor([rows[0][:shared]], device=self.model.device)
         cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
         self.seconds += time.perf_counter() - began
+        self.count(kind, shared, shared)
         return shared, ids, cache
 
     def cache_bytes_per_token(self) -> int:
@@ -250,13 +258,14 @@ class TransformersEngine(Engine):
         processors = LogitsProcessorList([NucleusSampler(sampling.temperature, sampling.top_p, sampling.top_k,
                                                          static)] if sampling.temperature > 0 else [])
         results: list[list[int] | None] = [None] * len(prompts)
-        shared, prefix_ids, prefix_cache = self._shared_prefix(prompts)
+        shared, prefix_ids, prefix_cache = self._shared_prefix(prompts, "prefill")
         batches = self._batches_by_length(prompts, sampling.max_new_tokens)
         most = max(map(len, batches), default=0)
         bar = tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch")
         for index, batch in enumerate(bar):
             torch.manual_seed(seed * 1_000_003 + index)
             rows = [prompts[i][shared:] for i in batch]
+            prompt_tokens = sum(map(len, rows))
             if self.static_shapes:  # filler rows (copies of the first, dropped) keep the batch's size
                 rows += rows[:1] * (most - len(rows))
             input_ids, attention = self._pad_left(rows)
@@ -271,9 +280,17 @@ class TransformersEngine(Engine):
             output = self.model.generate(input_ids=input_ids, attention_mask=attention, cache=cache,
                                          generation_config=config, logits_processor=processors)
             self.seconds += time.perf_counter() - began
+            steps = output.shape[1] - input_ids.shape[1]
+            generated = 0
             for row, i in zip(output[:, input_ids.shape[1]:].tolist(), batch):
                 results[i] = row
-                self.tokens_generated += self.answer_length(row)[0]
+                length, finished = self.answer_length(row)
+                self.tokens_generated += length
+                generated += min(length + finished, steps)  # the EOS is generated work too
+            # prefill: the rows after the cached prefix, left padding included; decode: every
+            # row at every step, those that finished early (and filler rows) included
+            self.count("prefill", prompt_tokens, len(rows) * (input_ids.shape[1] - shared))
+            self.count("decode", generated, len(rows) * steps)
             if self.seconds:
                 bar.set_postfix(tok_s=f"{self.tokens_per_second:.1f}")
         return results  # type: ignore[return-value]
@@ -321,7 +338,7 @@ class TransformersEngine(Engine):
             return []
         rows = [self.render(q[:-1], prefill=q[-1]["content"]) for q in questions]
         option_ids = [self.option_token_ids(q[-1]["content"], options) for q in questions]
-        shared, _, prefix = self._shared_prefix(rows)
+        shared, _, prefix = self._shared_prefix(rows, "score")
         results: list[tuple[float, ...]] = [()] * len(rows)
         batches = self._batches_by_length(rows)  # a question's two orders have one length: they stay together
         for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch"):
@@ -334,6 +351,8 @@ class TransformersEngine(Engine):
             logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                                 cache=cache, use_cache=cache is not None, logits_to_keep=1).logits[:, -1, :]
             self.seconds += time.perf_counter() - began
+            self.count("score", int(attention[:, shared:].sum() if cache is not None else attention.sum()),
+                       input_ids.numel())
             ids = torch.tensor([option_ids[i] for i in batch], device=logits.device)
             probs = torch.softmax(logits.gather(1, ids).float(), dim=-1)
             for i, row in zip(batch, probs.tolist()):

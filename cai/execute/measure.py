@@ -14,9 +14,10 @@ class Measurement:
     """A step's measurements, from its start (threads set, memory sampled) to its end."""
 
     def __init__(self, run):
-        from cai.models import set_hub_kernels, set_threads
+        from cai.models import matmul_peak, set_hub_kernels, set_threads
 
         self.threads = set_threads(run.threads)
+        self.peak = matmul_peak(self.threads, run.device)  # what the stage's utilisation is a share of
         set_hub_kernels(run.hub_kernels)
         self.constitution_sha256 = file_sha256(run.constitution_path())
         self.memory = StagePeak()
@@ -25,13 +26,18 @@ class Measurement:
     def abort(self) -> None:
         self.memory.stop()
 
-    def stop(self) -> dict:
-        """What the manifest records: start, seconds, peaks, threads, versions, processes."""
+    def stop(self, work=None) -> dict:
+        """What the manifest records: start, seconds, peaks, threads, versions, processes,
+        and the `work` (cai.work.Work) the stage's models did, as a rate and a share of the
+        machine's matmul peak."""
         from cai import distributed
 
+        seconds = time.time() - self.started
         record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
-                  "seconds": round(time.time() - self.started, 2), "versions": versions(), "threads": self.threads,
+                  "seconds": round(seconds, 2), "versions": versions(), "threads": self.threads,
                   "peak_memory": self.memory.stop()}
+        if work is not None and (done := work.record(seconds, *self.peak)) is not None:
+            record["work"] = done
         if distributed.distributed():
             record["processes"] = distributed.world_size()
         return record
@@ -43,6 +49,23 @@ def summary(record: dict) -> str:
     return (f"done in {record['seconds']:.1f}s, peak RSS {peak['rss_bytes'] / 2**30:.2f} GiB"
             + (f", CUDA {peak['cuda_max_allocated_bytes'] / 2**30:.2f} GiB" if "cuda_max_allocated_bytes" in peak
                else ""))
+
+
+def utilisation_words(record: dict) -> str:
+    """`, 1.2 TFLOP at 41 % of the matmul peak, 18 % padding`: the work line's phrase
+    (empty when no model worked in this process)."""
+    work = record.get("work")
+    if not work:
+        return ""
+    flop = work["flop"]
+    scale, unit = next((s, u) for s, u in ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1, "FLOP")) if flop >= s
+                       or s == 1)
+    words = f", {flop / scale:.3g} {unit}"
+    if work.get("share_of_peak") is not None:
+        words += f" at {100 * work['share_of_peak']:.0f} % of the matmul peak"
+    if work.get("padding_share") is not None:
+        words += f", {100 * work['padding_share']:.0f} % padding"
+    return words
 
 
 def file_sha256(path: Path) -> str | None:

@@ -21,6 +21,8 @@ def train_and_save(trainer, ctx, model_dir: str = "model", base: str = "", data:
     it trained on (both for the model card)."""
     main = distributed.is_main()
     output_dir = Path(trainer.args.output_dir)
+    if getattr(ctx, "work", None) is not None:
+        count_training_work(trainer, ctx.work)
     checkpoint = distributed.broadcast(resume_checkpoint(output_dir, ctx.name) if main else None)
     try:
         with writing(output_dir):  # a checkpoint save that fails (disk full) names the checkpoints folder
@@ -41,6 +43,47 @@ def train_and_save(trainer, ctx, model_dir: str = "model", base: str = "", data:
     distributed.barrier()
     return {"train_loss": round(result.training_loss, 6), "global_steps": trainer.state.global_step,
             "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2), **saved}
+
+
+def count_training_work(trainer, work) -> None:
+    """Count each training forward's tokens into the stage's `work` (cai.work): real
+    tokens (the attention mask's ones; every position without a mask, as padding-free
+    batches have) against positions computed. Wraps the trainer's `compute_loss`, which
+    sees the batch as the model gets it (RLOO/GRPO's after their generation, whose own
+    decoding is not counted; cai's PPO trains in its own loop, not counted either). A
+    DPO trainer without precomputed reference log-probabilities also runs the
+    reference forward on every token."""
+    from cai.work import matmul_parameters, training_flop_per_token
+
+    model = trained_model(trainer)
+    if model is None:
+        return
+    per_token = training_flop_per_token(model, bool(getattr(trainer.args, "activation_checkpointing", False)))
+    reference = (2 * matmul_parameters(model) if hasattr(trainer, "precompute_ref_logps")
+                 and not trainer.precompute_ref_logps else 0)
+    compute_loss = trainer.compute_loss
+
+    def counted(model_, inputs, *args, **kwargs):
+        if model_.training:
+            tokens, positions = batch_tokens(inputs)
+            work.add("train", tokens, positions, per_token)
+            if reference:
+                work.add("reference", tokens, positions, reference)
+        return compute_loss(model_, inputs, *args, **kwargs)
+
+    trainer.compute_loss = counted
+
+
+def batch_tokens(inputs) -> tuple[int, int]:
+    """(real tokens, positions) of a training batch: `input_ids` with its attention mask,
+    or RLOO/GRPO's prompt and completion ids with theirs."""
+    pairs = [("input_ids", "attention_mask"), ("prompt_ids", "prompt_mask"), ("completion_ids", "completion_mask")]
+    tokens = positions = 0
+    for ids, mask in pairs:
+        if ids in inputs:
+            positions += inputs[ids].numel()
+            tokens += int(inputs[mask].sum()) if inputs.get(mask) is not None else inputs[ids].numel()
+    return tokens, positions
 
 
 def trained_model(trainer):
