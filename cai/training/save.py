@@ -49,29 +49,48 @@ def count_training_work(trainer, work) -> None:
     """Count each training forward's tokens into the stage's `work` (cai.work): real
     tokens (the attention mask's ones; every position without a mask, as padding-free
     batches have) against positions computed. Wraps the trainer's `compute_loss`, which
-    sees the batch as the model gets it (RLOO/GRPO's after their generation, whose own
-    decoding is not counted; cai's PPO trains in its own loop, not counted either). A
-    DPO trainer without precomputed reference log-probabilities also runs the
-    reference forward on every token."""
+    sees the batch as the model gets it. A DPO trainer without precomputed reference
+    log-probabilities also runs the reference forward on every token (precomputed, as
+    cai's dpo does by default, that pass runs when the trainer is built, from datasets'
+    cache when it has it, and is not counted). RLOO/GRPO's
+    generation counts from what it returns (prompt: prefill, completion: decode), with
+    the reference forward when beta > 0 (their recomputed old log-probabilities are not
+    counted); cai's PPO, which trains in its own loop, counts its own (`count_work`)."""
     from cai.work import matmul_parameters, training_flop_per_token
 
+    if hasattr(trainer, "count_work"):
+        trainer.count_work(work)
+        return
     model = trained_model(trainer)
     if model is None:
         return
     per_token = training_flop_per_token(model, bool(getattr(trainer.args, "activation_checkpointing", False)))
-    reference = (2 * matmul_parameters(model) if hasattr(trainer, "precompute_ref_logps")
-                 and not trainer.precompute_ref_logps else 0)
+    forward = 2 * matmul_parameters(model)
+    reference = hasattr(trainer, "precompute_ref_logps") and not trainer.precompute_ref_logps
     compute_loss = trainer.compute_loss
 
-    def counted(model_, inputs, *args, **kwargs):
+    def counted_loss(model_, inputs, *args, **kwargs):
         if model_.training:
             tokens, positions = batch_tokens(inputs)
             work.add("train", tokens, positions, per_token)
             if reference:
-                work.add("reference", tokens, positions, reference)
+                work.add("reference", tokens, positions, forward)
         return compute_loss(model_, inputs, *args, **kwargs)
 
-    trainer.compute_loss = counted
+    trainer.compute_loss = counted_loss
+    if hasattr(trainer, "_generate_and_score_completions"):  # RLOO, GRPO
+        generate = trainer._generate_and_score_completions
+
+        def counted_generation(*args, **kwargs):
+            batch = generate(*args, **kwargs)
+            for kind, ids, mask in (("prefill", "prompt_ids", "prompt_mask"),
+                                    ("decode", "completion_ids", "completion_mask")):
+                work.add(kind, int(batch[mask].sum()), batch[ids].numel(), forward)
+            if getattr(trainer, "beta", 0.0) != 0.0:
+                work.add("reference", *batch_tokens(batch), forward)
+            return batch
+
+        trainer._generate_and_score_completions = counted_generation
 
 
 def batch_tokens(inputs) -> tuple[int, int]:
