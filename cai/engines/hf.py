@@ -217,15 +217,90 @@ class TransformersEngine(Engine):
 
     def _generation_cache(self, prefix, rows: int, length: int) -> StaticCache:
         """A preallocated key/value cache for a generation batch of `rows` up to `length`
-        tokens, holding a copy of the shared prefix's cache in every row. (transformers'
-        default DynamicCache concatenates every layer's whole cache at every step: with
-        a few-shot prefix of hundreds of tokens repeated over a batch, that copying costs
+        tokens, starting with `prefix` (each layer's keys and values for the batch's
+        prefix area, from `_batch_prefix`) when there is one. (transformers' default
+        DynamicCache concatenates every layer's whole cache at every step: with a
+        few-shot prefix of hundreds of tokens repeated over a batch, that copying costs
         several times the model's own work on a CPU, bench/generation.py --few-shot.)"""
         cache = StaticCache(config=self.model.config, max_cache_len=length)
-        if prefix is not None:
-            for index, layer in enumerate(prefix.layers):
-                cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), index)
+        for index, (keys, values) in enumerate(prefix or ()):
+            cache.update(keys, values, index)
         return cache
+
+    def prefix_groups(self, rows: list[list[int]]) -> list[tuple[int, list[int]]]:
+        """Rows grouped by the prefix whose key/value cache they share: [(prefix length,
+        row indices)], every row in one group (length 0: no cache). Rows that share a
+        prefix (few-shot sets after one system prompt) are found in token order; a group
+        splits where its rows share less, when the split computes fewer tokens (each
+        cached prefix counted once, plus `MIN_SHARED_PREFIX` for its own forward pass).
+        Rows that all share one prefix make one group, as they always did."""
+        if not rows:
+            return []
+        if not self.share_prefix:
+            return [(0, list(range(len(rows))))]
+        order = sorted(range(len(rows)), key=lambda i: rows[i])
+        common = [shared_prefix_length([rows[a], rows[b]]) for a, b in zip(order, order[1:])]
+
+        def best(lo: int, hi: int) -> tuple[int, list[tuple[int, list[int]]]]:
+            """(tokens computed, groups) for the rows at sorted positions lo..hi."""
+            members = sorted(order[lo:hi + 1])
+            lengths = [len(rows[i]) for i in members]
+            if lo == hi:
+                return lengths[0], [(0, members)]
+            base = min(common[lo:hi])
+            shared = min(base, min(lengths) - 1)  # every row keeps a token of its own
+            shared = shared if shared >= MIN_SHARED_PREFIX else 0
+            kept = sum(lengths) - (len(members) - 1) * shared + (MIN_SHARED_PREFIX if shared else 0)
+            cuts = [k + 1 for k in range(lo, hi) if common[k] == base]
+            split_cost, split = 0, []
+            for start, end in zip([lo, *cuts], [*cuts, hi + 1]):
+                cost, groups = best(start, end - 1)
+                split_cost += cost
+                split += groups
+            return (kept, [(shared, members)]) if kept <= split_cost else (split_cost, split)
+
+        return best(0, len(rows) - 1)[1]
+
+    def _prefix_caches(self, rows: list[list[int]], groups: list[tuple[int, list[int]]]) -> list:
+        """Each group's prefix key/value cache (None without one), one forward pass each,
+        counted as prefill work."""
+        caches = []
+        for length, members in groups:
+            if not length:
+                caches.append(None)
+                continue
+            began = time.perf_counter()
+            ids = torch.tensor([rows[members[0]][:length]], device=self.model.device)
+            caches.append(self.model(input_ids=ids, use_cache=True, logits_to_keep=1).cache)
+            self.seconds += time.perf_counter() - began
+            self.count("prefill", length, length)
+        return caches
+
+    def _batch_prefix(self, rows: list[list[int]], lengths: list[int], caches: list) -> tuple:
+        """(ids, attention, per-layer keys and values) of a batch's prefix area: each row's
+        cached prefix right-aligned in a width of the longest, masked left padding before a
+        shorter one (the positions, from the mask, then run on from each row's own prefix).
+        (None, None, None) when no row has a cached prefix."""
+        width = max(lengths)
+        if not width:
+            return None, None, None
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        layers = None
+        for k, (row, length, cache) in enumerate(zip(rows, lengths, caches)):
+            if not length:
+                continue
+            ids[k, width - length:] = torch.tensor(row[:length], dtype=torch.long)
+            attention[k, width - length:] = 1
+            if layers is None:
+                layers = [(layer.keys.new_zeros((len(rows), *layer.keys.shape[1:2], width, layer.keys.shape[-1])),
+                           layer.values.new_zeros((len(rows), *layer.values.shape[1:2], width,
+                                                   layer.values.shape[-1])))
+                          for layer in cache.layers]
+            for (keys, values), layer in zip(layers, cache.layers):
+                keys[k, :, width - length:] = layer.keys[0]
+                values[k, :, width - length:] = layer.values[0]
+        return ids.to(self.model.device), attention.to(self.model.device), layers
 
     @staticmethod
     def _batch_cache(cache, rows: int):
@@ -258,38 +333,44 @@ class TransformersEngine(Engine):
         processors = LogitsProcessorList([NucleusSampler(sampling.temperature, sampling.top_p, sampling.top_k,
                                                          static)] if sampling.temperature > 0 else [])
         results: list[list[int] | None] = [None] * len(prompts)
-        shared, prefix_ids, prefix_cache = self._shared_prefix(prompts, "prefill")
+        groups = self.prefix_groups(prompts)
+        caches = self._prefix_caches(prompts, groups)
+        group_of = {i: g for g, (_, members) in enumerate(groups) for i in members}
         batches = self._batches_by_length(prompts, sampling.max_new_tokens)
         most = max(map(len, batches), default=0)
         bar = tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch")
         for index, batch in enumerate(bar):
             torch.manual_seed(seed * 1_000_003 + index)
-            rows = [prompts[i][shared:] for i in batch]
-            prompt_tokens = sum(map(len, rows))
+            real = len(batch)
             if self.static_shapes:  # filler rows (copies of the first, dropped) keep the batch's size
-                rows += rows[:1] * (most - len(rows))
+                batch = batch + batch[:1] * (most - len(batch))
+            lengths = [groups[group_of[i]][0] for i in batch]
+            rows = [prompts[i][length:] for i, length in zip(batch, lengths)]
             input_ids, attention = self._pad_left(rows)
-            length = shared + input_ids.shape[1] + sampling.max_new_tokens
+            prefix_ids, prefix_attention, prefix = self._batch_prefix([prompts[i] for i in batch], lengths,
+                                                                      [caches[group_of[i]] for i in batch])
+            width = 0 if prefix_ids is None else prefix_ids.shape[1]
+            length = width + input_ids.shape[1] + sampling.max_new_tokens
             if self.static_shapes:
                 length = -(-length // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
-            cache = self._generation_cache(prefix_cache, len(rows), length)
-            if prefix_cache is not None:  # [prefix][left padding][rest]: the mask hides the padding
-                input_ids = torch.cat([prefix_ids.expand(len(rows), -1), input_ids], dim=1)
-                attention = torch.cat([attention.new_ones(len(rows), shared), attention], dim=1)
+            cache = self._generation_cache(prefix, len(rows), length)
+            if prefix is not None:  # [prefix area][left padding][rest]: the mask hides the padding
+                input_ids = torch.cat([prefix_ids, input_ids], dim=1)
+                attention = torch.cat([prefix_attention, attention], dim=1)
             began = time.perf_counter()
             output = self.model.generate(input_ids=input_ids, attention_mask=attention, cache=cache,
                                          generation_config=config, logits_processor=processors)
             self.seconds += time.perf_counter() - began
             steps = output.shape[1] - input_ids.shape[1]
             generated = 0
-            for row, i in zip(output[:, input_ids.shape[1]:].tolist(), batch):
+            for row, i in zip(output[:real, input_ids.shape[1]:].tolist(), batch[:real]):
                 results[i] = row
-                length, finished = self.answer_length(row)
-                self.tokens_generated += length
-                generated += min(length + finished, steps)  # the EOS is generated work too
-            # prefill: the rows after the cached prefix, left padding included; decode: every
+                answered, finished = self.answer_length(row)
+                self.tokens_generated += answered
+                generated += min(answered + finished, steps)  # the EOS is generated work too
+            # prefill: the rows after their cached prefix, left padding included; decode: every
             # row at every step, those that finished early (and filler rows) included
-            self.count("prefill", prompt_tokens, len(rows) * (input_ids.shape[1] - shared))
+            self.count("prefill", sum(map(len, rows[:real])), len(rows) * (input_ids.shape[1] - width))
             self.count("decode", generated, len(rows) * steps)
             if self.seconds:
                 bar.set_postfix(tok_s=f"{self.tokens_per_second:.1f}")
