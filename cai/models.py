@@ -245,7 +245,8 @@ GPU_PROBE_SHAPE = (4096, 4096, 4096)  # large enough to reach a GPU's bf16 matmu
 def matmul_peak(threads: dict, device: str) -> tuple[float, str]:
     """(FLOP/s, what measured it): the machine's matmul peak that a stage's utilisation
     is a share of. On a GPU, a bf16 matmul probe; on a CPU, the thread probe's rate at the
-    count chosen (the better of its two probes), else a probe at the current count now."""
+    count chosen at the stage's start (the better of its two probes), else (a count set
+    by the config) a probe at that count now."""
     if cuda_usable(device):
         gflops = gemm_gflops(*GPU_PROBE_SHAPE, PROBE_SECONDS, torch.bfloat16, device if ":" in device else "cuda")
         return gflops * 1e9, "bf16 matmul probe"

@@ -31,11 +31,9 @@ class Work:
         counts["positions"] += int(positions)
         counts["flop"] += float(tokens) * flop_per_token
 
-    def record(self, seconds: float, peak_flop_per_second: float | None, peak: str) -> dict | None:
-        """What the manifest keeps (None when no model worked in this process: a stage
-        whose models are servers). `peak` says what measured the peak."""
-        if not self.kinds:
-            return None
+    def record(self, seconds: float, peak_flop_per_second: float | None, peak: str) -> dict:
+        """What the manifest keeps (nothing is kept when no model worked in this process:
+        a stage whose models are servers). `peak` says what measured the peak."""
         flop = sum(k["flop"] for k in self.kinds.values())
         tokens = sum(k["tokens"] for k in self.kinds.values())
         positions = sum(k["positions"] for k in self.kinds.values())

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import CONVERSATIONS, ROOT
+from conftest import CONVERSATIONS, ROOT, make_run
 
 from cai import models
 from cai.engines import Sampling
@@ -71,9 +71,11 @@ def test_option_scoring_counts_scored_tokens():
     assert engine.work.kinds["score"]["positions"] == len(rows) * max(map(len, rows)) - shared * (len(rows) - 1)
 
 
-def test_a_stage_without_model_work_records_none():
-    assert Work().record(1.0, 1e9, "probe") is None
-    assert utilisation_words({"seconds": 1.0}) == ""
+def test_a_stage_without_model_work_records_none(tmp_path):
+    from cai.execute.measure import Measurement
+
+    record = Measurement(make_run(tmp_path / "run")).stop(Work())  # a stage whose models are servers
+    assert "work" not in record and utilisation_words(record) == ""
 
 
 def test_each_stage_records_its_work_and_the_report_and_bench_show_it(sft_run):

@@ -14,10 +14,10 @@ class Measurement:
     """A step's measurements, from its start (threads set, memory sampled) to its end."""
 
     def __init__(self, run):
-        from cai.models import matmul_peak, set_hub_kernels, set_threads
+        from cai.models import set_hub_kernels, set_threads
 
         self.threads = set_threads(run.threads)
-        self.peak = matmul_peak(self.threads, run.device)  # what the stage's utilisation is a share of
+        self.device = run.device
         set_hub_kernels(run.hub_kernels)
         self.constitution_sha256 = file_sha256(run.constitution_path())
         self.memory = StagePeak()
@@ -36,8 +36,10 @@ class Measurement:
         record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
                   "seconds": round(seconds, 2), "versions": versions(), "threads": self.threads,
                   "peak_memory": self.memory.stop()}
-        if work is not None and (done := work.record(seconds, *self.peak)) is not None:
-            record["work"] = done
+        if work is not None and work.kinds:
+            from cai.models import matmul_peak
+
+            record["work"] = work.record(seconds, *matmul_peak(self.threads, self.device))
         if distributed.distributed():
             record["processes"] = distributed.world_size()
         return record
@@ -58,8 +60,8 @@ def utilisation_words(record: dict) -> str:
     if not work:
         return ""
     flop = work["flop"]
-    scale, unit = next((s, u) for s, u in ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1, "FLOP")) if flop >= s
-                       or s == 1)
+    scale, unit = next(((s, u) for s, u in ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP")) if flop >= s),
+                       (1, "FLOP"))
     words = f", {flop / scale:.3g} {unit}"
     if work.get("share_of_peak") is not None:
         words += f" at {100 * work['share_of_peak']:.0f} % of the matmul peak"

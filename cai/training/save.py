@@ -52,10 +52,11 @@ def count_training_work(trainer, work) -> None:
     sees the batch as the model gets it. A DPO trainer without precomputed reference
     log-probabilities also runs the reference forward on every token (precomputed, as
     cai's dpo does by default, that pass runs when the trainer is built, from datasets'
-    cache when it has it, and is not counted). RLOO/GRPO's
-    generation counts from what it returns (prompt: prefill, completion: decode), with
-    the reference forward when beta > 0 (their recomputed old log-probabilities are not
-    counted); cai's PPO, which trains in its own loop, counts its own (`count_work`)."""
+    cache when it has it, and is not counted). RLOO/GRPO's generation counts from what
+    it returns (prompt: prefill, completion: decode), with the reference forward when
+    beta > 0 (their recomputed old log-probabilities are not counted); cai's PPO, which
+    trains in its own loop, counts its own (`count_work`). A resumed stage counts the
+    work of this session, as its seconds are."""
     from cai.work import matmul_parameters, training_flop_per_token
 
     if hasattr(trainer, "count_work"):
