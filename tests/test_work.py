@@ -93,7 +93,8 @@ def test_each_stage_records_its_work_and_the_report_and_bench_show_it(sft_run):
     assert train["tokens"] == max(h["num_tokens"] for h in history if "num_tokens" in h)
     n = matmul_parameters(models.load_causal_lm(str(sft_run / "sft" / "model"), "cpu"))
     assert train["flop"] == 6 * n * train["tokens"] and train["positions"] >= train["tokens"]
-    assert utilisation_words(sft).startswith(", ") and "% of the matmul peak" in utilisation_words(sft)
+    share = round(100 * sft["work"]["share_of_peak"])
+    assert f"at {share} % of the matmul peak (1 thread), " in utilisation_words(sft)
 
     rows = stage_rows({"critique": critique, "sft": sft})
     assert [r["step"] for r in rows] == ["critique", "sft"] and rows[1]["threads"] == 1

@@ -54,8 +54,8 @@ def summary(record: dict) -> str:
 
 
 def utilisation_words(record: dict) -> str:
-    """`, 1.2 TFLOP at 41 % of the matmul peak, 18 % padding`: the work line's phrase
-    (empty when no model worked in this process)."""
+    """`, 1.2 TFLOP at 41 % of the matmul peak (2 threads), 18 % padding`: the step's
+    last line's phrase (empty when no model worked in this process)."""
     work = record.get("work")
     if not work:
         return ""
@@ -64,7 +64,9 @@ def utilisation_words(record: dict) -> str:
                        (1, "FLOP"))
     words = f", {flop / scale:.3g} {unit}"
     if work.get("share_of_peak") is not None:
-        words += f" at {100 * work['share_of_peak']:.0f} % of the matmul peak"
+        threads = record["threads"]["threads"]
+        words += (f" at {100 * work['share_of_peak']:.0f} % of the matmul peak"
+                  + ("" if work["peak"].startswith("bf16") else f" ({threads} thread{'s' if threads > 1 else ''})"))
     if work.get("padding_share") is not None:
         words += f", {100 * work['padding_share']:.0f} % padding"
     return words
