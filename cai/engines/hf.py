@@ -286,20 +286,22 @@ class TransformersEngine(Engine):
             return None, None, None
         ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
+        groups: dict[int, tuple] = {}  # the batch's rows of each cached prefix, copied together
+        for k, (length, cache) in enumerate(zip(lengths, caches)):
+            if length:
+                groups.setdefault(id(cache), (length, cache, []))[2].append(k)
         layers = None
-        for k, (row, length, cache) in enumerate(zip(rows, lengths, caches)):
-            if not length:
-                continue
-            ids[k, width - length:] = torch.tensor(row[:length], dtype=torch.long)
-            attention[k, width - length:] = 1
+        for length, cache, members in groups.values():
+            ids[members, width - length:] = torch.tensor(rows[members[0]][:length], dtype=torch.long)
+            attention[members, width - length:] = 1
             if layers is None:
-                layers = [(layer.keys.new_zeros((len(rows), *layer.keys.shape[1:2], width, layer.keys.shape[-1])),
-                           layer.values.new_zeros((len(rows), *layer.values.shape[1:2], width,
-                                                   layer.values.shape[-1])))
+                layers = [tuple(t.new_zeros((len(rows), t.shape[1], width, t.shape[-1])) for t in (layer.keys,
+                                                                                                  layer.values))
                           for layer in cache.layers]
+            index = torch.tensor(members, device=cache.layers[0].keys.device)
             for (keys, values), layer in zip(layers, cache.layers):
-                keys[k, :, width - length:] = layer.keys[0]
-                values[k, :, width - length:] = layer.values[0]
+                keys[index, :, width - length:] = layer.keys
+                values[index, :, width - length:] = layer.values
         return ids.to(self.model.device), attention.to(self.model.device), layers
 
     @staticmethod
