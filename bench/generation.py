@@ -97,7 +97,7 @@ class PreviousEngine(TransformersEngine):
             top_k=sampling.top_k if sampled else None,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids, use_cache=True)
         results = [None] * len(prompts)
-        shared, prefix_ids, prefix_cache = self._shared_prefix(prompts)
+        shared, prefix_ids, prefix_cache = self._shared_prefix(prompts, "prefill")
         order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
         for index, start in enumerate(range(0, len(order), self.batch_size)):
             batch = order[start:start + self.batch_size]

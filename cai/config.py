@@ -59,7 +59,8 @@ class RunConfig:
     constitution: str = setting("constitutions/harmless.yaml", "the constitution YAML")
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     threads: int | Literal["auto"] = setting("auto", "torch intra-op threads, or auto: $OMP_NUM_THREADS if set, "
-                                                     "else a short matmul probe at start (cai.models.choose_threads)",
+                                                     "else the cores' load and a short matmul probe at each "
+                                                     "stage's start (cai.models.choose_threads)",
                                              ge=1)
     device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
     hub_kernels: bool = setting(False, "let transformers replace layers (rotary embedding, RMSNorm, attention, ...) "

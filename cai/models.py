@@ -102,18 +102,78 @@ def set_hub_kernels(allowed: bool) -> None:
 PROBE_SHAPE = (128, 576, 1536)  # [rows, hidden] x [hidden, intermediate]: SmolLM2-135M's MLP at batch 128
 PROBE_SECONDS = 0.03  # each of a thread count's five timings lasts at least this
 PROBE_GAIN = 1.15  # a larger count must be this much faster than the best smaller one to be chosen
-_probed: dict | None = None
+LOAD_WINDOW = 0.2  # seconds over which /proc/stat gives the other processes' load before a probe
+
+
+def usable_cpu_ids() -> list[int]:
+    """The CPUs this process may run on (its affinity mask)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return list(range(os.cpu_count() or 1))
 
 
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask), shared among local processes."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
     from cai import distributed
 
-    return max(1, cpus // max(1, distributed.local_world_size()))
+    return max(1, len(usable_cpu_ids()) // max(1, distributed.local_world_size()))
+
+
+def cpu_busy(cpus: list[int], window: float) -> dict[int, float] | None:
+    """Each CPU's busy share (0..1) over `window` seconds, from /proc/stat (all time but
+    idle and iowait), while this process waits: the load of the machine's other work.
+    None without /proc."""
+
+    def ticks() -> dict[int, tuple[int, int]]:
+        out = {}
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                values = [int(v) for v in fields[:8]]
+                out[int(name[3:])] = (sum(values), values[3] + values[4])
+        return out
+
+    try:
+        before = ticks()
+        time.sleep(window)
+        after = ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+    busy = {}
+    for cpu, (total, idle) in after.items():
+        elapsed = total - before[cpu][0] if cpu in before else 0
+        busy[cpu] = round(1 - (idle - before[cpu][1]) / elapsed, 2) if elapsed > 0 else 0.0
+    return busy or None
+
+
+def probe_counts() -> list[int]:
+    """The thread counts the probe times: 1, 2, 4, ... and the usable CPUs."""
+    cpus, counts = usable_cpus(), [1]
+    while counts[-1] * 2 <= cpus:
+        counts.append(counts[-1] * 2)
+    return counts if cpus in counts else [*counts, cpus]
+
+
+def probe_gflops(counts: list[int]) -> dict[int, float]:
+    """The probe's matmul GFLOP/s at each thread count (the count set back after)."""
+    before, gflops = torch.get_num_threads(), {}
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            gflops[n] = round(gemm_gflops(*PROBE_SHAPE, PROBE_SECONDS), 1)
+    finally:
+        torch.set_num_threads(before)
+    return gflops
+
+
+def fastest_count(gflops: dict[int, float]) -> int:
+    """The smallest count within `PROBE_GAIN` of every larger one that won."""
+    chosen = min(gflops)
+    for n in sorted(gflops)[1:]:
+        if gflops[n] >= PROBE_GAIN * gflops[chosen]:
+            chosen = n
+    return chosen
 
 
 def gemm_gflops(m: int, k: int, n: int, min_seconds: float, dtype: torch.dtype = torch.float32,
@@ -148,35 +208,53 @@ def choose_threads(setting: int | str) -> dict:
     """The torch thread count for `threads:` in the run config, and how it was chosen.
 
     An integer is used as given. `auto`: $OMP_NUM_THREADS when set (as `accelerate launch`
-    and test suites do), else a short probe run once per process: fp32 matmuls shaped like
-    a small model's work at 1, 2, 4, ... threads up to the usable CPUs (the affinity mask,
-    divided among this machine's processes of a multi-process run); the smallest count
-    within `PROBE_GAIN` of the fastest larger one wins. On a shared machine whose other
-    cores are busy, the probe sees the second thread slow down and keeps one.
-    Returns {"threads": n, "chosen_by": ..., "probe_gflops": {n: GFLOP/s}}."""
-    global _probed
+    and test suites do), else decided afresh at each call (each stage's start), in under a
+    second: the busy share of the usable CPUs (the affinity mask) over `LOAD_WINDOW`
+    seconds, then fp32 matmuls shaped like a small model's work at 1, 2, 4, ... threads
+    up to the usable CPUs (divided among this machine's processes of a multi-process run);
+    the smallest count within `PROBE_GAIN` of the fastest larger one wins. When another
+    process holds a core, the probe sees the second thread slow down and keeps one, for
+    this stage only. When the cores were free just before the probe but it chose fewer
+    threads than they allow, a busy moment slowed it: it probes once more and the larger
+    of the two choices wins (so an idle machine never gets fewer threads than one probe
+    gives). Returns {"threads": n, "chosen_by": ..., "probe_gflops": {n: GFLOP/s},
+    "cpu_busy": {cpu: share}} (and "second_probe_gflops" when it probed twice)."""
     if setting != "auto":
         return {"threads": int(setting), "chosen_by": "config"}
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return {"threads": int(os.environ["OMP_NUM_THREADS"]), "chosen_by": "OMP_NUM_THREADS"}
-    if _probed is None:
-        before = torch.get_num_threads()
-        cpus, counts = usable_cpus(), [1]
-        while counts[-1] * 2 <= cpus:
-            counts.append(counts[-1] * 2)
-        if cpus not in counts:
-            counts.append(cpus)
-        gflops = {}
-        for n in counts:
-            torch.set_num_threads(n)
-            gflops[n] = round(gemm_gflops(*PROBE_SHAPE, PROBE_SECONDS), 1)
-        chosen = 1
-        for n in counts[1:]:
-            if gflops[n] >= PROBE_GAIN * gflops[chosen]:
-                chosen = n
-        torch.set_num_threads(before)
-        _probed = {"threads": chosen, "chosen_by": "probe", "probe_gflops": gflops}
-    return dict(_probed)
+    from cai import distributed
+
+    cpus, counts = usable_cpus(), probe_counts()
+    busy = cpu_busy(usable_cpu_ids(), LOAD_WINDOW)
+    gflops = probe_gflops(counts)
+    choice = {"threads": fastest_count(gflops), "chosen_by": "probe", "probe_gflops": gflops}
+    if busy is not None:
+        choice["cpu_busy"] = busy
+        free = (len(busy) - sum(busy.values())) / max(1, distributed.local_world_size())
+        if choice["threads"] < min(cpus, round(free)):  # free cores, yet a slow probe: a busy moment
+            second = probe_gflops(counts)
+            choice["second_probe_gflops"] = second
+            choice["threads"] = max(choice["threads"], fastest_count(second))
+    return choice
+
+
+GPU_PROBE_SHAPE = (4096, 4096, 4096)  # large enough to reach a GPU's bf16 matmul rate
+
+
+def matmul_peak(threads: dict, device: str) -> tuple[float, str]:
+    """(FLOP/s, what measured it): the machine's matmul peak that a stage's utilisation
+    is a share of. On a GPU, a bf16 matmul probe; on a CPU, the thread probe's rate at the
+    count chosen at the stage's start (the better of its two probes), else (a count set
+    by the config) a probe at that count now."""
+    if cuda_usable(device):
+        gflops = gemm_gflops(*GPU_PROBE_SHAPE, PROBE_SECONDS, torch.bfloat16, device if ":" in device else "cuda")
+        return gflops * 1e9, "bf16 matmul probe"
+    n = threads["threads"]
+    figures = [probe.get(n) for probe in (threads.get("probe_gflops") or {}, threads.get("second_probe_gflops") or {})]
+    figures = [f for f in figures if f]
+    gflops = max(figures) if figures else round(gemm_gflops(*PROBE_SHAPE, PROBE_SECONDS), 1)
+    return gflops * 1e9, f"fp32 matmul probe, {n} thread{'s' if n > 1 else ''}"
 
 
 def _atomic_build(target: Path, build) -> Path:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from busy_core import held_core
 from conftest import ROOT, make_run
 
 from cai import models
@@ -105,7 +107,6 @@ def test_auto_threads_read_omp_num_threads_else_probe(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert models.choose_threads("auto") == {"threads": 3, "chosen_by": "OMP_NUM_THREADS"}
     monkeypatch.delenv("OMP_NUM_THREADS")
-    monkeypatch.setattr(models, "_probed", None)
     monkeypatch.setattr(models, "PROBE_SECONDS", 0.02)
     monkeypatch.setattr(models, "usable_cpus", lambda: 3)
     before = torch.get_num_threads()
@@ -114,8 +115,68 @@ def test_auto_threads_read_omp_num_threads_else_probe(monkeypatch):
     assert all(g > 0 for g in choice["probe_gflops"].values())
     gflops = choice["probe_gflops"]  # the smallest count within PROBE_GAIN of every larger one that won
     assert choice["threads"] == 1 or gflops[choice["threads"]] >= models.PROBE_GAIN * gflops[1]
+    assert set(choice["cpu_busy"]) == set(os.sched_getaffinity(0))  # the evidence: each usable CPU's load
+    assert all(0 <= share <= 1 for share in choice["cpu_busy"].values())
     assert torch.get_num_threads() == before  # probing leaves the count as it was
-    assert models.choose_threads("auto") == choice  # probed once per process
+    again = models.choose_threads("auto")  # decided afresh at each stage's start, not once per process
+    assert again["probe_gflops"] is not choice["probe_gflops"] and "cpu_busy" in again
+
+
+def scripted_probe(monkeypatch, busy: dict, *probes: dict) -> list:
+    """choose_threads with these /proc/stat loads and these probe figures, in turn."""
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(models, "usable_cpus", lambda: len(busy))
+    monkeypatch.setattr(models, "cpu_busy", lambda cpus, window: dict(busy))
+    remaining = list(probes)
+    monkeypatch.setattr(models, "probe_gflops", lambda counts: remaining.pop(0))
+    return remaining
+
+
+def test_an_idle_machine_gets_the_probes_choice(monkeypatch):
+    left = scripted_probe(monkeypatch, {0: 0.01, 1: 0.03}, {1: 100.0, 2: 190.0}, {1: 100.0, 2: 190.0})
+    assert models.choose_threads("auto") == {"threads": 2, "chosen_by": "probe", "probe_gflops": {1: 100.0, 2: 190.0},
+                                             "cpu_busy": {0: 0.01, 1: 0.03}}
+    assert len(left) == 1  # one probe was enough
+
+
+def test_a_busy_moment_during_the_probe_does_not_cost_a_thread(monkeypatch):
+    # The cores were idle just before, yet the probe's second thread crawled (issue 28's
+    # 100 vs 15 GFLOP/s): a busy moment. A second probe decides, and the larger choice wins.
+    scripted_probe(monkeypatch, {0: 0.0, 1: 0.05}, {1: 100.2, 2: 15.1}, {1: 98.0, 2: 181.0})
+    choice = models.choose_threads("auto")
+    assert choice["threads"] == 2
+    assert choice["probe_gflops"] == {1: 100.2, 2: 15.1} and choice["second_probe_gflops"] == {1: 98.0, 2: 181.0}
+    figures = iter([{1: 100.2, 2: 15.1}, {1: 99.0, 2: 20.0}])  # slow twice over: one thread, as the probe says
+    monkeypatch.setattr(models, "probe_gflops", lambda counts: next(figures))
+    assert models.choose_threads("auto")["threads"] == 1
+
+
+def test_a_core_held_by_another_process_gives_one_thread_for_that_stage(monkeypatch):
+    """A real process spinning on one of our two cores: the load shows it and the probe keeps one thread."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two usable CPUs")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(models, "usable_cpu_ids", lambda: cpus[:2])
+    monkeypatch.setattr(models, "usable_cpus", lambda: 2)
+    with held_core(cpus[1]):
+        choice = models.choose_threads("auto")
+    assert choice["cpu_busy"][cpus[1]] >= 0.8  # the evidence the manifest keeps
+    assert choice["threads"] == 1 and "second_probe_gflops" not in choice  # a held core is not a moment
+    assert choice["probe_gflops"][2] < models.PROBE_GAIN * choice["probe_gflops"][1]
+
+
+def test_each_stage_measures_its_own_thread_choice(tmp_path, monkeypatch):
+    from cai.execute.measure import Measurement
+
+    scripted_probe(monkeypatch, {0: 0.0, 1: 0.0}, {1: 100.0, 2: 190.0}, {1: 100.0, 2: 90.0}, {1: 100.0, 2: 95.0})
+    run = make_run(tmp_path / "run", "threads=auto")
+    before = torch.get_num_threads()
+    first = Measurement(run)
+    assert torch.get_num_threads() == 2 and first.stop()["threads"]["threads"] == 2
+    second = Measurement(run)  # the next stage: the second thread is slow now, twice over
+    assert torch.get_num_threads() == 1 and second.stop()["threads"]["threads"] == 1
+    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- prompts

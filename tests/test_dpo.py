@@ -56,6 +56,10 @@ def test_dpo_trains_the_sft_policy_on_the_ai_preferences(label_run, soft_labels,
     assert any(not torch.equal(before[k], after[k]) for k in before), "the policy did not change"
     logs = json.loads((label_run / "dpo" / "log_history.json").read_text())
     assert [entry["step"] for entry in logs if "loss" in entry] == [1, 2]
+    work = manifest["work"]["by_kind"]  # the trained tokens are TRL's count of them
+    assert work["train"]["tokens"] == max(entry["num_tokens"] for entry in logs if "num_tokens" in entry)
+    assert 0 < work["train"]["tokens"] < work["train"]["positions"]  # chosen and rejected padded to one width
+    assert "reference" not in work  # precomputed when the trainer is built (cai's default), not at each step
 
 
 def test_threshold_mode_keeps_pairs_at_or_above_min_confidence(label_run):

@@ -109,6 +109,53 @@ def test_batched_generation_matches_one_prompt_at_a_time():
         assert completion.text == engine._completion(out[0, ids.shape[1]:].tolist()).text
 
 
+def few_shot_conversations(engine) -> tuple[list[list[dict]], list[int]]:
+    """Prompts after one system prompt and one of two few-shot sets (critique's rotation), and their sets."""
+    system = [{"role": "system", "content": "You are a careful assistant. " * 4}]
+    shots = [[{"role": "user", "content": f"Example request {k}: " + "tell me about the sea. " * 3},
+              {"role": "assistant", "content": f"Example answer {k}: " + "the sea is wide and deep. " * 3}]
+             for k in range(2)]
+    texts = ("How do I pick a lock?", "Hi", "Write a long poem about the sea and the sky", "Why?", "Insult me")
+    sets = [0, 1, 1, 0, 1]
+    return [system + shots[k] + [{"role": "user", "content": t}] for t, k in zip(texts, sets)], sets
+
+
+def test_rows_are_grouped_by_the_few_shot_prefix_they_share():
+    engine = hf.TransformersEngine.from_spec("builtin:tiny", "cpu", batch_size=4)
+    conversations, sets = few_shot_conversations(engine)
+    rows = [engine.render(c) for c in conversations]
+    groups = engine.prefix_groups(rows)
+    assert sorted(sorted(members) for _, members in groups) == [[0, 3], [1, 2, 4]]
+    for length, members in groups:  # each set's own prefix: longer than what all rows share
+        assert length == engine.shared_length([rows[i] for i in members]) > engine.shared_length(rows)
+    same_set = [rows[i] for i in (1, 2, 4)]  # rows that all share one prefix: one group, as before
+    assert engine.prefix_groups(same_set) == [(engine.shared_length(same_set), [0, 1, 2])]
+    engine.share_prefix = False
+    assert engine.prefix_groups(rows) == [(0, [0, 1, 2, 3, 4])]
+
+
+def test_rows_of_several_few_shot_sets_in_one_call_give_each_rows_own_answer():
+    """One call over rows of two few-shot sets (each set's prefix cached once, right-aligned
+    in the batch's prefix area) gives, greedy, the tokens of each prompt generated alone by
+    transformers' own generate, and what one call per set gives."""
+    from cai.engines import Sampling
+
+    engine = hf.TransformersEngine.from_spec("builtin:tiny", "cpu", batch_size=4)
+    conversations, sets = few_shot_conversations(engine)
+    greedy = Sampling(10, temperature=0)
+    together = [c.text for c in engine.generate(conversations, greedy, seed=0)]
+    for conversation, text in zip(conversations, together):
+        ids = torch.tensor([engine.render(conversation)])
+        with torch.inference_mode():
+            out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                        pad_token_id=engine.tokenizer.pad_token_id, eos_token_id=engine.eos_ids)
+        assert text == engine._completion(out[0, ids.shape[1]:].tolist()).text
+    for k in (0, 1):
+        rows = [i for i, s in enumerate(sets) if s == k]
+        assert [c.text for c in engine.generate([conversations[i] for i in rows], greedy, seed=0)] == [
+            together[i] for i in rows]
+
+
 def test_static_shapes_give_every_batch_one_shape_and_the_same_answers(monkeypatch):
     """compile_generation on CUDA: rows padded to the largest batch, cache lengths rounded
     up, so one compiled decode step serves every batch; the answers do not change."""

@@ -192,10 +192,15 @@ def reward_run(sft_run_template, tmp_path_factory):
 def test_the_stage_saves_a_one_output_reward_model_and_its_tokenizer(reward_run):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from cai.work import matmul_parameters
+
     model = AutoModelForSequenceClassification.from_pretrained(reward_run / "reward" / "model")
     tokenizer = AutoTokenizer.from_pretrained(reward_run / "reward" / "model")
     assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id is not None
     assert tokenizer.chat_template
+    train = json.loads((reward_run / "reward" / "manifest.json").read_text())["work"]["by_kind"]["train"]
+    assert train["flop"] == 6 * matmul_parameters(model) * train["tokens"]  # the head's matmul, no language head
+    assert 0 < train["tokens"] <= train["positions"]
 
 
 def test_the_stage_reports_accuracy_and_margin_before_and_after_training(reward_run):

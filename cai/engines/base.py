@@ -55,6 +55,7 @@ class Engine:
     def __init__(self) -> None:
         self.tokens_generated = 0
         self.seconds = 0.0  # time spent inside the model calls
+        self.work = None  # the stage's cai.work.Work, which an in-process engine counts its tokens into
 
     def generate(self, conversations: list[list[dict]], sampling: Sampling, seed: int,
                  desc: str | None = None, prefill: str = "") -> list[Completion]:

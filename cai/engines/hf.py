@@ -18,6 +18,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from cai import console, models
 from cai.engines.base import Capabilities, Completion, Engine, Sampling
+from cai.work import matmul_parameters
 
 MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is not worth a cache copy
 MAX_CACHE_BYTES = 4 * 2**30  # a batch's key/value cache stays under this (fewer rows if needed) on an accelerator,
@@ -134,6 +135,12 @@ class TransformersEngine(Engine):
         gen_eos = model.generation_config.eos_token_id
         self.eos_ids = sorted({eos, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None})
         self._option_ids: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        self.forward_flop = 2 * matmul_parameters(model)  # per token of a forward pass (cai.work)
+
+    def count(self, kind: str, tokens: int, positions: int) -> None:
+        """Forward work done on `tokens` real tokens of `positions` computed (cai.work)."""
+        if self.work is not None:
+            self.work.add(kind, tokens, positions, self.forward_flop)
 
     @classmethod
     def from_spec(cls, spec: str, device: str = "auto", batch_size: int = 8, name: str = "",
@@ -172,9 +179,9 @@ class TransformersEngine(Engine):
         shared = min(shared_prefix_length(rows), min(len(r) for r in rows) - 1)
         return shared if shared >= MIN_SHARED_PREFIX else 0
 
-    def _shared_prefix(self, rows: list[list[int]]):
+    def _shared_prefix(self, rows: list[list[int]], kind: str):
         """(length, ids, key/value cache) of the prefix all rows share; (0, None, None)
-        when it is too short to pay."""
+        when it is too short to pay. Its forward pass counts as `kind` work."""
         shared = self.shared_length(rows)
         if not shared:
             return 0, None, None
@@ -182,6 +189,7 @@ class TransformersEngine(Engine):
         ids = torch.tensor([rows[0][:shared]], device=self.model.device)
         cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
         self.seconds += time.perf_counter() - began
+        self.count(kind, shared, shared)
         return shared, ids, cache
 
     def cache_bytes_per_token(self) -> int:
@@ -208,15 +216,92 @@ class TransformersEngine(Engine):
 
     def _generation_cache(self, prefix, rows: int, length: int) -> StaticCache:
         """A preallocated key/value cache for a generation batch of `rows` up to `length`
-        tokens, holding a copy of the shared prefix's cache in every row. (transformers'
-        default DynamicCache concatenates every layer's whole cache at every step: with
-        a few-shot prefix of hundreds of tokens repeated over a batch, that copying costs
+        tokens, starting with `prefix` (each layer's keys and values for the batch's
+        prefix area, from `_batch_prefix`) when there is one. (transformers' default
+        DynamicCache concatenates every layer's whole cache at every step: with a
+        few-shot prefix of hundreds of tokens repeated over a batch, that copying costs
         several times the model's own work on a CPU, bench/generation.py --few-shot.)"""
         cache = StaticCache(config=self.model.config, max_cache_len=length)
-        if prefix is not None:
-            for index, layer in enumerate(prefix.layers):
-                cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), index)
+        for index, (keys, values) in enumerate(prefix or ()):
+            cache.update(keys, values, index)
         return cache
+
+    def prefix_groups(self, rows: list[list[int]]) -> list[tuple[int, list[int]]]:
+        """Rows grouped by the prefix whose key/value cache they share: [(prefix length,
+        row indices)], every row in one group (length 0: no cache). Rows that share a
+        prefix (few-shot sets after one system prompt) are found in token order; a group
+        splits where its rows share less, when the split computes fewer tokens (each
+        cached prefix counted once, plus `MIN_SHARED_PREFIX` for its own forward pass).
+        Rows that all share one prefix make one group, as they always did."""
+        if not rows:
+            return []
+        if not self.share_prefix:
+            return [(0, list(range(len(rows))))]
+        order = sorted(range(len(rows)), key=lambda i: rows[i])
+        common = [shared_prefix_length([rows[a], rows[b]]) for a, b in zip(order, order[1:])]
+
+        def best(lo: int, hi: int) -> tuple[int, list[tuple[int, list[int]]]]:
+            """(tokens computed, groups) for the rows at sorted positions lo..hi."""
+            members = sorted(order[lo:hi + 1])
+            lengths = [len(rows[i]) for i in members]
+            if lo == hi:
+                return lengths[0], [(0, members)]
+            base = min(common[lo:hi])
+            shared = min(base, min(lengths) - 1)  # every row keeps a token of its own
+            shared = shared if shared >= MIN_SHARED_PREFIX else 0
+            kept = sum(lengths) - (len(members) - 1) * shared + (MIN_SHARED_PREFIX if shared else 0)
+            cuts = [k + 1 for k in range(lo, hi) if common[k] == base]
+            split_cost, split = 0, []
+            for start, end in zip([lo, *cuts], [*cuts, hi + 1]):
+                cost, groups = best(start, end - 1)
+                split_cost += cost
+                split += groups
+            return (kept, [(shared, members)]) if kept <= split_cost else (split_cost, split)
+
+        return best(0, len(rows) - 1)[1]
+
+    def _prefix_caches(self, rows: list[list[int]], groups: list[tuple[int, list[int]]]) -> list:
+        """Each group's prefix key/value cache (None without one), one forward pass each,
+        counted as prefill work."""
+        caches = []
+        for length, members in groups:
+            if not length:
+                caches.append(None)
+                continue
+            began = time.perf_counter()
+            ids = torch.tensor([rows[members[0]][:length]], device=self.model.device)
+            caches.append(self.model(input_ids=ids, use_cache=True, logits_to_keep=1).cache)
+            self.seconds += time.perf_counter() - began
+            self.count("prefill", length, length)
+        return caches
+
+    def _batch_prefix(self, rows: list[list[int]], lengths: list[int], caches: list) -> tuple:
+        """(ids, attention, per-layer keys and values) of a batch's prefix area: each row's
+        cached prefix right-aligned in a width of the longest, masked left padding before a
+        shorter one (the positions, from the mask, then run on from each row's own prefix).
+        (None, None, None) when no row has a cached prefix."""
+        width = max(lengths)
+        if not width:
+            return None, None, None
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        groups: dict[int, tuple] = {}  # the batch's rows of each cached prefix, copied together
+        for k, (length, cache) in enumerate(zip(lengths, caches)):
+            if length:
+                groups.setdefault(id(cache), (length, cache, []))[2].append(k)
+        layers = None
+        for length, cache, members in groups.values():
+            ids[members, width - length:] = torch.tensor(rows[members[0]][:length], dtype=torch.long)
+            attention[members, width - length:] = 1
+            if layers is None:
+                layers = [tuple(t.new_zeros((len(rows), t.shape[1], width, t.shape[-1])) for t in (layer.keys,
+                                                                                                  layer.values))
+                          for layer in cache.layers]
+            index = torch.tensor(members, device=cache.layers[0].keys.device)
+            for (keys, values), layer in zip(layers, cache.layers):
+                keys[index, :, width - length:] = layer.keys
+                values[index, :, width - length:] = layer.values
+        return ids.to(self.model.device), attention.to(self.model.device), layers
 
     @staticmethod
     def _batch_cache(cache, rows: int):
@@ -249,30 +334,45 @@ class TransformersEngine(Engine):
         processors = LogitsProcessorList([NucleusSampler(sampling.temperature, sampling.top_p, sampling.top_k,
                                                          static)] if sampling.temperature > 0 else [])
         results: list[list[int] | None] = [None] * len(prompts)
-        shared, prefix_ids, prefix_cache = self._shared_prefix(prompts)
+        groups = self.prefix_groups(prompts)
+        caches = self._prefix_caches(prompts, groups)
+        group_of = {i: g for g, (_, members) in enumerate(groups) for i in members}
         batches = self._batches_by_length(prompts, sampling.max_new_tokens)
         most = max(map(len, batches), default=0)
         bar = console.bar(batches, desc=desc, disable=desc is None, unit="batch")
         for index, batch in enumerate(bar):
             torch.manual_seed(seed * 1_000_003 + index)
-            rows = [prompts[i][shared:] for i in batch]
+            real = len(batch)
             if self.static_shapes:  # filler rows (copies of the first, dropped) keep the batch's size
-                rows += rows[:1] * (most - len(rows))
+                batch = batch + batch[:1] * (most - len(batch))
+            lengths = [groups[group_of[i]][0] for i in batch]
+            rows = [prompts[i][length:] for i, length in zip(batch, lengths)]
             input_ids, attention = self._pad_left(rows)
-            length = shared + input_ids.shape[1] + sampling.max_new_tokens
+            prefix_ids, prefix_attention, prefix = self._batch_prefix([prompts[i] for i in batch], lengths,
+                                                                      [caches[group_of[i]] for i in batch])
+            width = 0 if prefix_ids is None else prefix_ids.shape[1]
+            length = width + input_ids.shape[1] + sampling.max_new_tokens
             if self.static_shapes:
                 length = -(-length // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
-            cache = self._generation_cache(prefix_cache, len(rows), length)
-            if prefix_cache is not None:  # [prefix][left padding][rest]: the mask hides the padding
-                input_ids = torch.cat([prefix_ids.expand(len(rows), -1), input_ids], dim=1)
-                attention = torch.cat([attention.new_ones(len(rows), shared), attention], dim=1)
+            cache = self._generation_cache(prefix, len(rows), length)
+            if prefix is not None:  # [prefix area][left padding][rest]: the mask hides the padding
+                input_ids = torch.cat([prefix_ids, input_ids], dim=1)
+                attention = torch.cat([prefix_attention, attention], dim=1)
             began = time.perf_counter()
             output = self.model.generate(input_ids=input_ids, attention_mask=attention, cache=cache,
                                          generation_config=config, logits_processor=processors)
             self.seconds += time.perf_counter() - began
-            for row, i in zip(output[:, input_ids.shape[1]:].tolist(), batch):
+            steps = output.shape[1] - input_ids.shape[1]
+            generated = 0
+            for row, i in zip(output[:real, input_ids.shape[1]:].tolist(), batch[:real]):
                 results[i] = row
-                self.tokens_generated += self.answer_length(row)[0]
+                answered, finished = self.answer_length(row)
+                self.tokens_generated += answered
+                generated += min(answered + finished, steps)  # the EOS is generated work too
+            # prefill: the rows after their cached prefix, left padding included; decode: every
+            # row at every step, those that finished early (and filler rows) included
+            self.count("prefill", sum(map(len, rows[:real])), len(rows) * (input_ids.shape[1] - width))
+            self.count("decode", generated, len(rows) * steps)
             if self.seconds:
                 bar.set_postfix(tok_s=f"{self.tokens_per_second:.1f}")
         return results  # type: ignore[return-value]
@@ -320,7 +420,7 @@ class TransformersEngine(Engine):
             return []
         rows = [self.render(q[:-1], prefill=q[-1]["content"]) for q in questions]
         option_ids = [self.option_token_ids(q[-1]["content"], options) for q in questions]
-        shared, _, prefix = self._shared_prefix(rows)
+        shared, _, prefix = self._shared_prefix(rows, "score")
         results: list[tuple[float, ...]] = [()] * len(rows)
         batches = self._batches_by_length(rows)  # a question's two orders have one length: they stay together
         for batch in console.bar(batches, desc=desc, disable=desc is None, unit="batch"):
@@ -333,6 +433,8 @@ class TransformersEngine(Engine):
             logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                                 cache=cache, use_cache=cache is not None, logits_to_keep=1).logits[:, -1, :]
             self.seconds += time.perf_counter() - began
+            self.count("score", int(attention[:, shared:].sum() if cache is not None else attention.sum()),
+                       input_ids.numel())
             ids = torch.tensor([option_ids[i] for i in batch], device=logits.device)
             probs = torch.softmax(logits.gather(1, ids).float(), dim=-1)
             for i, row in zip(batch, probs.tolist()):

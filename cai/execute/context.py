@@ -14,6 +14,7 @@ from typing import Any
 from cai import registry
 from cai.registry import ORDER, in_round, split_step, step_name
 from cai.rundir import StageDir
+from cai.work import Work
 
 
 @dataclass
@@ -32,6 +33,7 @@ class StageContext:
     run_steps: tuple = ()  # every step `cai run` runs for this config
     _engines: dict = field(default_factory=dict, repr=False)
     engines_used: list = field(default_factory=list, repr=False)  # what each released engine did
+    work: Work = field(default_factory=Work, repr=False)  # what its models computed, counted where they run
 
     @classmethod
     def of(cls, step, run, run_steps=()) -> StageContext:
@@ -94,6 +96,7 @@ class StageContext:
         spec = self.model_spec(reference)
         if spec not in self._engines:
             self._engines[spec] = open_engine(spec, self.run, batch_size, self.model_options)
+            self._engines[spec].work = self.work
         return self._engines[spec]
 
     def release(self, reference: str | None = None) -> None:

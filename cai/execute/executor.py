@@ -12,7 +12,7 @@ from cai import console, distributed
 from cai.engines import EngineError, server_name
 from cai.execute.context import StageContext
 from cai.execute.decide import decide_all, decide_now, refuse
-from cai.execute.measure import Measurement, summary
+from cai.execute.measure import Measurement, summary, utilisation_words
 from cai.yamlio import Problem, ValidationError, problem
 
 
@@ -61,7 +61,7 @@ def run_step(run, step, force: bool = False, run_steps: tuple = ()) -> dict:
         if distributed.is_main() and not isinstance(err, KeyboardInterrupt):
             ctx.dir.abandon()
         raise
-    record = measured.stop()
+    record = measured.stop(ctx.work)
     manifest = {
         "stage": step.name, **({"round": step.round} if step.step != step.name else {}),
         "config_hash": step.fingerprint, "config": dataclasses.asdict(step.config), "trl": step.trl,
@@ -71,7 +71,7 @@ def run_step(run, step, force: bool = False, run_steps: tuple = ()) -> dict:
     if distributed.is_main():
         ctx.dir.finish(manifest)
     distributed.barrier()  # the next stage reads this one's manifest and outputs
-    print(f"[cai] {step.step}: {summary(record, counts)}")
+    print(f"[cai] {step.step}: {summary(record, counts)}{utilisation_words(record)}")
     return manifest
 
 

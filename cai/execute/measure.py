@@ -17,6 +17,7 @@ class Measurement:
         from cai.models import set_hub_kernels, set_threads
 
         self.threads = set_threads(run.threads)
+        self.device = run.device
         set_hub_kernels(run.hub_kernels)
         self.constitution_sha256 = file_sha256(run.constitution_path())
         self.memory = StagePeak()
@@ -25,13 +26,20 @@ class Measurement:
     def abort(self) -> None:
         self.memory.stop()
 
-    def stop(self) -> dict:
-        """What the manifest records: start, seconds, peaks, threads, versions, processes."""
+    def stop(self, work=None) -> dict:
+        """What the manifest records: start, seconds, peaks, threads, versions, processes,
+        and the `work` (cai.work.Work) the stage's models did, as a rate and a share of the
+        machine's matmul peak."""
         from cai import distributed
 
+        seconds = time.time() - self.started
         record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
-                  "seconds": round(time.time() - self.started, 2), "versions": versions(), "threads": self.threads,
+                  "seconds": round(seconds, 2), "versions": versions(), "threads": self.threads,
                   "peak_memory": self.memory.stop()}
+        if work is not None and work.kinds:
+            from cai.models import matmul_peak
+
+            record["work"] = work.record(seconds, *matmul_peak(self.threads, self.device))
         if distributed.distributed():
             record["processes"] = distributed.world_size()
         return record
@@ -73,6 +81,25 @@ def counts_text(counts: dict) -> str:
         elif isinstance(value, float):
             parts.append(f"{words} {value:.3g}")
     return ", ".join(parts)
+
+
+def utilisation_words(record: dict) -> str:
+    """`, 1.2 TFLOP at 41 % of the matmul peak (2 threads), 18 % padding`: the step's
+    last line's phrase (empty when no model worked in this process)."""
+    work = record.get("work")
+    if not work:
+        return ""
+    flop = work["flop"]
+    scale, unit = next(((s, u) for s, u in ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP")) if flop >= s),
+                       (1, "FLOP"))
+    words = f", {flop / scale:.3g} {unit}"
+    if work.get("share_of_peak") is not None:
+        threads = record["threads"]["threads"]
+        words += (f" at {100 * work['share_of_peak']:.0f} % of the matmul peak"
+                  + ("" if work["peak"].startswith("bf16") else f" ({threads} thread{'s' if threads > 1 else ''})"))
+    if work.get("padding_share") is not None:
+        words += f", {100 * work['padding_share']:.0f} % padding"
+    return words
 
 
 def file_sha256(path: Path) -> str | None:

@@ -19,6 +19,7 @@ from cai.registry import ORDER, TRAINING_STAGES, step_folder
 from cai.report.charts import bar_chart, curves_chart, histogram, round_traces, tradeoff_chart
 from cai.rundir import atomic_write_text, folder_steps, read_jsonl, step_state
 from cai.stats import ANCHOR_ELO, MIN_PROMPTS, TOO_FEW
+from cai.work import stage_rows
 from cai.yamlio import Problem, ValidationError
 
 CURVE_WORDS = ("loss", "reward", "score", "kl", "length")  # log-history keys worth a curve
@@ -128,7 +129,7 @@ def summary_section(run_dir: Path, manifests: dict) -> Markup:
              ("Constitution sha256", (shared.get("constitution_sha256") or "")[:16] or None),
              ("Seed", run.get("seed")), ("Prompts", shared.get("prompts") and
                                          ", ".join(f"{k}={v}" for k, v in shared["prompts"].items()))]
-    stages = []
+    stages, work = [], {row["step"]: row for row in stage_rows(manifests)}
     for name in folder_steps(run_dir):
         manifest = manifests.get(name)
         if manifest:
@@ -136,10 +137,11 @@ def summary_section(run_dir: Path, manifests: dict) -> Markup:
             state, redone = step_state(run_dir, name)
             status = f"stale: {', '.join(redone)} redone after it" if redone else state
             stages.append({"name": name, "status": status, "started": manifest.get("started", ""),
-                           "seconds": manifest.get("seconds"), "counts": counts})
+                           "seconds": manifest.get("seconds"), "counts": counts, **work[name]})
         elif step_state(run_dir, name)[0] == "partial":
             stages.append({"name": name, "status": "interrupted / running", "started": "", "seconds": None,
-                           "counts": []})
+                           "counts": [], "threads": None, "tflop": None, "share_of_peak": None,
+                           "padding_share": None})
     absent = [s for s in folder_steps(run_dir) if step_state(run_dir, s)[0] == "pending"]
     return render("summary.html", facts=[(k, v) for k, v in facts if v not in (None, "")], stages=stages,
                   total=sum(m.get("seconds") or 0 for m in manifests.values() if m), completed=len(manifests),

@@ -23,9 +23,10 @@ without the examples, can still repeat one by chance).
 Few-shot examples rotate (`few_shot_rotation`, on by default): the constitution's
 critique examples are dealt, in order, into sets of `few_shot` (the last set wraps round
 to the first examples), and each prompt gets one set, drawn seeded per prompt, so no
-single example's phrasing is in every prompt. The prompts of a chunk are generated set
-by set, each set's shared few-shot prefix cached once; off, every prompt gets the first
-`few_shot` examples.
+single example's phrasing is in every prompt. A chunk's rows of every set are generated
+in one call per phase (critique, revision); the in-process engine caches each set's
+few-shot prefix once (`prefix_groups`); off, every prompt gets the first `few_shot`
+examples.
 
 Options for small models (the paper finds critiques matter most for them):
 `critique: false` revises directly, without a critique (the few-shot examples then
@@ -221,18 +222,6 @@ def few_shot_turns(constitution, n: int, critique: bool = True, examples: tuple[
     return [constitution.critique_examples[e].messages[i] for e in chosen for i in keep]
 
 
-def generate_by_set(generator: Engine, conversations: list[list[dict]], sets: list[int], sampling: Sampling,
-                    seed: int) -> list:
-    """Generations for rows that differ in their few-shot set, one call per set (so each
-    call's rows share their few-shot prefix), returned in row order."""
-    out: list = [None] * len(conversations)
-    for which in sorted(set(sets)):
-        rows = [i for i, s in enumerate(sets) if s == which]
-        for i, generated in zip(rows, generator.generate([conversations[i] for i in rows], sampling, seed=seed)):
-            out[i] = generated
-    return out
-
-
 def revision_seed(chunk_seed: int, round_index: int, candidate: int) -> int:
     """Candidate 0 keeps the seed revisions always had; the others are spread far apart."""
     return chunk_seed + 2 * round_index + 2 + 100_000 * candidate
@@ -296,11 +285,10 @@ def critique_chunk(chunk, generator: Engine, constitution, cfg: Config, seed: in
         critiques: list[str | None] = [None] * len(live)
         if cfg.critique:
             asked = [turns + [{"role": "user", "content": p.critique}] for turns, p in zip(exchanges, principles)]
-            critiques = [c.text for c in generate_by_set(generator, asked, which, critic,
-                                                         seed=chunk_seed + 2 * round_index + 1)]
+            critiques = [c.text for c in generator.generate(asked, critic, seed=chunk_seed + 2 * round_index + 1)]
             exchanges = [turns + [{"role": "assistant", "content": c}] for turns, c in zip(asked, critiques)]
         revise = [turns + [{"role": "user", "content": p.revision}] for turns, p in zip(exchanges, principles)]
-        sampled = [generate_by_set(generator, revise, which, revising, seed=revision_seed(chunk_seed, round_index, j))
+        sampled = [generator.generate(revise, revising, seed=revision_seed(chunk_seed, round_index, j))
                    for j in range(cfg.best_of)]
         candidates = [[clean_revision(s[i].text) for s in sampled] for i in range(len(live))]
         reasons = []

@@ -385,6 +385,19 @@ class PPOTrainer(Trainer):
         episodes = args.total_episodes or int(args.num_train_epochs * len(prompts))
         self.num_updates = max(1, math.ceil(episodes / self.batch))
         self._engine = None
+        self.work = None  # the stage's cai.work.Work (`count_work`)
+
+    def count_work(self, work) -> None:
+        """Count this trainer's work into the stage's `work` (cai.work): the rollouts'
+        generation (the engine), their policy, value and reference forwards, and the
+        optimisation's forward and backward passes, real tokens against positions."""
+        from cai.work import matmul_parameters, training_flop_per_token
+
+        self.work = work
+        wrapper = self.accelerator.unwrap_model(self.model)
+        self._forward_flop = 2 * matmul_parameters(wrapper)
+        self._reference_flop = 2 * matmul_parameters(self.reference if self.reference is not None else wrapper.policy)
+        self._train_flop = training_flop_per_token(wrapper, bool(self.args.activation_checkpointing))
 
     # ------------------------------------------------------------ data
 
@@ -416,6 +429,7 @@ class PPOTrainer(Trainer):
             policy = self.accelerator.unwrap_model(self.model).policy
             self._engine = TransformersEngine(policy, self.processing_class,
                                               batch_size=self.args.local_rollout_forward_batch_size)
+            self._engine.work = self.work
         return self._engine
 
     # ------------------------------------------------------------ one rollout
@@ -472,6 +486,10 @@ class PPOTrainer(Trainer):
             ref_logprobs.append(token_logprobs(ref_logits.float() / temperature, answer_ids[part]))
             values.append(value)
             del logits, ref_logits
+        if self.work is not None:
+            tokens, computed = int(attention.sum()), attention.numel()
+            self.work.add("rollout forward", tokens, computed, self._forward_flop)
+            self.work.add("reference", tokens, computed, self._reference_flop)
         tokenizer = self.processing_class
         conversations = [self.prompts[i] for i in indices]
         completions = [[{"role": "assistant",
@@ -530,6 +548,9 @@ class PPOTrainer(Trainer):
                                                           mask, args.cliprange_value)
                         loss = (pg_loss + args.vf_coef * vf_loss) * len(part) / len(chosen)
                         self.accelerator.backward(loss)
+                    if self.work is not None:
+                        self.work.add("train", int(rollout.attention_mask[part].sum()),
+                                      rollout.attention_mask[part].numel(), self._train_flop)
                     with torch.no_grad():
                         probs = logits.softmax(-1)
                         entropy = masked_mean(torch.logsumexp(logits, -1) - (probs * logits).sum(-1), mask)

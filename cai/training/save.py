@@ -21,6 +21,8 @@ def train_and_save(trainer, ctx, model_dir: str = "model", base: str = "", data:
     it trained on (both for the model card)."""
     main = distributed.is_main()
     output_dir = Path(trainer.args.output_dir)
+    if getattr(ctx, "work", None) is not None:
+        count_training_work(trainer, ctx.work)
     checkpoint = distributed.broadcast(resume_checkpoint(output_dir, ctx.name) if main else None)
     use_training_bar(trainer, f"{ctx.step}: training")
     try:
@@ -66,6 +68,67 @@ def use_training_bar(trainer, desc: str) -> None:
 
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(TrainingBar())
+
+
+def count_training_work(trainer, work) -> None:
+    """Count each training forward's tokens into the stage's `work` (cai.work): real
+    tokens (the attention mask's ones; every position without a mask, as padding-free
+    batches have) against positions computed. Wraps the trainer's `compute_loss`, which
+    sees the batch as the model gets it. A DPO trainer without precomputed reference
+    log-probabilities also runs the reference forward on every token (precomputed, as
+    cai's dpo does by default, that pass runs when the trainer is built, from datasets'
+    cache when it has it, and is not counted). RLOO/GRPO's generation counts from what
+    it returns (prompt: prefill, completion: decode), with the reference forward when
+    beta > 0 (their recomputed old log-probabilities are not counted); cai's PPO, which
+    trains in its own loop, counts its own (`count_work`). A resumed stage counts the
+    work of this session, as its seconds are."""
+    from cai.work import matmul_parameters, training_flop_per_token
+
+    if hasattr(trainer, "count_work"):
+        trainer.count_work(work)
+        return
+    model = trained_model(trainer)
+    if model is None:
+        return
+    per_token = training_flop_per_token(model, bool(getattr(trainer.args, "activation_checkpointing", False)))
+    forward = 2 * matmul_parameters(model)
+    reference = hasattr(trainer, "precompute_ref_logps") and not trainer.precompute_ref_logps
+    compute_loss = trainer.compute_loss
+
+    def counted_loss(model_, inputs, *args, **kwargs):
+        if model_.training:
+            tokens, positions = batch_tokens(inputs)
+            work.add("train", tokens, positions, per_token)
+            if reference:
+                work.add("reference", tokens, positions, forward)
+        return compute_loss(model_, inputs, *args, **kwargs)
+
+    trainer.compute_loss = counted_loss
+    if hasattr(trainer, "_generate_and_score_completions"):  # RLOO, GRPO
+        generate = trainer._generate_and_score_completions
+
+        def counted_generation(*args, **kwargs):
+            batch = generate(*args, **kwargs)
+            for kind, ids, mask in (("prefill", "prompt_ids", "prompt_mask"),
+                                    ("decode", "completion_ids", "completion_mask")):
+                work.add(kind, int(batch[mask].sum()), batch[ids].numel(), forward)
+            if getattr(trainer, "beta", 0.0) != 0.0:
+                work.add("reference", *batch_tokens(batch), forward)
+            return batch
+
+        trainer._generate_and_score_completions = counted_generation
+
+
+def batch_tokens(inputs) -> tuple[int, int]:
+    """(real tokens, positions) of a training batch: `input_ids` with its attention mask,
+    or RLOO/GRPO's prompt and completion ids with theirs."""
+    pairs = [("input_ids", "attention_mask"), ("prompt_ids", "prompt_mask"), ("completion_ids", "completion_mask")]
+    tokens = positions = 0
+    for ids, mask in pairs:
+        if ids in inputs:
+            positions += inputs[ids].numel()
+            tokens += int(inputs[mask].sum()) if inputs.get(mask) is not None else inputs[ids].numel()
+    return tokens, positions
 
 
 def trained_model(trainer):
