@@ -1,5 +1,6 @@
-# The README's two commands: `make demo` (the pipeline on SmolLM2-135M) and `make test`.
-# Both create .venv and install exactly what the tests passed with (requirements.lock) on a
+# The README's commands: `make smoke` (every stage on builtin:tiny, seconds), `make demo` (the
+# pipeline on SmolLM2-135M) and `make test`.
+# Each creates .venv and installs exactly what the tests passed with (requirements.lock) on a
 # fresh machine; re-running is a no-op while pyproject.toml and the lock are unchanged.
 PYTHON ?= python3
 VENV   ?= .venv
