@@ -48,7 +48,7 @@ def trl_rows(cls: type, defaults: dict) -> list[tuple[str, str, str, str]]:
             default = f"{yaml_text(defaults[f.name])} (cai's)"
         elif f.name in CAI_TRL_DEFAULTS:
             value, rule = CAI_TRL_DEFAULTS[f.name]
-            default = (rule.format(trl=f"TRL's {default_text(f)}") if rule else yaml_text(value)) + " (cai's)"
+            default = (rule.format(trl=default_text(f)) if rule else yaml_text(value)) + " (cai's)"
         else:
             default = default_text(f)
         kind = getattr(f.type, "__name__", None) or str(f.type).replace("typing.", "")

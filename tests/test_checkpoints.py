@@ -65,7 +65,10 @@ def test_train_and_save_resumes_from_the_complete_checkpoint(tmp_path):
             Path(path).mkdir(parents=True)
             (Path(path) / "model.safetensors").write_bytes(b"w")
 
-    ctx = SimpleNamespace(name="sft", dir=StageDir(tmp_path, "sft"))
+        def pop_callback(self, callback):  # no progress bar of transformers' to replace
+            return None
+
+    ctx = SimpleNamespace(name="sft", step="sft", dir=StageDir(tmp_path, "sft"))
     metrics = train_and_save(Trainer(), ctx)
     assert resumed == [str(out / "checkpoint-5")]
     assert metrics["global_steps"] == 10

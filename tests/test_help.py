@@ -88,7 +88,7 @@ def test_run_help_lists_the_top_level_keys_and_every_stage_setting(capsys):
 
 # How a rule `--help` states reads for a run on CPU with seed 7 (TRL lists report_to: none as []).
 ON_THIS_RUN = {"the run's seed": 7, "the run's report_to": [], "true unless a CUDA GPU is used": True,
-               "the run's run_name when set, else TRL's null": None}
+               "the run's run_name when set, else null": None}
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "rl"])
