@@ -238,5 +238,5 @@ def test_the_hhh_bench_names_the_datas_source_and_how_to_fetch_it(tmp_path):
     assert f"{missing}: no such file" in done.stderr
     assert ("curl -fL -o bench/data/hhh-438.jsonl https://raw.githubusercontent.com/anthropics/"
             "ConstitutionalHarmlessnessPaper/") in done.stderr
-    readme = (ROOT / "README.md").read_text()
-    assert "github.com/anthropics/ConstitutionalHarmlessnessPaper" in readme and "states no\nlicence" in readme
+    guide = (ROOT / "docs" / "evaluation.md").read_text()
+    assert "github.com/anthropics/ConstitutionalHarmlessnessPaper" in guide and "states no\nlicence" in guide
