@@ -42,8 +42,8 @@ and rl stages; add them with --stages ...,reward,rl), the size of the SL-CAI dat
 (prompts.max_red_team: every stage reruns), and the other critique prompting variants
 that bench/critique_prompting.py measures on the critique stage alone.
 
-The README's table: the demo config of f3616e3 (critique on, 96 critiqued prompts, 3 SFT
-epochs), its run reused:
+The table in docs/results.md ("What moves a 135M model"): the demo config of f3616e3
+(critique on, 96 critiqued prompts, 3 SFT epochs), its run reused:
 
     git show f3616e3:configs/demo.yaml > grid-base.yaml
     .venv/bin/cai run --config grid-base.yaml --until dpo
@@ -84,7 +84,7 @@ GRID = {
     "critique-192": ["prompts.max_red_team=192"],
     "ppo-kl-0.2": ["rl.kl_coef=0.2"],
 }
-# What the README's table ran, on the demo config of f3616e3 (critique on, 96 prompts, 3 SFT epochs).
+# What docs/results.md's grid table ran, on the demo config of f3616e3 (critique on, 96 prompts, 3 SFT epochs).
 DEFAULT_CONFIGS = ("defaults", "dpo-labels-only", "no-critique", "sft-1-epoch")
 EVALUATE = ["evaluate.prompts={red_team: [held-out, builtin:harmbench], helpful: [held-out, builtin:over-refusal]}",
             "evaluate.judge_pairs=base",

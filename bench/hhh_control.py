@@ -1,6 +1,6 @@
 """A positive control with real signal: the reward model and RL on human preference labels.
 
-At 135M the demo's own AI labels sit at chance (README, "Results"), so its reward and rl
+At 135M the demo's own AI labels sit at chance (docs/results.md), so its reward and rl
 stages show nothing about whether they can turn a real preference signal into an effect.
 Here the reward model trains on human labels instead: the 438 human-labelled HHH
 comparisons the CAI paper evaluates its feedback models on (Bai et al. 2022, its

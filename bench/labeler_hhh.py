@@ -52,7 +52,7 @@ into the default PATH, bench/data/hhh-438.jsonl (git-ignored):
     mkdir -p bench/data && curl -fL -o bench/data/hhh-438.jsonl \
       https://raw.githubusercontent.com/anthropics/ConstitutionalHarmlessnessPaper/5d8c5692488b342170db47b41d966dfaa8bddf63/evals/438HHHEvaluations.jsonl
 
-The README's figures were measured on a copy with sha256
+The figures in docs/results.md were measured on a copy with sha256
 d1ee180289d3eeeb314ad862344cbd9af07f19c6d52a77524f9a1a21e7373c10 (438 lines); the bench
 prints the digest of the file it reads.
 """
@@ -279,7 +279,7 @@ def main() -> None:
                          f"no licence); fetch them once:\n\n  {FETCH}\n")
     digest = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()
     print(f"{args.data}: sha256 {digest}" + ("" if digest == MEASURED_SHA256 else
-                                             " (not the copy the README's figures were measured on)"))
+                                             " (not the copy docs/results.md's figures were measured on)"))
     pairs = subsample(read_labeled_pairs(args.data, seed=args.seed), args.limit, args.seed)
     print(f"{args.data}: {len(pairs)} pairs; judge {args.model}, threads={args.threads}, batch={args.batch_size}, "
           f"seed={args.seed}")

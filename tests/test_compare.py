@@ -74,6 +74,8 @@ def test_compare_pairs_the_shared_sets_and_lists_what_else_differs(two_runs, cap
         assert all(row["value"] == 0 for key, row in pairs["sft"].items() if key != "head_to_head")
     assert "reward" not in other["paired"]["red_team"]["dpo"]  # two reward models: not compared
     assert any("reward: not compared" in note for note in other["notes"])
+    # the judge's "beats base" was read under two constitutions: said so
+    assert any(note.startswith("beats base: each run's judge read its own constitution") for note in other["notes"])
     page = (out / "index.html").read_text()
     assert page.index("What else differs") < page.index("red_team: 12 shared prompts")
     assert "dpo.beta: (default) -&gt; 0.2" in page and "text changed" in page
@@ -89,12 +91,31 @@ def test_compare_with_a_judge_meets_the_final_policies_head_to_head_and_resumes(
     assert {g: r["n"] for g, r in match["groups"].items()} == {"red_team": 12, "helpful": 12}
     assert all(r["low"] <= r["value"] <= r["high"] for r in match["groups"].values())
     assert match["principles"] and sum(r["n"] for r in match["principles"]) == 24
+    assert all(0 <= r["identical"] <= r["n"] for r in match["groups"].values())
     ledger = out / "head_to_head.b.jsonl"
     before = ledger.read_text()
     capsys.readouterr()
     assert main(arguments) == 0  # every chunk committed: nothing judged again, the same figures
     assert ledger.read_text() == before
     assert json.loads((out / "comparison.json").read_text())["against"][0]["head_to_head"] == match
+
+
+def test_a_head_to_head_does_not_judge_answers_both_runs_share(two_runs, monkeypatch, capsys):
+    """A run against itself: every answer is the same, so every prompt is a tie (0.5) and
+    the judge is never asked."""
+    from cai.judge.judge import Judge
+
+    asked = []
+    original = Judge.compare_with
+    monkeypatch.setattr(Judge, "compare_with", lambda self, *a, **k: asked.append(1) or original(self, *a, **k))
+    out = two_runs / "itself"
+    assert main(["compare", str(two_runs / "a"), str(two_runs / "a"), "--output-dir", str(out), "--judge",
+                 "base"]) == 0
+    match = json.loads((out / "comparison.json").read_text())["against"][0]["head_to_head"]
+    assert not asked
+    assert all(r["identical"] == r["n"] == 12 and r["value"] == 0.5 == r["low"] == r["high"]
+               for r in match["groups"].values())
+    assert "12 of the answers identical: ties" in capsys.readouterr().out
 
 
 def test_compare_refuses_runs_with_no_prompt_in_common_before_any_work(two_runs, tmp_path, capsys):

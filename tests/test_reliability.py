@@ -1,5 +1,5 @@
 """Faults that are not bad input: two runs on one folder, file modes, a full disk, a
-corrupt saved model (README, "Reliability")."""
+corrupt saved model (docs/reliability.md)."""
 
 from __future__ import annotations
 

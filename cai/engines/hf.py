@@ -22,7 +22,7 @@ from cai.work import matmul_parameters
 
 MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix is not worth a cache copy
 MAX_CACHE_BYTES = 4 * 2**30  # a batch's key/value cache stays under this (fewer rows if needed) on an accelerator,
-CPU_MAX_CACHE_BYTES = 2**30  # and under this on a CPU, where it is the process's own RAM (README, "Memory")
+CPU_MAX_CACHE_BYTES = 2**30  # and under this on a CPU, where it is the process's own RAM (docs/performance.md#memory)
 CACHE_LENGTH_STEP = 256  # with compile_generation, cache lengths are rounded up to a multiple of this
 
 

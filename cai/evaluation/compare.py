@@ -213,6 +213,11 @@ def comparison(runs: list[EvaluatedRun], seed: int = 0) -> dict:
         if not _same_reward_model(first, run):
             notes.append("reward: not compared (the runs' reward models differ, or one run has none)")
         left_out = [g for g in list(first.groups) + list(run.groups) if g != "all" and g not in shared]
+        paired = {g: paired_figures(first, run, g, p, seed) for g, p in shared.items()}
+        if changes and any("head_to_head" in rows for models in paired.values() for rows in models.values()):
+            notes.append("beats base: each run's judge read its own constitution (principles, few-shot examples), "
+                         "so its difference mixes the answers' change with the judge's; --judge compares the "
+                         "answers under one constitution")
         against.append({
             "run": str(run.path), "name": run.name, "confounders": confounders(first, run),
             "constitution_changes": ([change_line(c) for c in changes] if changes is not None
@@ -220,7 +225,7 @@ def comparison(runs: list[EvaluatedRun], seed: int = 0) -> dict:
             "shared": {g: {"n": len(p), "a": len(first.groups[g]), "b": len(run.groups[g])} for g, p in shared.items()},
             "not_shared": list(dict.fromkeys(left_out)),
             "models": [m for m in first.results["models"] if m in run.results["models"]],
-            "paired": {g: paired_figures(first, run, g, p, seed) for g, p in shared.items()},
+            "paired": paired,
             "notes": notes})
     return {"reference": {"run": str(first.path), "name": first.name},
             "runs": [{"run": str(r.path), "name": r.name, "models": r.results["models"],
@@ -240,8 +245,10 @@ def head_to_head(judge, a: EvaluatedRun, b: EvaluatedRun, model_a: str, model_b:
                  out: Path, seed: int, constitution) -> dict:
     """The judge compares A's `model_a` with B's `model_b` on every shared prompt, both
     option orders, under a principle drawn for the prompt from `constitution`'s evaluation
-    principles of its kind, chunk by chunk in `out` (a killed pass resumes). Returns, per
-    shared group, P(B's answer is better) with its interval, and per principle drawn."""
+    principles of its kind, chunk by chunk in `out` (a killed pass resumes). Where both
+    runs gave the same answer the prompt is a tie (P = 0.5, `identical`) and the judge is
+    not asked. Returns, per shared group, P(B's answer is better) with its interval and
+    how many answers were identical, and per principle drawn."""
     prompts = list(dict.fromkeys(p for group in shared.values() for p in group))
     ledger = ChunkLedger(out, f"head_to_head.{b.name}", [f"head_to_head.{b.name}.jsonl"])
     chunks = [(f"{model_a}~{model_b}/{digest(prompts[start:start + JUDGE_BATCH])}", prompts[start:start + JUDGE_BATCH])
@@ -252,15 +259,28 @@ def head_to_head(judge, a: EvaluatedRun, b: EvaluatedRun, model_a: str, model_b:
         principles = [draw_principles(constitution, seed, comparison_key(c), 1,
                                       pool=constitution.evaluation_principles(kind))
                       for (kind, _), c in zip(chunk, conversations)]
-        verdicts = judge.compare_with(constitution, conversations,
-                                      [a.answers[model_a][p]["response"] for p in chunk],
-                                      [b.answers[model_b][p]["response"] for p in chunk], principles,
-                                      seed=chunk_seed(seed, index))
-        return {f"head_to_head.{b.name}.jsonl": [
-            {"kind": kind, "prompt": text, "first": f"{a.name}/{model_a}", "second": f"{b.name}/{model_b}",
-             "p_first": v.p_first, "p_order_ab": v.p_order_ab, "p_order_ba": v.p_order_ba,
-             "principles": list(v.principles), "principle_set": PRINCIPLE_SETS[kind],
-             "orders_disagree": bool(v.orders_disagree)} for (kind, text), v in zip(chunk, verdicts)]}
+        first = [a.answers[model_a][p]["response"] for p in chunk]
+        second = [b.answers[model_b][p]["response"] for p in chunk]
+        # the same answer in both runs is a tie (what both orders averaged give): no judge call
+        judged = [i for i in range(len(chunk)) if first[i] != second[i]]
+        verdicts = dict(zip(judged, judge.compare_with(
+            constitution, [conversations[i] for i in judged], [first[i] for i in judged],
+            [second[i] for i in judged], [principles[i] for i in judged], seed=chunk_seed(seed, index)))
+            if judged else [])
+        rows = []
+        for i, (kind, text) in enumerate(chunk):
+            row = {"kind": kind, "prompt": text, "first": f"{a.name}/{model_a}", "second": f"{b.name}/{model_b}",
+                   "principle_set": PRINCIPLE_SETS[kind]}
+            v = verdicts.get(i)
+            if v is None:
+                row.update(p_first=0.5, p_order_ab=None, p_order_ba=None,
+                           principles=[getattr(p, "id", "custom") for p in principles[i]],
+                           orders_disagree=False, identical=True)
+            else:
+                row.update(p_first=v.p_first, p_order_ab=v.p_order_ab, p_order_ba=v.p_order_ba,
+                           principles=list(v.principles), orders_disagree=bool(v.orders_disagree), identical=False)
+            rows.append(row)
+        return {f"head_to_head.{b.name}.jsonl": rows}
 
     run_chunks(ledger, chunks, work, desc="compare: judging head to head")
     rows = {(r["kind"], r["prompt"]): r for r in ledger.rows(f"head_to_head.{b.name}.jsonl")}
@@ -269,10 +289,13 @@ def head_to_head(judge, a: EvaluatedRun, b: EvaluatedRun, model_a: str, model_b:
         resampler = Resampler(len(members), RESAMPLES, seed)
         estimate = rounded_estimate(resampler.estimate(mean_of([1 - rows[p]["p_first"] for p in members]), null=0.5),
                             "head_to_head")
-        groups[group] = {"n": len(members), **estimate.as_dict(), "verdict": verdict(estimate)}
+        groups[group] = {"n": len(members), "identical": sum(bool(rows[p].get("identical")) for p in members),
+                         **estimate.as_dict(), "verdict": verdict(estimate)}
+    judged = [r for r in rows.values() if not r.get("identical")]
     return {"a": f"{a.name}/{model_a}", "b": f"{b.name}/{model_b}", "groups": groups,
             "principles": principle_win_rates(list(rows.values()), seed),
-            "orders_disagree": round(sum(r["orders_disagree"] for r in rows.values()) / max(len(rows), 1), 4)}
+            "identical": len(rows) - len(judged),
+            "orders_disagree": round(sum(r["orders_disagree"] for r in judged) / max(len(judged), 1), 4)}
 
 
 def format_comparison(result: dict) -> str:
@@ -308,9 +331,10 @@ def format_comparison(result: dict) -> str:
         if match:
             lines.append(f"  head to head, {match['b']} vs {match['a']} (P(B better), judge {match['judge']}):")
             for group, row in match["groups"].items():
+                same = f" ({row['identical']} of the answers identical: ties)" if row.get("identical") else ""
                 lines.append(f"    {group} ({row['n']}): {show(row['value'], 'head_to_head')} "
                              f"[{show(row['low'], 'head_to_head')}, {show(row['high'], 'head_to_head')}] "
-                             f"{row['verdict']}")
+                             f"{row['verdict']}{same}")
     return "\n".join(lines)
 
 
