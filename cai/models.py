@@ -217,8 +217,12 @@ def choose_threads(setting: int | str) -> dict:
     this stage only. When the cores were free just before the probe but it chose fewer
     threads than they allow, a busy moment slowed it: it probes once more and the larger
     of the two choices wins (so an idle machine never gets fewer threads than one probe
-    gives). Returns {"threads": n, "chosen_by": ..., "probe_gflops": {n: GFLOP/s},
-    "cpu_busy": {cpu: share}} (and "second_probe_gflops" when it probed twice)."""
+    gives). When the probe chose more threads than the load left free (a 30 ms timing can
+    fall in a slice the other process did not run: 1 probe in 8 with a core held here),
+    the load is read again after the probe; a core still held keeps its thread from this
+    stage. Returns {"threads": n, "chosen_by": ..., "probe_gflops": {n: GFLOP/s},
+    "cpu_busy": {cpu: share}} (and "second_probe_gflops" when it probed twice,
+    "cpu_busy_after" when it read the load again)."""
     if setting != "auto":
         return {"threads": int(setting), "chosen_by": "config"}
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
@@ -236,6 +240,12 @@ def choose_threads(setting: int | str) -> dict:
             second = probe_gflops(counts)
             choice["second_probe_gflops"] = second
             choice["threads"] = max(choice["threads"], fastest_count(second))
+        elif choice["threads"] > max(1, round(free)):  # a fast probe on cores the load says are held
+            after = cpu_busy(usable_cpu_ids(), LOAD_WINDOW)
+            if after is not None:
+                choice["cpu_busy_after"] = after
+                free = (len(after) - sum(after.values())) / max(1, distributed.local_world_size())
+                choice["threads"] = min(choice["threads"], max(1, round(free)))  # still held: the load wins
     return choice
 
 
