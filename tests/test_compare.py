@@ -51,6 +51,16 @@ def test_reuse_links_the_steps_a_constitution_edit_does_not_touch(two_runs):
         assert not (b / stage).is_symlink() and (b / stage / "manifest.json").exists()
 
 
+def test_a_reused_step_is_named_once(two_runs, capsys):
+    """The same config as A: every step is linked in, and each says so in one line."""
+    c = two_runs / "c"
+    assert main(["run", "--config", str(SMOKE), "--set", f"run_dir={c}", "--set", MODELS, "--set", EVAL,
+                 "--set", "rl.max_prompts=4", "--reuse", str(two_runs / "a")]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": reused from ") == len([p for p in (two_runs / "a").iterdir() if (p / "manifest.json").exists()])
+    assert "already complete" not in out
+
+
 def test_compare_pairs_the_shared_sets_and_lists_what_else_differs(two_runs, capsys):
     out = two_runs / "out"
     assert main(["compare", str(two_runs / "a"), str(two_runs / "b"), "--output-dir", str(out)]) == 0

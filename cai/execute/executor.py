@@ -21,10 +21,10 @@ def execute(plan, force: bool = False, remember: bool = False, reuse: tuple = ()
     step would be refused, then run each step in order. `remember`: keep the config in
     RUN_DIR/config.yaml (a command's run); `reuse`: other run folders whose complete steps
     with the same fingerprint are linked in instead of run again. Returns the steps' manifests."""
+    linked = set()  # said "reused from" already: not "already complete" again
     if reuse and distributed.is_main():
         done = reusable(reuse, [step.step for step in plan.steps])
-        for step in plan.steps:
-            link_reused(step, done)
+        linked = {step.step for step in plan.steps if link_reused(step, done)}
     distributed.barrier()
     decisions = decide_all(plan, force)
     check_servers(plan.run, [s for s, d in zip(plan.steps, decisions) if d.action != "skip"])  # a dead server first
@@ -33,16 +33,18 @@ def execute(plan, force: bool = False, remember: bool = False, reuse: tuple = ()
         remember_config(plan.run)
     if any(d.action != "skip" for d in decisions):
         console.info(f"[cai] run folder: {plan.run.path.resolve()}")
-    return [run_step(plan.run, step, force, plan.run_steps) for step in plan.steps]
+    return [run_step(plan.run, step, force, plan.run_steps, said=step.step in linked) for step in plan.steps]
 
 
-def run_step(run, step, force: bool = False, run_steps: tuple = ()) -> dict:
-    """Run one planned step: skip it if complete with the same fingerprint, resume it if
-    interrupted, redo it (old folder moved aside) if forced or stale."""
+def run_step(run, step, force: bool = False, run_steps: tuple = (), said: bool = False) -> dict:
+    """Run one planned step: skip it if complete with the same fingerprint (`said`: its
+    line was printed already), resume it if interrupted, redo it (old folder moved aside)
+    if forced or stale."""
     decision = decide_now(step, run.path, force)
     ctx = StageContext.of(step, run, run_steps)
     if decision.action == "skip":
-        console.info(f"[cai] {step.step}: already complete ({ctx.dir.path}), skipped")
+        if not said:
+            console.info(f"[cai] {step.step}: already complete ({ctx.dir.path}), skipped")
         return decision.manifest
     if distributed.is_main():  # the main process sets the folder up; the others wait for it
         aside = decision.aside(ctx.dir.path) if decision.action == "redo" else None
