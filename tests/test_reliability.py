@@ -57,7 +57,7 @@ def test_a_stage_command_holds_the_lock_while_it_works(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     seen = {}
 
-    def run_step(run, step, force=False, run_steps=()):
+    def run_step(run, step, force=False, run_steps=(), said=False):
         with open(run_dir / LOCK_NAME) as f:
             seen["holder"] = json.loads(f.read())
             try:
