@@ -204,6 +204,14 @@ def gemm_gflops(m: int, k: int, n: int, min_seconds: float, dtype: torch.dtype =
     return 2 * m * n * k * repeats / seconds / 1e9
 
 
+def free_cores(busy: dict[int, float]) -> float:
+    """The cores `busy` (each usable CPU's busy share) leaves free, per process of this
+    machine in a multi-process run."""
+    from cai import distributed
+
+    return (len(busy) - sum(busy.values())) / max(1, distributed.local_world_size())
+
+
 def choose_threads(setting: int | str) -> dict:
     """The torch thread count for `threads:` in the run config, and how it was chosen.
 
@@ -227,15 +235,13 @@ def choose_threads(setting: int | str) -> dict:
         return {"threads": int(setting), "chosen_by": "config"}
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return {"threads": int(os.environ["OMP_NUM_THREADS"]), "chosen_by": "OMP_NUM_THREADS"}
-    from cai import distributed
-
     cpus, counts = usable_cpus(), probe_counts()
     busy = cpu_busy(usable_cpu_ids(), LOAD_WINDOW)
     gflops = probe_gflops(counts)
     choice = {"threads": fastest_count(gflops), "chosen_by": "probe", "probe_gflops": gflops}
     if busy is not None:
         choice["cpu_busy"] = busy
-        free = (len(busy) - sum(busy.values())) / max(1, distributed.local_world_size())
+        free = free_cores(busy)
         if choice["threads"] < min(cpus, round(free)):  # free cores, yet a slow probe: a busy moment
             second = probe_gflops(counts)
             choice["second_probe_gflops"] = second
@@ -243,9 +249,8 @@ def choose_threads(setting: int | str) -> dict:
         elif choice["threads"] > max(1, round(free)):  # a fast probe on cores the load says are held
             after = cpu_busy(usable_cpu_ids(), LOAD_WINDOW)
             if after is not None:
-                choice["cpu_busy_after"] = after
-                free = (len(after) - sum(after.values())) / max(1, distributed.local_world_size())
-                choice["threads"] = min(choice["threads"], max(1, round(free)))  # still held: the load wins
+                choice["cpu_busy_after"] = after  # still held: the load wins
+                choice["threads"] = min(choice["threads"], max(1, round(free_cores(after))))
     return choice
 
 
