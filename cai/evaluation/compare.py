@@ -29,7 +29,7 @@ from cai.chunks import ChunkLedger, chunk_seed, run_chunks
 from cai.constitution import change_line, check_constitution, constitution_diff
 from cai.evaluation.figures import ANSWER_FIGURES, BY_KEY, PRINCIPLE_SETS, direction
 from cai.evaluation.statistics import answer_figures, principle_win_rates, rounded_estimate
-from cai.judge.judge import comparison_key, draw_principles
+from cai.judge.judge import comparison_key, draw_principles, principle_id
 from cai.leakage import few_shot_index
 from cai.refusals import EVASIVE_MAX_WORDS
 from cai.registry import POLICY_STAGES, PROMPTED_BASE, split_step
@@ -263,10 +263,11 @@ def head_to_head(judge, a: EvaluatedRun, b: EvaluatedRun, model_a: str, model_b:
         second = [b.answers[model_b][p]["response"] for p in chunk]
         # the same answer in both runs is a tie (what both orders averaged give): no judge call
         judged = [i for i in range(len(chunk)) if first[i] != second[i]]
-        verdicts = dict(zip(judged, judge.compare_with(
-            constitution, [conversations[i] for i in judged], [first[i] for i in judged],
-            [second[i] for i in judged], [principles[i] for i in judged], seed=chunk_seed(seed, index)))
-            if judged else [])
+        verdicts = {}
+        if judged:
+            verdicts = dict(zip(judged, judge.compare_with(
+                constitution, [conversations[i] for i in judged], [first[i] for i in judged],
+                [second[i] for i in judged], [principles[i] for i in judged], seed=chunk_seed(seed, index))))
         rows = []
         for i, (kind, text) in enumerate(chunk):
             row = {"kind": kind, "prompt": text, "first": f"{a.name}/{model_a}", "second": f"{b.name}/{model_b}",
@@ -274,7 +275,7 @@ def head_to_head(judge, a: EvaluatedRun, b: EvaluatedRun, model_a: str, model_b:
             v = verdicts.get(i)
             if v is None:
                 row.update(p_first=0.5, p_order_ab=None, p_order_ba=None,
-                           principles=[getattr(p, "id", "custom") for p in principles[i]],
+                           principles=[principle_id(p) for p in principles[i]],
                            orders_disagree=False, identical=True)
             else:
                 row.update(p_first=v.p_first, p_order_ab=v.p_order_ab, p_order_ba=v.p_order_ba,

@@ -64,6 +64,12 @@ def comparison_key(conversation: list[dict]) -> str:
     return hashlib.sha256(json.dumps(conversation, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
+def principle_id(principle) -> str:
+    """The id a verdict records for a principle: a constitution's principle's own, "custom"
+    for a question text."""
+    return getattr(principle, "id", "custom")
+
+
 def draw_principles(constitution, seed: int, key: str, k: int, pool=None) -> list:
     """k distinct feedback principles (or principles of `pool`), each draw seeded by
     (seed, comparison, index)."""
@@ -221,7 +227,7 @@ class Judge:
             ba = sum(p_ba[n] for n in mine) / len(mine)
             comparisons.append(Comparison(
                 p_first=(ab + ba) / 2, p_order_ab=ab, p_order_ba=ba,
-                principles=[getattr(asked[n][1], "id", "custom") for n in mine],
+                principles=[principle_id(asked[n][1]) for n in mine],
                 orders_disagree=(ab - 0.5) * (ba - 0.5) < 0, slot_bias=(ab + (1 - ba)) / 2 - 0.5,
                 reasoning=[text for n in mine for text in reasoning[2 * n: 2 * n + 2]]))
         self.comparisons += len(comparisons)
