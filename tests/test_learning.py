@@ -280,6 +280,71 @@ def test_a_rollout_cuts_each_answer_after_its_first_eos_when_pad_is_eos(tmp_path
         assert rollout.values[row, :len(answer)].tolist() == pytest.approx(values.tolist(), abs=1e-5)
 
 
+def shared_lora_wrapper():
+    """A tiny policy with cai's two LoRA adapters, both random (at LoRA's usual zero init
+    the two adapters would compute the same thing and hide a mix-up), and a random head."""
+    from peft import LoraConfig
+
+    from cai import models
+    from cai.training.ppo import lora_policy_and_value
+
+    policy = models.load_causal_lm(models.TINY, "cpu")
+    torch.manual_seed(0)  # after the load: building builtin:tiny the first time draws from the same generator
+    wrapper = lora_policy_and_value(policy, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                       init_lora_weights=False, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        wrapper.value_head.weight.normal_()
+    return wrapper
+
+
+def test_recomputed_activations_give_the_shared_bases_gradients_of_each_adapter():
+    """With activation checkpointing, backward recomputes the value pass's layers after the
+    forward has switched back to the policy adapter: each recompute must run under the
+    adapter of its own forward (without that, the value adapter's gradients are off by
+    about 10³ here)."""
+    from cai.training.ppo import token_logprobs
+
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    attention = torch.ones_like(ids)
+
+    def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
+        wrapper = shared_lora_wrapper()
+        wrapper.train()
+        if checkpointing:
+            wrapper.activation_checkpointing_enable()
+        logits, values = wrapper(ids, attention, attention.cumsum(1) - 1, 6)
+        (token_logprobs(logits, ids[:, 6:]).sum() + (values ** 2).sum()).backward()
+        return {n: p.grad for n, p in wrapper.named_parameters() if p.grad is not None}
+
+    plain, recomputed = gradients(False), gradients(True)
+    assert plain.keys() == recomputed.keys()
+    assert any(".value." in name for name in plain) and any(".default." in name for name in plain)
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-4, atol=1e-5)
+
+
+def test_ppo_recomputes_activations_when_asked(tmp_path):
+    """`activation_checkpointing: true` reaches the model (cai's PPO has its own training
+    loop, so the Trainer's own `train`, which sets it, never runs)."""
+    from peft import LoraConfig
+
+    from cai import models
+    from cai.training.ppo import PPOConfig
+
+    tokenizer = models.load_tokenizer(models.TINY, padding_side="left")
+    prompts = [[{"role": "user", "content": text}] for text in ("Hi", "Why?")]
+    args = PPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, total_episodes=2, response_length=3,
+                     activation_checkpointing=True, report_to=[], use_cpu=True, bf16=False, seed=0,
+                     save_strategy="no")
+    trainer = PPOTrainer(args, models.load_causal_lm(models.TINY, "cpu"), tokenizer, prompts,
+                         lambda prompts, completions, **_: [1.0] * len(completions),
+                         peft_config=LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    policy = trainer.model.policy
+    assert not policy.is_activation_checkpointing
+    trainer.train()
+    assert policy.is_activation_checkpointing
+
+
 # ---------------------------------------------------------------- the optimisers learn
 
 

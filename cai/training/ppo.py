@@ -255,12 +255,41 @@ class PolicyAndValue(nn.Module):
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
                                         offload: bool = False) -> None:
-        """What the Trainer calls for `activation_checkpointing: true`: recompute the
-        activations of the policy (and of a separate value model) in backward."""
+        """`activation_checkpointing: true`: recompute the activations of the policy (and of
+        a separate value model) in backward.
+
+        With the shared base, the policy pass and the value pass run the same layers under
+        different adapters, and backward recomputes a layer's forward after `forward` has
+        switched back to `default`: each recompute runs under the adapter its forward ran
+        under (torch's non-reentrant checkpoint's `context_fn`), else the value pass's
+        gradients would come from the policy adapter's activations."""
+        kwargs = dict(activation_checkpointing_kwargs or {"use_reentrant": False})
+        if self.shared:
+            if kwargs.get("use_reentrant", False):
+                raise ValueError("PPO with a LoRA policy recomputes activations with use_reentrant=False only "
+                                 "(the two adapters share the layers)")
+            kwargs["use_reentrant"] = False
+            kwargs["context_fn"] = self._recompute_under_forward_adapter
         for model in (self.policy, self.value_model):
             if model is not None:
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
                                                       every_n_layers=every_n_layers, offload=offload)
+
+    def _recompute_under_forward_adapter(self):
+        adapter = self.policy.active_adapter
+        return contextlib.nullcontext(), self._using(adapter)
+
+    @contextlib.contextmanager
+    def _using(self, adapter: str):
+        previous = self.policy.active_adapter
+        if previous == adapter:
+            yield
+            return
+        self._adapter(adapter)
+        try:
+            yield
+        finally:
+            self._adapter(previous)
 
     def _adapter(self, name: str) -> None:
         # peft's set_adapter freezes the other adapters; both are trained here, and the
@@ -616,6 +645,11 @@ class PPOTrainer(Trainer):
         self.state.is_local_process_zero = self.is_local_process_zero()
         self.state.is_world_process_zero = self.is_world_process_zero()
         self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+        if self.args.activation_checkpointing:  # Trainer.train, which this loop replaces, is where it is set
+            kwargs = dict(self.args.activation_checkpointing_kwargs or {})
+            every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+            self.accelerator.unwrap_model(self.model).activation_checkpointing_enable(
+                activation_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload)
         self.model.train()
         for update in range(self.state.global_step, self.num_updates):
             self.control = self.callback_handler.on_step_begin(self.args, self.state, self.control)
