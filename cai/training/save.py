@@ -12,6 +12,7 @@ from pathlib import Path
 from cai import console, distributed
 from cai.models import ModelOptions
 from cai.rundir import WriteError, atomic_write_json, atomic_write_text, follow_umask, writing
+from cai.training.lm_head import use_plain_lm_head
 
 
 def train_and_save(trainer, ctx, model_dir: str = "model", base: str = "", data: dict[str, int] | None = None) -> dict:
@@ -23,6 +24,7 @@ def train_and_save(trainer, ctx, model_dir: str = "model", base: str = "", data:
     output_dir = Path(trainer.args.output_dir)
     if getattr(ctx, "work", None) is not None:
         count_training_work(trainer, ctx.work)
+    use_plain_lm_head(trainer)  # on a CPU: TRL's fused LM head scores every position, and slowly
     checkpoint = distributed.broadcast(resume_checkpoint(output_dir, ctx.name) if main else None)
     use_training_bar(trainer, f"{ctx.step}: training")
     try:
