@@ -9,6 +9,11 @@ Three rows, each its own process, one at a time (so each peak RSS is that proces
     cai        `cai rl` with rl.algorithm=ppo, full fine-tuning
     cai-lora   the same with rl.use_peft=true: a LoRA policy on one base (the reference is the adapter
                disabled, the value model a second adapter)
+    cai-ckpt, cai-lora-ckpt
+               cai and cai-lora with activation checkpointing (not run by default): TRL 1.12's
+               PPO has no such row, as its training loop never turns checkpointing on
+               (`gradient_checkpointing: true` is ignored there: it replaces Trainer.train, which
+               is where transformers turns it on)
 
 Every row starts from a finished run's stages (`--reuse`, linked in as bench/grid.py links
 them: the config must be the one that run was made with) and scores with one reward model
@@ -17,8 +22,8 @@ folder (`--reward`). The prompts are the rl stage's training prompts
 process and handed to TRL 1.12 as token ids. Both sides get the same settings: learning
 rate (the LoRA row its own), batch, updates (total_episodes = updates x batch),
 num_ppo_epochs, num_mini_batches, kl_coef, temperature, max_new_tokens (TRL's
-response_length), the run's seed, fp32, no activation checkpointing, CPU, and the same
-torch thread count (`--threads`, cai's `threads:`).
+response_length), the run's seed, fp32, no activation checkpointing (but in the -ckpt
+rows), CPU, and the same torch thread count (`--threads`, cai's `threads:`).
 
     .venv/bin/python bench/ppo_compare.py --reuse runs/demo --reward RUN/reward/model [--threads 2]
         [--updates 8] [--batch 8] [--prompts 16] [--max-new-tokens 48] [--rows trl-1.12,cai,cai-lora]
@@ -66,7 +71,8 @@ from cai.rundir import StageDir  # noqa: E402
 from cai.yamlio import ValidationError  # noqa: E402
 
 TRL_VERSION = "1.12.0"
-ROWS = ("trl-1.12", "cai", "cai-lora")
+ROWS = ("trl-1.12", "cai", "cai-lora", "cai-ckpt", "cai-lora-ckpt")
+DEFAULT_ROWS = ROWS[:3]
 UPSTREAM = ORDER[:ORDER.index("rl")]  # the stages a reused run may hold for rl
 # --tiny: builtin:tiny's smoke run, seconds per row.
 TINY = {"config": "configs/smoke.yaml", "prompts": 8, "updates": 4, "batch": 4, "max_new_tokens": 16}
@@ -84,7 +90,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reward", type=Path, help="reward model folder (default the reused run's reward model)")
     parser.add_argument("--runs", type=Path, help="output folder (default bench/data/ppo-compare[-tiny])")
     parser.add_argument("--venv", type=Path, default=ROOT / "bench/data/trl112-venv", help="TRL 1.12's venv")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every row")
     parser.add_argument("--prompts", type=int, help="training prompts (rl.max_prompts)")
     parser.add_argument("--updates", type=int, help="PPO updates")
@@ -155,9 +161,10 @@ def common_overrides(args, reward: Path) -> list[str]:
 
 
 def row_overrides(args, row: str) -> list[str]:
-    if row == "cai-lora":
-        return ["rl.use_peft=true", f"rl.learning_rate={args.lora_learning_rate}"]
-    return ["rl.use_peft=false", f"rl.learning_rate={args.learning_rate}"]
+    checkpointing = ["rl.activation_checkpointing=true"] if row.endswith("-ckpt") else []
+    if row.startswith("cai-lora"):
+        return ["rl.use_peft=true", f"rl.learning_rate={args.lora_learning_rate}", *checkpointing]
+    return ["rl.use_peft=false", f"rl.learning_rate={args.learning_rate}", *checkpointing]
 
 
 def row_run(args, row: str, overrides: list[str], done: dict):
