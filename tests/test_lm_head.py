@@ -10,27 +10,23 @@ from cai import models
 from cai.training.lm_head import _install
 
 
-def fused_pair():
-    """Two copies of builtin:tiny with TRL's fused head, the second with cai's in front."""
+def fused_pair(temperature: float = 1.0):
+    """Two copies of builtin:tiny with TRL's fused head at `temperature` (as RLOO installs
+    it), to be given cai's in front of the second."""
     from trl.trainer.utils import add_fused_lm_head
 
     pair = []
     for _ in range(2):
         model = models.load_causal_lm(models.TINY, "cpu")
-        add_fused_lm_head(model, outputs=("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
+        add_fused_lm_head(model, temperature=temperature,
+                          outputs=("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
         pair.append(model)
     return pair
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_the_plain_head_gives_the_fused_heads_outputs_and_gradients(temperature):
-    trl_model, cai_model = fused_pair()
-    if temperature != 1.0:  # TRL's head at this temperature, as RLOO installs it
-        from trl.trainer.utils import add_fused_lm_head
-
-        trl_model = models.load_causal_lm(models.TINY, "cpu")
-        add_fused_lm_head(trl_model, temperature=temperature,
-                          outputs=("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
+    trl_model, cai_model = fused_pair(temperature)
     assert _install(cai_model, temperature)
     ids = torch.randint(3, 100, (3, 10), generator=torch.Generator().manual_seed(0))
     attention = torch.ones_like(ids)

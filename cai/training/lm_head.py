@@ -62,13 +62,14 @@ def _install(model, temperature: float) -> bool:
     config = model.config.get_text_config()
     if any(getattr(config, key, None) is not None for key in _LOGIT_TRANSFORMS):
         return False
+    if getattr(config, "output_router_logits", False):
+        return False  # MoE: TRL's head adds the router's load-balancing loss
     if next(model.parameters()).device.type != "cpu":
         return False
 
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
                 **kwargs):
-        if (not fused_lm_head or shift_labels is not None or labels is None or kwargs.get("output_router_logits")
-                or getattr(config, "output_router_logits", False)):
+        if not fused_lm_head or shift_labels is not None or labels is None or kwargs.get("output_router_logits"):
             return fused(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                          num_items_in_batch=num_items_in_batch, **kwargs)
         mask = labels[:, 1:] != -100
