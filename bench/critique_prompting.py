@@ -208,7 +208,7 @@ def main() -> None:
         print(f"[bench] {name}: {seconds:.1f} s", flush=True)
 
     if args.reward_model:
-        from cai.stages.reward import RewardScorer
+        from cai.training.models import RewardScorer
 
         scorer = RewardScorer.from_path(args.reward_model, device=run.device, batch_size=base_cfg.batch_size)
         proxy = f"reward({args.reward_model}): final revision minus first answer"

@@ -19,7 +19,7 @@ choice is `chosen` (p_chosen 1.0, a hard label).
    training split (no label stage, no critique pairs, nothing held out by the stage: the
    held-out split is this script's).
 3. The reward model scores chosen and rejected of every held-out pair
-   (`cai.stages.reward.RewardScorer`): its accuracy (r_chosen > r_rejected; a tie counts
+   (`cai.training.models.RewardScorer`): its accuracy (r_chosen > r_rejected; a tie counts
    half), with a 95 % bootstrap interval over conversations (`cai.stats`: a resample draws
    conversations, each bringing all its pairs); beside it the same figure for "the longer
    answer is better", what a reward model that learnt only length would score.
@@ -118,7 +118,7 @@ def accuracy(rows: list[dict], chosen: list[float], rejected: list[float]) -> di
 def held_out_accuracy(model: Path, rows: list[dict], threads) -> dict:
     """The reward model's accuracy on the held-out pairs."""
     from cai.models import set_threads
-    from cai.stages.reward import RewardScorer
+    from cai.training.models import RewardScorer
 
     set_threads(threads)
     scorer = RewardScorer.from_path(str(model), device="cpu")

@@ -128,3 +128,14 @@ def test_imports_run_one_way_cli_then_plan_and_execute_then_the_rest():
     # module is itself near the leaves (the schema and the YAML reader)
     assert graph["cai.plan.fingerprint"] == {"cai.constitution"}
     assert graph["cai.constitution"] == {"cai.schema", "cai.yamlio"}
+
+
+def test_the_stages_parts_import_no_stage():
+    """The stages are recipes over shared parts (the evaluation's, the judge, training,
+    the engines): a part that imported a stage would sit below the layer it reaches into
+    (evaluate's reward scores once imported the reward stage's scorer)."""
+    graph = import_graph()
+    parts = [name for name in graph if name.startswith(("cai.evaluation", "cai.judge", "cai.training", "cai.engines"))]
+    assert "cai.evaluation.answering" in parts and "cai.training.models" in parts
+    assert {name: sorted(t for t in graph[name] if t.startswith("cai.stages")) for name in parts
+            if any(t.startswith("cai.stages") for t in graph[name])} == {}

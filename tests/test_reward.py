@@ -14,7 +14,8 @@ from conftest import make_run
 from cai import models
 from cai.execute.executor import run_one as run_stage
 from cai.rundir import atomic_write_json, atomic_write_jsonl, read_jsonl
-from cai.stages.reward import RewardScorer, held_out, preference_metrics
+from cai.stages.reward import held_out, preference_metrics
+from cai.training.models import RewardScorer
 from cai.training.preferences import read_preferences
 from cai.training.soft_labels import SoftLabelRewardTrainer, soft_label_loss
 from cai.yamlio import ValidationError

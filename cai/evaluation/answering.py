@@ -73,7 +73,7 @@ def reward_scores(ctx, cfg, answers: dict, prompts) -> tuple[dict | None, list[d
     stage = ctx.stage("reward")
     if not stage.complete() or stage.saved_model() is None:
         return None, []
-    from cai.stages.reward import RewardScorer
+    from cai.training.models import RewardScorer
 
     # its merged model, or its LoRA adapter when merge_adapter was false
     scorer = RewardScorer.from_path(ctx.model_spec("reward"), device=ctx.run.device, batch_size=cfg.batch_size,

@@ -298,12 +298,12 @@ def reward_function(ctx, cfg: Config, device):
 class RewardModelReward:
     """The reward stage's preference model as a reward function: each prompt and answer
     rendered with the reward model's own chat template (the sequences it was trained on,
-    `cai.stages.reward.RewardScorer`), its score read at the last token. Logged by TRL as
+    `cai.training.models.RewardScorer`), its score read at the last token. Logged by TRL as
     `rewards/model/mean`."""
 
     def __init__(self, spec: str, options, device):
         from cai import models
-        from cai.stages.reward import RewardScorer
+        from cai.training.models import RewardScorer
 
         self.__name__ = "model"  # the name TRL logs the reward under
         self.spec = spec

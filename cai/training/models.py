@@ -2,12 +2,15 @@
 for every algorithm): tokenizer, dtype, attention, quantisation (load_in_4bit / 8bit)
 and the LoRA config TRL wraps the model in, all from the stage's `ModelOptions`.
 Frozen models a stage only reads (PPO's reference and reward model, RLOO/GRPO's reward
-function) are loaded by `cai.models` directly, unquantised."""
+function) are loaded by `cai.models` directly, unquantised; `RewardScorer` reads a reward
+model's scores (the reward stage's accuracies, rl's reward function, evaluate's rewards)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import torch
 
 from cai import models
 from cai.models import ModelOptions
@@ -52,3 +55,62 @@ def reference_loading(args, options: ModelOptions) -> None:
     if kwargs and hasattr(args, "model_init_kwargs"):
         args.model_init_kwargs = {**kwargs, **(args.model_init_kwargs or {})}
 
+
+class RewardScorer:
+    """Scalar rewards from a sequence-classification reward model.
+
+    A (conversation, response) pair is rendered with the tokenizer's chat template as one
+    conversation ending in the assistant turn: the token ids RewardTrainer trains on.
+    Batches are right-padded like TRL's collator; the model reads the last non-pad token.
+    A sequence over `max_length` keeps its last `max_length` tokens (the end is scored).
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int = 1024):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+
+    @classmethod
+    def from_path(cls, path: str, device: str = "auto", batch_size: int = 8,
+                  options: models.ModelOptions | None = None) -> RewardScorer:
+        tokenizer = models.load_tokenizer(path)
+        model = models.load_reward_model(path, tokenizer, options).to(models.device_for(device)).eval()
+        return cls(model, tokenizer, batch_size)
+
+    def render(self, conversation: list[dict], response: str) -> list[int]:
+        messages = list(conversation) + [{"role": "assistant", "content": response}]
+        # the call TRL's reward tokenizer makes (trl.data_utils._tokenize)
+        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        return list(ids)[-self.max_length:]
+
+    def score(self, conversations: list[list[dict]], responses: list[str]) -> list[float]:
+        if len(conversations) != len(responses):
+            raise ValueError(f"{len(conversations)} conversations but {len(responses)} responses")
+        return self.score_ids([self.render(c, r) for c, r in zip(conversations, responses)])
+
+    @torch.no_grad()
+    def score_ids(self, sequences: list[list[int]]) -> list[float]:
+        """Rewards of already tokenised sequences, in input order (batched by length)."""
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        pad = self.model.config.pad_token_id
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        rewards = [0.0] * len(sequences)
+        for start in range(0, len(order), self.batch_size):
+            batch = [sequences[i][-self.max_length:] for i in order[start:start + self.batch_size]]
+            width = max(len(ids) for ids in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, ids in enumerate(batch):
+                input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+                attention[row, :len(ids)] = 1
+            logits = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                use_cache=False).logits
+            for i, value in zip(order[start:start + self.batch_size], logits[:, 0].float().tolist()):
+                rewards[i] = value
+        self.model.train(was_training)
+        return rewards
