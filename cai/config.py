@@ -63,6 +63,11 @@ class RunConfig:
                                                      "stage's start (cai.models.choose_threads)",
                                              ge=1)
     device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    memory_budget: float | Literal["auto"] = setting("auto", "GiB a training stage may hold; with "
+                                                     "activation_checkpointing: auto (the CPU default) it recomputes "
+                                                     "activations only when keeping them would not fit. auto: what "
+                                                     "the process holds plus 90 % of the free memory at the stage's "
+                                                     "start (cai.training.memory)", gt=0)
     hub_kernels: bool = setting(False, "let transformers replace layers (rotary embedding, RMSNorm, attention, ...) "
                                        "with compiled kernels it downloads from the Hugging Face hub "
                                        "(kernels-community/*, through the `kernels` package) and runs in this "

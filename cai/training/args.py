@@ -26,12 +26,18 @@ def _cpu_only(value):
     return lambda run, trl: LEAVE if _on_gpu(run) else value
 
 
-def _no_checkpointing_on_cpu(run, trl: dict):
+def _checkpointing_on_cpu(run, trl: dict):
     # transformers 5's name (gradient_checkpointing is its deprecated alias, which follows it);
     # a user's value under either name stands
     if _on_gpu(run) or {"gradient_checkpointing", "activation_checkpointing"} & set(trl):
         return LEAVE
-    return False
+    return "auto"
+
+
+def checkpointing_is_auto(run, trl: dict) -> bool:
+    """`activation_checkpointing: auto`, the user's or cai's CPU default: the stage decides
+    before training, from its batch and the memory budget (`cai.training.memory`)."""
+    return {**cai_trl_defaults(run, trl), **trl}.get("activation_checkpointing") == "auto"
 
 
 # cai's defaults for every training stage's TRL config, the one place both the stage
@@ -53,9 +59,10 @@ CAI_TRL_DEFAULTS = {
     # about a third more time on small models
     "bf16": (_cpu_only(False), "false on CPU, {trl} on a CUDA GPU"),
     "fp16": (_cpu_only(False), "false on CPU, {trl} on a CUDA GPU"),
-    "activation_checkpointing": (_no_checkpointing_on_cpu, "false on CPU, gradient_checkpointing's value on a "
-                                                           "CUDA GPU"),
-    "gradient_checkpointing": (lambda run, trl: LEAVE, "false on CPU (it follows activation_checkpointing), {trl} "
+    "activation_checkpointing": (_checkpointing_on_cpu,
+                                 "auto on CPU (true, false or auto: on when the batch's activations would not fit "
+                                 "the run's memory_budget), gradient_checkpointing's value on a CUDA GPU"),
+    "gradient_checkpointing": (lambda run, trl: LEAVE, "auto on CPU (it follows activation_checkpointing), {trl} "
                                                        "on a CUDA GPU"),
 }
 
@@ -75,6 +82,8 @@ def build_trl_config(run, trl: dict, stage_dir: Path, cls, stage_defaults: dict)
     context (building one writes nothing)."""
     defaults = {"output_dir": str(Path(stage_dir) / "checkpoints"), **cai_trl_defaults(run, trl)}
     values = {**defaults, **stage_defaults, **trl}
+    if values.get("activation_checkpointing") == "auto":  # decided by the stage before training
+        values["activation_checkpointing"] = False
     for key, value in values.items():
         if key.endswith("_strategy") and value is False:
             values[key] = "no"  # YAML reads a bare `no` as false
@@ -115,6 +124,8 @@ def trl_value_problems(doc, section: str, cls, trl: dict) -> list:
         hint = hints.get(key)
         if key in RESERVED_TRL_KEYS:
             problems.append(doc.problem((section, key), f"'{name}': {RESERVED_TRL_KEYS[key]}"))
+        elif key == "activation_checkpointing" and value == "auto":
+            continue
         elif _simple(hint) and not type_ok(value, hint):
             problems.append(doc.problem((section, key), f"'{name}' must be {hint_name(hint)}, got {describe(value)}"))
         elif (expected := out_of_range(value, TRL_RANGES.get(key, {}), hint)) is not None:

@@ -12,7 +12,9 @@ from pathlib import Path
 from cai import console, distributed
 from cai.models import ModelOptions
 from cai.rundir import WriteError, atomic_write_json, atomic_write_text, follow_umask, writing
+from cai.training.args import checkpointing_is_auto
 from cai.training.lm_head import use_plain_lm_head
+from cai.training.memory import choose_activation_checkpointing
 
 
 def train_and_save(trainer, ctx, model_dir: str = "model", base: str = "", data: dict[str, int] | None = None) -> dict:
@@ -22,6 +24,11 @@ def train_and_save(trainer, ctx, model_dir: str = "model", base: str = "", data:
     it trained on (both for the model card)."""
     main = distributed.is_main()
     output_dir = Path(trainer.args.output_dir)
+    checkpointing = None
+    run = getattr(ctx, "run", None)
+    if run is not None and checkpointing_is_auto(run, getattr(ctx, "trl", None) or {}):
+        # before the work is counted: recomputing activations is work
+        checkpointing = choose_activation_checkpointing(trainer, trained_model(trainer), run.memory_budget, ctx.step)
     if getattr(ctx, "work", None) is not None:
         count_training_work(trainer, ctx.work)
     use_plain_lm_head(trainer)  # on a CPU: TRL's fused LM head scores every position, and slowly
@@ -45,7 +52,8 @@ def train_and_save(trainer, ctx, model_dir: str = "model", base: str = "", data:
         follow_umask(output_dir)  # kept checkpoints: readable like the model
     distributed.barrier()
     return {"train_loss": round(result.training_loss, 6), "global_steps": trainer.state.global_step,
-            "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2), **saved}
+            "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
+            **({"activation_checkpointing": checkpointing} if checkpointing else {}), **saved}
 
 
 def use_training_bar(trainer, desc: str) -> None:
