@@ -9,6 +9,8 @@ import platform
 import time
 from pathlib import Path
 
+from cai.training.memory import resident_bytes
+
 
 class Measurement:
     """A step's measurements, from its start (threads set, memory sampled) to its end."""
@@ -201,11 +203,4 @@ def status_kib(field: str) -> int | None:
     try:
         return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
     except (OSError, AttributeError):
-        return None
-
-
-def resident_bytes() -> int | None:
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
         return None

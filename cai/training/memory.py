@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 from cai import console, distributed
 
@@ -36,32 +37,36 @@ PPO_SEQUENCES_PER_ROW = 2.5
 HEADROOM = 0.9  # of the free memory an `auto` budget counts on: the allocator's slack and other processes
 
 
-def memory_budget(setting, device) -> tuple[float, str]:
+def memory_budget(setting, device, held: float) -> tuple[float, str]:
     """Bytes a stage may hold, and how that was decided: the run's `memory_budget` in
-    GiB, or (auto) what the process holds now plus 90 % of what is free (a CUDA device's
-    free memory; on a CPU, MemAvailable shared among this node's processes)."""
+    GiB, or (auto) what the process holds now (`held`) plus 90 % of what is free (a CUDA
+    device's free memory; on a CPU, MemAvailable shared among this node's processes)."""
     if setting != "auto":
         return float(setting) * GIB, "memory_budget"
-    import torch
-
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return torch.cuda.memory_allocated(device) + HEADROOM * free, "free GPU memory"
+        import torch
+
+        return held + HEADROOM * torch.cuda.mem_get_info(device)[0], "free GPU memory"
     processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return held_bytes(device) + HEADROOM * meminfo_bytes("MemAvailable") / processes, "free memory"
+    return held + HEADROOM * meminfo_bytes("MemAvailable") / processes, "free memory"
 
 
 def held_bytes(device) -> float:
     """What this process holds now: allocated GPU memory, or its resident set."""
-    import torch
-
     if device.type == "cuda":
+        import torch
+
         return float(torch.cuda.memory_allocated(device))
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024.0
-    return 0.0
+    return float(resident_bytes() or 0)
+
+
+def resident_bytes() -> int | None:
+    """The process's resident set now (None where /proc is not there); the stage's memory
+    sampler reads it every 20 ms (`cai.execute.measure`)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def meminfo_bytes(key: str) -> float:
@@ -88,17 +93,17 @@ def longest_batch(trainer) -> tuple[int, int]:
         pairs = zip(prompts, data["chosen_ids"], data["rejected_ids"])
         longest = max(len(p) + max(len(c), len(r)) for p, c, r in pairs)
         return 2 * rows, longest
-    key = "input_ids" if "input_ids" in columns else "prompt_ids" if "prompt_ids" in columns else None
-    if key is None:  # prompts not yet tokenised (RLOO, GRPO): as the trainer will render them
-        tokenizer = trainer.processing_class
-        longest = max(len(tokenizer(p)["input_ids"]) if isinstance(p, str) else
-                      len(tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True,
-                                                        return_dict=True)["input_ids"]) for p in data["prompt"])
+    if "input_ids" in columns:  # SFT: prompt and answer in one row
+        return rows, max(map(len, data["input_ids"]))
+    # prompts answered during training (RLOO, GRPO), rendered as the trainer will render them
+    if "prompt_ids" in columns:
+        lengths = map(len, data["prompt_ids"])
     else:
-        longest = max(len(ids) for ids in data[key])
-    answered = getattr(trainer.args, "response_length", None) or (
-        getattr(trainer.args, "max_completion_length", None) if "completion_ids" not in columns else None)
-    return rows, longest + (answered or 0)
+        tokenizer = trainer.processing_class
+        lengths = (len(tokenizer(p)["input_ids"]) if isinstance(p, str) else
+                   len(tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True,
+                                                     return_dict=True)["input_ids"]) for p in data["prompt"])
+    return rows, max(lengths) + (getattr(trainer.args, "max_completion_length", None) or 0)
 
 
 def estimate(model, sequences: int, length: int, trained: int) -> float:
@@ -129,10 +134,10 @@ def choose_activation_checkpointing(trainer, model, budget_setting, step: str) -
     decision = None
     if distributed.is_main():
         device = next(model.parameters()).device
-        budget, source = memory_budget(budget_setting, device)
+        held = held_bytes(device)
+        budget, source = memory_budget(budget_setting, device, held)
         sequences, length = longest_batch(trainer)
         trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        held = held_bytes(device)
         need = held + estimate(model, sequences, length, trained)
         decision = {"on": need > budget, "chosen_by": "memory", "budget_gib": round(budget / GIB, 2),
                     "budget_from": source, "held_gib": round(held / GIB, 2), "kept_gib": round(need / GIB, 2),
