@@ -60,6 +60,18 @@ def matmul_parameters(model, trainable_only: bool = False) -> int:
     return total
 
 
+def batch_tokens(inputs) -> tuple[int, int]:
+    """(real tokens, positions) of a training batch: `input_ids` with its attention mask,
+    or RLOO/GRPO's prompt and completion ids with theirs."""
+    pairs = [("input_ids", "attention_mask"), ("prompt_ids", "prompt_mask"), ("completion_ids", "completion_mask")]
+    tokens = positions = 0
+    for ids, mask in pairs:
+        if ids in inputs:
+            positions += inputs[ids].numel()
+            tokens += int(inputs[mask].sum()) if inputs.get(mask) is not None else inputs[ids].numel()
+    return tokens, positions
+
+
 def training_flop_per_token(model, recomputed: bool) -> float:
     """Useful FLOP per trained token (see the module): 2·N forward, 2·N backward through
     the activations, 2·N_trainable for the weights' gradients, another 2·N forward when

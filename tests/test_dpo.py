@@ -45,7 +45,10 @@ def label_run(sft_run):
 
 @pytest.mark.parametrize("soft_labels, kept", [("threshold", 6), ("weighted", 8)])
 def test_dpo_trains_the_sft_policy_on_the_ai_preferences(label_run, soft_labels, kept):
+    from transformers import AutoModelForCausalLM
+
     from cai.execute.executor import run_one as run_stage
+    from cai.work import matmul_parameters
 
     manifest = run_stage(make_run(label_run, f"dpo.soft_labels={soft_labels}", *TINY_DPO), "dpo")
 
@@ -59,7 +62,11 @@ def test_dpo_trains_the_sft_policy_on_the_ai_preferences(label_run, soft_labels,
     work = manifest["work"]["by_kind"]  # the trained tokens are TRL's count of them
     assert work["train"]["tokens"] == max(entry["num_tokens"] for entry in logs if "num_tokens" in entry)
     assert 0 < work["train"]["tokens"] < work["train"]["positions"]  # chosen and rejected padded to one width
-    assert "reference" not in work  # precomputed when the trainer is built (cai's default), not at each step
+    # the reference log-probs, precomputed when the trainer is built (cai's default): one forward of each pair
+    reference = work["reference"]
+    assert reference["tokens"] == work["train"]["tokens"]  # one epoch: the same pairs' tokens
+    assert reference["flop"] == 2 * matmul_parameters(AutoModelForCausalLM.from_pretrained(
+        label_run / "dpo" / "model")) * reference["tokens"]
 
 
 def test_threshold_mode_keeps_pairs_at_or_above_min_confidence(label_run):

@@ -138,7 +138,7 @@ def toy_trainer(tmp_path, train: list[dict], eval_rows: list[dict]) -> SoftLabel
     tokenizer = models.load_tokenizer(models.TINY)
     set_seed(0)
     model = models.load_reward_model(models.TINY, tokenizer)
-    args = RewardConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False,
+    args = RewardConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, activation_checkpointing=False,
                         learning_rate=3e-3, num_train_epochs=3, per_device_train_batch_size=8, seed=0,
                         report_to="none", save_strategy="no", logging_steps=1, max_length=128, disable_tqdm=True)
     return SoftLabelRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
@@ -199,9 +199,13 @@ def test_the_stage_saves_a_one_output_reward_model_and_its_tokenizer(reward_run)
     tokenizer = AutoTokenizer.from_pretrained(reward_run / "reward" / "model")
     assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id is not None
     assert tokenizer.chat_template
-    train = json.loads((reward_run / "reward" / "manifest.json").read_text())["work"]["by_kind"]["train"]
+    work = json.loads((reward_run / "reward" / "manifest.json").read_text())["work"]["by_kind"]
+    train, score = work["train"], work["score"]
     assert train["flop"] == 6 * matmul_parameters(model) * train["tokens"]  # the head's matmul, no language head
     assert 0 < train["tokens"] <= train["positions"]
+    # the accuracies before and after: every train and held-out pair scored twice, a forward each
+    assert score["flop"] == 2 * matmul_parameters(model) * score["tokens"]
+    assert score["tokens"] > train["tokens"]  # 2 epochs of the train pairs < 2 passes over train and held out
 
 
 def test_the_stage_reports_accuracy_and_margin_before_and_after_training(reward_run):

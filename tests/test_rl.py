@@ -55,8 +55,8 @@ def test_each_algorithm_moves_the_policy_and_logs_reward_kl_and_length(rl_run, a
 
     assert manifest["counts"]["global_steps"] == 2
     assert manifest["counts"]["prompts"] == 8 and 0 < manifest["counts"]["helpful_prompts"] < 8
-    work = manifest["work"]["by_kind"]  # generation, the reference's forwards and training, counted where they run
-    assert {"prefill", "decode", "reference", "train"} <= set(work)
+    work = manifest["work"]["by_kind"]  # generation, the reference's forwards, the reward model's scoring and
+    assert {"prefill", "decode", "reference", "score", "train"} <= set(work)  # training, counted where they run
     assert all(0 < kind["tokens"] <= kind["positions"] for kind in work.values())
     before, after = weights(rl_run / "sft" / "model"), weights(rl_run / "rl" / "model")
     assert before.keys() == after.keys()

@@ -77,7 +77,7 @@ def reward_scores(ctx, cfg, answers: dict, prompts) -> tuple[dict | None, list[d
 
     # its merged model, or its LoRA adapter when merge_adapter was false
     scorer = RewardScorer.from_path(ctx.model_spec("reward"), device=ctx.run.device, batch_size=cfg.batch_size,
-                                    options=ctx.model_options)
+                                    options=ctx.model_options, work=ctx.work)
     keys = [(name, p.id) for name in answers for p in prompts]
     scores = scorer.score([[{"role": "user", "content": p.text}] for _ in answers for p in prompts],
                           [answers[name][p.id]["response"] for name in answers for p in prompts])

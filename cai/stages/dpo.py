@@ -98,12 +98,10 @@ def preference_pairs(ctx, cfg: Config) -> tuple[list[dict], dict]:
 
 
 def dpo_trainer(ctx, cfg: Config, pairs: list[dict]):
-    from trl import DPOTrainer
-
     from cai.training.args import trl_config
     from cai.training.models import load_training_model, reference_loading
     from cai.training.preferences import shared_dataset
-    from cai.training.soft_labels import SoftLabelDPOTrainer
+    from cai.training.soft_labels import CountedDPOTrainer, SoftLabelDPOTrainer
 
     # The policy is loaded from its folder, so TRL's reference (config._name_or_path) is the
     # same SFT model; its log-probs are computed once, before training, then dropped. With
@@ -114,13 +112,13 @@ def dpo_trainer(ctx, cfg: Config, pairs: list[dict]):
     args = trl_config(ctx, *trl_settings(cfg))
     reference_loading(args, options)
     loaded = load_training_model(ctx, policy)
-    lora = {"ref_model": None, "peft_config": loaded.peft_config}
+    common = {"ref_model": None, "peft_config": loaded.peft_config, "work": ctx.work}
     if cfg.soft_labels == "weighted":
         return SoftLabelDPOTrainer(model=loaded.model, args=args, train_dataset=shared_dataset(ctx, "train", pairs),
-                                   processing_class=loaded.tokenizer, **lora)
+                                   processing_class=loaded.tokenizer, **common)
     hard = [{k: v for k, v in pair.items() if k != "p_chosen"} for pair in pairs]
-    return DPOTrainer(model=loaded.model, args=args, train_dataset=shared_dataset(ctx, "train", hard),
-                      processing_class=loaded.tokenizer, **lora)
+    return CountedDPOTrainer(model=loaded.model, args=args, train_dataset=shared_dataset(ctx, "train", hard),
+                             processing_class=loaded.tokenizer, **common)
 
 
 def run(ctx) -> dict:

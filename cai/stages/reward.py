@@ -186,7 +186,7 @@ def run(ctx) -> dict:
                                      eval_dataset=Dataset.from_list(held) if held else None,
                                      processing_class=tokenizer, peft_config=loaded.peft_config)
     scorer = RewardScorer(trainer.model, tokenizer, batch_size=args.per_device_eval_batch_size,
-                          max_length=args.max_length or 1024)
+                          max_length=args.max_length or 1024, work=ctx.work)
 
     def measure() -> dict:
         return {"train": preference_metrics(scorer, trainer.train_dataset),

@@ -292,7 +292,7 @@ def reward_function(ctx, cfg: Config, device):
     (`RewardModelReward`) or, with `reward: judge`, the feedback model (`JudgeReward`)."""
     if cfg.reward == "judge":
         return judge_reward(ctx, cfg)
-    return RewardModelReward(ctx.model_spec(cfg.reward_model, "reward"), ctx.model_options, device)
+    return RewardModelReward(ctx.model_spec(cfg.reward_model, "reward"), ctx.model_options, device, ctx.work)
 
 
 class RewardModelReward:
@@ -301,7 +301,7 @@ class RewardModelReward:
     `cai.training.models.RewardScorer`), its score read at the last token. Logged by TRL as
     `rewards/model/mean`."""
 
-    def __init__(self, spec: str, options, device):
+    def __init__(self, spec: str, options, device, work=None):
         from cai import models
         from cai.training.models import RewardScorer
 
@@ -310,7 +310,7 @@ class RewardModelReward:
         tokenizer = models.load_tokenizer(spec)
         self.model = models.load_reward_model(spec, tokenizer, options).to(device).eval()
         self.model.requires_grad_(False)
-        self.scorer = RewardScorer(self.model, tokenizer, batch_size=64)
+        self.scorer = RewardScorer(self.model, tokenizer, batch_size=64, work=work)  # its scoring counted (cai.work)
 
     def __call__(self, prompts: list, completions: list, **_) -> list[float]:
         conversations = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]

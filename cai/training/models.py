@@ -14,6 +14,7 @@ import torch
 
 from cai import models
 from cai.models import ModelOptions
+from cai.work import matmul_parameters
 
 
 @dataclass
@@ -63,22 +64,25 @@ class RewardScorer:
     conversation ending in the assistant turn: the token ids RewardTrainer trains on.
     Batches are right-padded like TRL's collator; the model reads the last non-pad token.
     A sequence over `max_length` keeps its last `max_length` tokens (the end is scored).
+    Each batch's tokens count into `work` (cai.work, kind `score`: 2·N per real token),
+    the stage's when it gives one.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int = 1024):
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int = 1024, work=None):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_length
+        self.work = work
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
 
     @classmethod
     def from_path(cls, path: str, device: str = "auto", batch_size: int = 8,
-                  options: models.ModelOptions | None = None) -> RewardScorer:
+                  options: models.ModelOptions | None = None, work=None) -> RewardScorer:
         tokenizer = models.load_tokenizer(path)
         model = models.load_reward_model(path, tokenizer, options).to(models.device_for(device)).eval()
-        return cls(model, tokenizer, batch_size)
+        return cls(model, tokenizer, batch_size, work=work)
 
     def render(self, conversation: list[dict], response: str) -> list[int]:
         messages = list(conversation) + [{"role": "assistant", "content": response}]
@@ -98,6 +102,7 @@ class RewardScorer:
         self.model.eval()
         device = next(self.model.parameters()).device
         pad = self.model.config.pad_token_id
+        forward = 2 * matmul_parameters(self.model)
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
         rewards = [0.0] * len(sequences)
         for start in range(0, len(order), self.batch_size):
@@ -112,5 +117,7 @@ class RewardScorer:
                                 use_cache=False).logits
             for i, value in zip(order[start:start + self.batch_size], logits[:, 0].float().tolist()):
                 rewards[i] = value
+            if self.work is not None:
+                self.work.add("score", int(attention.sum()), attention.numel(), forward)
         self.model.train(was_training)
         return rewards

@@ -86,13 +86,15 @@ def count_training_work(trainer, work) -> None:
     batches have) against positions computed. Wraps the trainer's `compute_loss`, which
     sees the batch as the model gets it. A DPO trainer without precomputed reference
     log-probabilities also runs the reference forward on every token (precomputed, as
-    cai's dpo does by default, that pass runs when the trainer is built, from datasets'
-    cache when it has it, and is not counted). RLOO/GRPO's generation counts from what
-    it returns (prompt: prefill, completion: decode), with the reference forward when
-    beta > 0 (their recomputed old log-probabilities are not counted); cai's PPO, which
-    trains in its own loop, counts its own (`count_work`). A resumed stage counts the
-    work of this session, as its seconds are."""
-    from cai.work import matmul_parameters, training_flop_per_token
+    cai's dpo does by default, that pass runs while the trainer is built and cai's DPO
+    trainers count it themselves: `cai.training.soft_labels.CountsReferencePass`).
+    RLOO/GRPO's generation counts from what it returns (prompt: prefill, completion:
+    decode), with the reference forward when beta > 0 (their recomputed old
+    log-probabilities are not counted; their reward model's scoring counts itself,
+    `cai.training.models.RewardScorer`); cai's PPO, which trains in its own loop, counts
+    its own (`count_work`). A resumed stage counts the work of this session, as its
+    seconds are."""
+    from cai.work import batch_tokens, matmul_parameters, training_flop_per_token
 
     if hasattr(trainer, "count_work"):
         trainer.count_work(work)
@@ -127,18 +129,6 @@ def count_training_work(trainer, work) -> None:
             return batch
 
         trainer._generate_and_score_completions = counted_generation
-
-
-def batch_tokens(inputs) -> tuple[int, int]:
-    """(real tokens, positions) of a training batch: `input_ids` with its attention mask,
-    or RLOO/GRPO's prompt and completion ids with theirs."""
-    pairs = [("input_ids", "attention_mask"), ("prompt_ids", "prompt_mask"), ("completion_ids", "completion_mask")]
-    tokens = positions = 0
-    for ids, mask in pairs:
-        if ids in inputs:
-            positions += inputs[ids].numel()
-            tokens += int(inputs[mask].sum()) if inputs.get(mask) is not None else inputs[ids].numel()
-    return tokens, positions
 
 
 def trained_model(trainer):

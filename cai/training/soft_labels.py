@@ -81,7 +81,30 @@ class SoftLabelRewardTrainer(_KeepsSoftLabels, RewardTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-class SoftLabelDPOTrainer(_KeepsSoftLabels, DPOTrainer):
+class CountsReferencePass:
+    """A DPO trainer that counts its precomputed reference pass into `work` (cai.work,
+    kind `reference`, 2·N per real token): TRL runs that pass while the trainer is built,
+    before `train_and_save` counts the training steps. Each (re)start runs it afresh (the
+    stage's dataset, and the cache TRL writes beside it, are written anew)."""
+
+    def __init__(self, *args, work=None, **kwargs):
+        self._reference_work = work
+        super().__init__(*args, **kwargs)
+
+    def compute_ref_log_probs(self, model, inputs):
+        if self._reference_work is not None:
+            from cai.work import batch_tokens, matmul_parameters
+
+            forward = 2 * matmul_parameters(self.accelerator.unwrap_model(model))
+            self._reference_work.add("reference", *batch_tokens(inputs), forward)
+        return super().compute_ref_log_probs(model, inputs)
+
+
+class CountedDPOTrainer(CountsReferencePass, DPOTrainer):
+    """TRL's DPOTrainer (hard labels), its reference pass counted."""
+
+
+class SoftLabelDPOTrainer(_KeepsSoftLabels, CountsReferencePass, DPOTrainer):
     """DPOTrainer with the soft-label loss (plain sigmoid DPO on precomputed reference
     log-probs; `cai.stages.dpo.check_config` refuses other loss settings).
 
