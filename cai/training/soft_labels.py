@@ -21,6 +21,8 @@ import torch.nn.functional as F  # noqa: N812 - torch's own convention
 from trl import DPOTrainer, RewardConfig, RewardTrainer
 from trl.trainer import dpo_trainer, reward_trainer
 
+from cai.work import batch_tokens, matmul_parameters
+
 
 def soft_label_loss(margin_chosen: torch.Tensor, margin_rejected: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of σ(a − b) against the soft label p, averaged over the batch.
@@ -89,14 +91,14 @@ class CountsReferencePass:
 
     def __init__(self, *args, work=None, **kwargs):
         self._reference_work = work
+        self._reference_flop = None  # 2·N of the reference model, counted on its first batch
         super().__init__(*args, **kwargs)
 
     def compute_ref_log_probs(self, model, inputs):
         if self._reference_work is not None:
-            from cai.work import batch_tokens, matmul_parameters
-
-            forward = 2 * matmul_parameters(self.accelerator.unwrap_model(model))
-            self._reference_work.add("reference", *batch_tokens(inputs), forward)
+            if self._reference_flop is None:
+                self._reference_flop = 2 * matmul_parameters(self.accelerator.unwrap_model(model))
+            self._reference_work.add("reference", *batch_tokens(inputs), self._reference_flop)
         return super().compute_ref_log_probs(model, inputs)
 
 
