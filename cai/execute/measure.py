@@ -171,9 +171,6 @@ class StagePeak:
         while not self._stop.wait(self.interval):
             self.sampled = max(self.sampled, resident_bytes() or 0)
 
-    def abort(self) -> None:
-        self.memory.stop()
-
     def stop(self) -> dict:
         """What the manifest records of the stage's memory (see the class)."""
         import resource
