@@ -89,7 +89,7 @@ def main() -> None:
         model = models.load_causal_lm(args.model, "cpu")
     model.train()
     if args.checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # the trainers' (adamw_torch_fused)
 
     def batch(rows: int, tokens: int, prompt: int, padding_free: bool) -> tuple:

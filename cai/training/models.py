@@ -74,6 +74,7 @@ class RewardScorer:
         self.batch_size = batch_size
         self.max_length = max_length
         self.work = work
+        self.forward_flop = 2 * matmul_parameters(model) if work is not None else None  # per token
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -102,7 +103,6 @@ class RewardScorer:
         self.model.eval()
         device = next(self.model.parameters()).device
         pad = self.model.config.pad_token_id
-        forward = 2 * matmul_parameters(self.model)
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
         rewards = [0.0] * len(sequences)
         for start in range(0, len(order), self.batch_size):
@@ -118,6 +118,6 @@ class RewardScorer:
             for i, value in zip(order[start:start + self.batch_size], logits[:, 0].float().tolist()):
                 rewards[i] = value
             if self.work is not None:
-                self.work.add("score", int(attention.sum()), attention.numel(), forward)
+                self.work.add("score", int(attention.sum()), attention.numel(), self.forward_flop)
         self.model.train(was_training)
         return rewards
